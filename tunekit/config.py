@@ -1,0 +1,353 @@
+"""Recipes: a YAML file plus `--set` overrides, turned into one typed, validated config object.
+
+Every problem is reported as one line that names the recipe file and the dotted key, with a
+"did you mean" where one fits, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from tunekit.errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; every ML user writes learning rates that way."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+# Keys of `train:` that tunekit owns: the run folder decides where things are written.
+RESERVED_TRAIN_KEYS = {"output_dir": "use --output-dir or the top-level `output_dir:` key"}
+# Keys of `train:` that must be strictly positive when given.
+POSITIVE_TRAIN_KEYS = (
+    "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+    "gradient_accumulation_steps", "logging_steps", "save_steps", "eval_steps",
+)
+
+
+class Section(BaseModel):
+    """A recipe section: unknown keys are errors, values are checked against the field types."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str | None = Field(None, description="Hub id, local folder, or `package:<python package>` holding a model")
+    config: dict[str, Any] | None = Field(
+        None, description="build a randomly initialised model from this config (over `name`'s config, if given)")
+    tokenizer: str | None = Field(None, description="tokenizer to load, when it differs from `name`")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype; auto = float32 on CPU, bfloat16 on GPUs that support it")
+    trust_remote_code: bool = Field(False, description="run code shipped with the model (off: it is code from the Hub)")
+    revision: str | None = Field(None, description="branch, tag or commit of a Hub model")
+
+    @field_validator("name")
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must name a model (Hub id, folder or package:NAME)")
+        return value
+
+    @model_validator(mode="after")
+    def _name_or_config(self) -> ModelSection:
+        if self.name is None and not (self.config or {}).get("model_type"):
+            raise ValueError("give model.name (pretrained weights) or model.config with a model_type (random init)")
+        return self
+
+
+class PeftSection(Section):
+    method: Literal["none", "lora"] = Field("none", description="parameter-efficient method; none = full fine-tuning")
+    r: int = Field(16, gt=0, description="LoRA rank")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] | str = Field("all-linear", description="module names to adapt, or all-linear")
+
+
+class Recipe(Section):
+    """What every method's config shares. A method subclasses it and adds its own sections."""
+
+    command: ClassVar[str] = ""  # the tunekit command this config belongs to
+    method: str | None = Field(None, description="the command this recipe is for (lets `tunekit lora` run it)")
+    description: str = Field("", description="one line shown by `tunekit recipes`")
+    output_dir: str | None = Field(None, description="run folder; default runs/<command>-<recipe name>")
+    model: ModelSection
+    peft: PeftSection = PeftSection()
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainingArguments fields, passed through")
+
+    _source: str = PrivateAttr("")
+
+    @field_validator("method")
+    @classmethod
+    def _same_command(cls, value: str | None) -> str | None:
+        if value is not None and cls.command and value != cls.command:
+            raise ValueError(f"this recipe is for `tunekit {value}`, not `tunekit {cls.command}`")
+        return value
+
+    @property
+    def source(self) -> str:
+        """The recipe file this config was read from."""
+        return self._source
+
+    @classmethod
+    def train_args_class(cls) -> type:
+        """The TrainingArguments-like dataclass that `train:` is checked against and passed to."""
+        from transformers import TrainingArguments
+
+        return TrainingArguments
+
+    @classmethod
+    def train_defaults(cls) -> dict[str, Any]:
+        """Defaults a method puts under the user's `train:` values (the user's always win)."""
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and reading recipes
+
+
+def find_recipe(recipe: str) -> Path:
+    """A path to a YAML file, or the name of a recipe shipped in recipes/ (with or without folder)."""
+    path = Path(recipe)
+    if path.is_dir():
+        raise UserError(f"{recipe}: is a directory; give a recipe YAML file")
+    if path.is_file():
+        return path
+    name = recipe.removesuffix(".yaml").removesuffix(".yml")
+    shipped = shipped_recipes()
+    matches = [p for key, p in shipped.items() if key == name or key.split("/")[-1] == name]
+    if len(matches) == 1:
+        return matches[0]
+    hint = difflib.get_close_matches(name, list(shipped), n=1)
+    suggestion = f"; did you mean {hint[0]}?" if hint else "; `tunekit recipes` lists the shipped ones"
+    raise UserError(f"{recipe}: no such recipe file{suggestion}")
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """`folder/name` -> path for every YAML under recipes/ (accelerate configs excluded)."""
+    if not RECIPES_DIR.is_dir():
+        return {}
+    return {
+        str(p.relative_to(RECIPES_DIR).with_suffix("")): p
+        for p in sorted(RECIPES_DIR.rglob("*.yaml"))
+        if p.parent.name != "accelerate"
+    }
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the recipe as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        data = parse_yaml(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{path}:{where}: invalid YAML: {problem}") from None
+    if data is None:
+        raise UserError(f"{path}: the recipe is empty; it needs at least a `model:` section")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections (model:, data:, train:), got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `--set a.b.c=value`; the value is parsed as YAML (so 3e-5, true, [a, b] work)."""
+    key, sep, raw = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise UserError(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. --set train.learning_rate=3e-5")
+    try:
+        value = parse_yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise UserError(f"--set {override!r}: the value is not valid YAML; quote it") from None
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise UserError(f"--set {override!r}: {where} is a value ({child!r}), not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def load_config(cls: type[Recipe], recipe: str, overrides: list[str] = ()) -> Recipe:
+    """Read, override, validate: the one way a method gets its config."""
+    path = find_recipe(recipe)
+    data = read_yaml_mapping(path)
+    for override in overrides:
+        apply_override(data, override)
+    return validate_config(cls, data, str(path))
+
+
+def validate_config(cls: type[Recipe], data: dict[str, Any], source: str) -> Recipe:
+    try:
+        config = cls.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(cls, err, source)) from None
+    config.train = resolve_train(cls, config.train, source)
+    config._source = source
+    return config
+
+
+def format_validation_error(cls: type[BaseModel], err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join(loc) or "(top level)"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        known = fields_at(cls, loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+        suggestion = f"did you mean {hint[0]}?" if hint else f"known keys: {', '.join(known)}"
+        return f"{source}: {key}: unknown key; {suggestion}"
+    if kind == "missing":
+        return f"{source}: {key}: required key is missing"
+    message = first["msg"].removeprefix("Value error, ")
+    if kind in ("model_type", "dict_type"):
+        message = "expected a mapping (a section with keys)"
+    shown = first.get("input")
+    got = "" if kind.startswith("value_error") or isinstance(shown, dict) else f" (got {shown!r})"
+    return f"{source}: {key}: {message}{got}"
+
+
+def fields_at(cls: type[BaseModel], loc: list[str]) -> list[str]:
+    """The field names of the section at `loc` (for "did you mean")."""
+    model: Any = cls
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def resolve_train(cls: type[Recipe], train: dict[str, Any], source: str) -> dict[str, Any]:
+    """Check `train:` against the method's TrainingArguments fields and add the defaults."""
+    fields = {f.name: f for f in dataclasses.fields(cls.train_args_class()) if f.init}
+    hints = _type_hints(cls.train_args_class())
+    for key, value in train.items():
+        if key in RESERVED_TRAIN_KEYS:
+            raise UserError(f"{source}: train.{key}: set by tunekit; {RESERVED_TRAIN_KEYS[key]}")
+        if key not in fields:
+            hint = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+            suggestion = f"did you mean {hint[0]}?" if hint else "see `transformers.TrainingArguments` for the options"
+            raise UserError(f"{source}: train.{key}: unknown key; {suggestion}")
+        expected = hints.get(key, Any)
+        if not value_fits(value, expected):
+            raise UserError(f"{source}: train.{key}: expected {type_name(expected)}, got {value!r}")
+        if key in POSITIVE_TRAIN_KEYS and value is not None and value <= 0:
+            raise UserError(f"{source}: train.{key}: must be greater than 0, got {value!r}")
+    if train.get("num_train_epochs", 1) <= 0 and train.get("max_steps", -1) <= 0:
+        raise UserError(f"{source}: train.num_train_epochs: must be greater than 0 (or set train.max_steps)")
+    defaults = {**device_defaults(), **cls.train_defaults()}
+    if "gradient_checkpointing" in train:  # the old name of the same switch: the user's choice wins
+        defaults.pop("activation_checkpointing")
+    return {**defaults, **train}
+
+
+def device_defaults() -> dict[str, Any]:
+    """Precision and memory settings that suit the device this process runs on.
+
+    A CPU without fast bf16 runs 5-8x slower with bf16 autocast and gradient checkpointing (the TRL
+    defaults), so on CPU both are off; on a GPU with bf16, mixed precision is on.
+    """
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    return {
+        "bf16": bf16,
+        "fp16": on_gpu and not bf16,
+        "activation_checkpointing": False,  # the name transformers 5 gives gradient checkpointing
+        "dataloader_pin_memory": on_gpu,
+        "report_to": "none",
+        "seed": 42,
+    }
+
+
+def _type_hints(datacls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(datacls)
+    except Exception:  # an annotation that does not resolve: check names only
+        return {}
+
+
+def value_fits(value: Any, expected: Any) -> bool:
+    if expected is Any:
+        return True
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(value_fits(value, arg) for arg in typing.get_args(expected))
+    if origin is Literal:
+        return value in typing.get_args(expected)
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is str:
+        return isinstance(value, str)
+    if isinstance(expected, type) and issubclass(expected, enum.Enum):
+        return value in [m.value for m in expected] or value in [m.name for m in expected]
+    if origin in (list, tuple) or expected in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or expected is dict:
+        return isinstance(value, dict)
+    return True  # a type we do not model (callables, objects): TrainingArguments checks it
+
+
+def type_name(expected: Any) -> str:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(expected))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(expected))
+    if isinstance(expected, type) and issubclass(expected, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in expected)
+    if expected is type(None):
+        return "null"
+    return getattr(expected, "__name__", str(expected))
+
+
+def to_yaml(config: Recipe) -> str:
+    """The resolved config as YAML (what actually ran), for config.yaml and --dry-run."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,303 @@
+"""`tunekit classify`: a sequence-classification (or regression) head on an encoder, BERT style.
+
+Single sentences or sentence pairs; padding per batch (never to a fixed length) and batches of
+similar length, because GLUE sentences are short and padding them to 128 wastes most of the compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from tunekit.config import Recipe, Section, to_yaml, validate_config
+from tunekit.data import Table, pick_column, read_table
+from tunekit.errors import UserError
+
+TEXT_COLUMNS = ("sentence", "text", "sentence1", "premise", "question")
+PAIR_COLUMNS = {"sentence1": "sentence2", "premise": "hypothesis", "question": "sentence"}
+
+
+class ClassifyData(Section):
+    train: str = Field(description="training file (jsonl/json/csv/tsv/parquet) or Hub dataset")
+    eval: str | None = Field(None, description="evaluation file; eval.json is computed on it")
+    text_column: str | None = Field(None, description=f"first text; default: the first of {', '.join(TEXT_COLUMNS)}")
+    text_pair_column: str | None = Field(None, description="second text of a pair; default: sentence2 after sentence1")
+    label_column: str = Field("label", description="label column: ints, strings, or floats for regression")
+    train_limit: int | None = Field(None, gt=0, description="use the first N training rows")
+    eval_limit: int | None = Field(None, gt=0, description="use the first N evaluation rows")
+    max_length: int = Field(128, gt=0, description="truncate longer inputs (tokens)")
+
+
+class ClassifyTask(Section):
+    num_labels: int | None = Field(None, gt=0, description="classes; 1 = regression; default: from the data")
+    labels: list[str] | None = Field(None, description="class names in id order (maps string labels, names int ones)")
+
+
+class Config(Recipe):
+    command = "classify"
+    data: ClassifyData
+    classify: ClassifyTask = ClassifyTask()
+
+    @classmethod
+    def train_defaults(cls) -> dict[str, Any]:
+        return {
+            "learning_rate": 5e-5,
+            "num_train_epochs": 3,
+            "per_device_train_batch_size": 32,
+            "per_device_eval_batch_size": 128,
+            "weight_decay": 0.01,
+            "warmup_steps": 0.06,  # a float below 1 is a share of the steps
+            "logging_steps": 50,
+            "save_strategy": "steps",
+            "save_steps": 500,
+            "save_total_limit": 1,
+            "train_sampling_strategy": "group_by_length",
+        }
+
+
+@dataclass
+class Examples:
+    """Texts and label ids of one split, checked."""
+
+    table: Table
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list[Any]
+
+
+@dataclass
+class Data:
+    train: Examples
+    eval: Examples | None
+    label_names: list[str] | None  # None = regression
+
+
+def check(config: Config) -> Data:
+    """Read and validate the data (no model is loaded)."""
+    train_table = read_table(config.data.train, "data.train").head(config.data.train_limit)
+    regression = config.classify.num_labels == 1
+    train = examples(train_table, config)
+    names = None if regression else label_names(train.labels, config)
+    train.labels = encode_labels(train, names)
+    evaluation = None
+    if config.data.eval:
+        eval_table = read_table(config.data.eval, "data.eval").head(config.data.eval_limit)
+        evaluation = examples(eval_table, config)
+        evaluation.labels = encode_labels(evaluation, names)
+    return Data(train, evaluation, names)
+
+
+def examples(table: Table, config: Config, with_labels: bool = True) -> Examples:
+    text = pick_column(table, config.data.text_column, TEXT_COLUMNS, "data.text_column")
+    pair = config.data.text_pair_column
+    if pair is None and PAIR_COLUMNS.get(text) in table.columns:
+        pair = PAIR_COLUMNS[text]
+    columns = [text] + ([pair] if pair else []) + ([config.data.label_column] if with_labels else [])
+    table.require(*columns, key="data")
+    for column in [text] + ([pair] if pair else []):
+        for i, row in enumerate(table.rows):
+            if not isinstance(row[column], str):
+                raise UserError(f"{table.where(i)}: {column!r} must be text, got {row[column]!r}")
+    regression = config.classify.num_labels == 1
+    labels = [raw_label(table, i, config.data.label_column, regression) for i in range(len(table.rows))] if with_labels else []
+    return Examples(
+        table,
+        [row[text] for row in table.rows],
+        [row[pair] for row in table.rows] if pair else None,
+        labels,
+    )
+
+
+def raw_label(table: Table, index: int, column: str, regression: bool) -> Any:
+    """An int, a string, or (regression) a float; anything else is an error naming the line."""
+    value = table.rows[index][column]
+    if regression:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{table.where(index)}: label {value!r} is not a number (classify.num_labels: 1 means regression)") from None
+    if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+        raise UserError(f"{table.where(index)}: label {value!r} must be an int or a string")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise UserError(f"{table.where(index)}: label {value!r} is not a class id; for regression set classify.num_labels: 1")
+        return int(value)
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            raise UserError(f"{table.where(index)}: empty label")
+        return int(value) if value.lstrip("-").isdigit() else value
+    return value
+
+
+def label_names(labels: list[Any], config: Config) -> list[str]:
+    """Class names in id order: from the recipe, else 0..max for int labels, else sorted strings."""
+    if config.classify.labels:
+        return list(config.classify.labels)
+    if all(isinstance(v, int) for v in labels):
+        count = config.classify.num_labels or max(labels) + 1
+        return [str(i) for i in range(max(count, 2))]
+    if any(isinstance(v, int) for v in labels):
+        raise UserError(f"{config.data.train}: labels mix numbers and names; use one kind, or list classify.labels")
+    return sorted(set(labels))
+
+
+def encode_labels(split: Examples, names: list[str] | None) -> list[Any]:
+    if names is None:
+        return split.labels
+    index = {name: i for i, name in enumerate(names)}
+    ids = []
+    for i, value in enumerate(split.labels):
+        if isinstance(value, int):
+            if not 0 <= value < len(names):
+                raise UserError(f"{split.table.where(i)}: label {value} out of range 0..{len(names) - 1} ({len(names)} classes)")
+            ids.append(value)
+        elif value in index:
+            ids.append(index[value])
+        else:
+            raise UserError(f"{split.table.where(i)}: unknown label {value!r} (known: {', '.join(names)}); add it to classify.labels")
+    return ids
+
+
+def tokenize(tokenizer: Any, split: Examples, max_length: int) -> list[dict[str, Any]]:
+    encoded = tokenizer(split.texts, split.pairs, truncation=True, max_length=max_length)
+    rows = [{k: encoded[k][i] for k in encoded} for i in range(len(split.texts))]
+    for row, label in zip(rows, split.labels):  # no labels when predicting
+        row["labels"] = label
+    return rows
+
+
+def load_model(config: Config, names: list[str] | None) -> Any:
+    from transformers import AutoModelForSequenceClassification
+
+    from tunekit.models import apply_peft, load_pretrained
+
+    if names is None:
+        extra = {"num_labels": 1, "problem_type": "regression"}
+    else:
+        extra = {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    model = load_pretrained(AutoModelForSequenceClassification, config.model, **extra)
+    head = ["classifier", "score"]  # the new head is trained in full under LoRA
+    return apply_peft(model, config.peft, "SEQ_CLS", modules_to_save=[m for m in head if hasattr(model, m)])
+
+
+def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
+    from transformers import DataCollatorWithPadding, Trainer
+
+    from tunekit.models import count_parameters, load_tokenizer
+    from tunekit.outputs import RunFolder
+    from tunekit.training import MetricsLog, effective_batch_size, fit, training_arguments
+
+    run = RunFolder(run_dir)
+    args = training_arguments(config, run)
+    run.enabled = args.process_index == 0
+    tokenizer = load_tokenizer(config.model)
+    train = tokenize(tokenizer, data.train, config.data.max_length)
+    model = load_model(config, data.label_names)
+    trainable, total = count_parameters(model)
+    run.start(
+        "classify", to_yaml(config), overwrite, base_model=config.model.name, train_data=config.data.train,
+        eval_data=config.data.eval, train_rows=len(train), eval_rows=len(data.eval.texts) if data.eval else 0,
+        trainable_params=trainable, total_params=total, num_processes=args.world_size,
+        effective_batch_size=effective_batch_size(args),
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train, processing_class=tokenizer,
+        eval_dataset=tokenize(tokenizer, data.eval, config.data.max_length) if data.eval else None,
+        compute_metrics=trainer_metrics(data.label_names is None),
+        data_collator=DataCollatorWithPadding(tokenizer), callbacks=[MetricsLog(run)],
+    )
+    fit(trainer, run, resume)
+    metrics = evaluate_model(model, tokenizer, data.eval, config) if data.eval else {}
+    run.write_eval(metrics)
+    if config.peft.method == "none":
+        run.save_pretrained(model, tokenizer, subdir="model")
+    else:
+        run.save_pretrained(model, tokenizer, subdir="adapter")
+    run.finish(metrics)
+    return metrics
+
+
+def trainer_metrics(regression: bool) -> Any:
+    """compute_metrics for evaluations during training (train.eval_strategy), same figures as eval.json."""
+    from tunekit.metrics import classification_metrics, regression_metrics
+
+    def compute(prediction: Any) -> dict[str, float]:
+        scorer = regression_metrics if regression else classification_metrics
+        return scorer(prediction.predictions, prediction.label_ids)
+
+    return compute
+
+
+def evaluate_model(model: Any, tokenizer: Any, split: Examples, config: Config) -> dict[str, float]:
+    from tunekit.metrics import classification_metrics, regression_metrics
+
+    logits = predict_logits(model, tokenizer, split, config)
+    if model.config.num_labels == 1:
+        return regression_metrics(logits, split.labels)
+    return classification_metrics(logits, split.labels)
+
+
+def predict_logits(model: Any, tokenizer: Any, split: Examples, config: Config) -> Any:
+    """Logits for every example, batched by length (then put back in file order)."""
+    import numpy as np
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    features = [{k: v for k, v in f.items() if k != "labels"} for f in tokenize(tokenizer, split, config.data.max_length)]
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    collate = DataCollatorWithPadding(tokenizer)
+    batch_size = config.train.get("per_device_eval_batch_size", 128)
+    device = next(model.parameters()).device
+    model.eval()
+    outputs = np.zeros((len(features), model.config.num_labels), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([features[i] for i in chunk]).items()}
+            outputs[chunk] = model(**batch).logits.float().cpu().numpy()
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Using a finished run: `tunekit eval` and `tunekit predict`
+
+
+def load_run(run_dir: Path) -> tuple[Config, Any, Any]:
+    """The run's resolved config, its trained model (full or adapter) and tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tunekit.models import load_run_model
+    from tunekit.outputs import read_run_config
+
+    config = validate_config(Config, read_run_config(run_dir), str(run_dir / "config.yaml"))
+    model, tokenizer = load_run_model(run_dir, AutoModelForSequenceClassification, "AutoPeftModelForSequenceClassification")
+    return config, model, tokenizer
+
+
+def eval_run(run_dir: Path, data_file: str) -> dict[str, float]:
+    config, model, tokenizer = load_run(run_dir)
+    split = examples(read_table(data_file, "--data"), config)
+    names = None if model.config.num_labels == 1 else [model.config.id2label[i] for i in range(model.config.num_labels)]
+    split.labels = encode_labels(split, names)
+    return evaluate_model(model, tokenizer, split, config)
+
+
+def predict_run(run_dir: Path, data_file: str) -> list[dict[str, Any]]:
+    """One prediction per input row: the label and its probability (or the value, for regression)."""
+    import torch
+
+    config, model, tokenizer = load_run(run_dir)
+    split = examples(read_table(data_file, "--data"), config, with_labels=False)
+    logits = torch.from_numpy(predict_logits(model, tokenizer, split, config))
+    if model.config.num_labels == 1:
+        return [{"prediction": float(v)} for v in logits[:, 0]]
+    probs = logits.softmax(-1)
+    best = probs.argmax(-1)
+    return [
+        {"label": model.config.id2label[int(b)], "score": round(float(p[b]), 6)}
+        for b, p in zip(best, probs)
+    ]

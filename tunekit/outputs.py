@@ -1,0 +1,209 @@
+"""The run folder: resolved config, metrics log, final metrics, saved model, model card, plots.
+
+Everything is written atomically (temporary name, then rename), so a crash never leaves a
+half-written file or model folder behind, and `run.json` always says whether the run is
+`running`, `done` or `failed` (with the reason).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tunekit.errors import UserError
+
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD")
+
+
+def default_run_dir(command: str, recipe_path: str) -> Path:
+    return Path("runs") / f"{command}-{Path(recipe_path).stem}"
+
+
+def check_run_dir(path: Path, overwrite: bool) -> None:
+    """Refuse to touch an existing run folder unless asked (checked before anything is loaded)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: exists and is not a folder; choose another --output-dir")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"{path}: run folder exists; pass --overwrite to replace it or --output-dir to choose another")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+_invocation: list[str] = []
+
+
+def record_invocation(args: list[str]) -> None:
+    """Remember the tunekit arguments of this process (the CLI calls this), for the model card."""
+    _invocation[:] = args
+
+
+def command_line() -> str:
+    """The command that started this run, as a user would type it."""
+    return shlex.join(["tunekit", *(_invocation or sys.argv[1:])])
+
+
+def scrub_secrets(text: str) -> str:
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value:
+            text = text.replace(value, "***")
+    return text
+
+
+class RunFolder:
+    """One training run's folder. Only the main process writes (`enabled=False` elsewhere)."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        self.started = time.time()
+        self.info: dict[str, Any] = {}
+
+    def start(self, method: str, config_yaml: str, overwrite: bool, **info: Any) -> None:
+        if not self.enabled:
+            return
+        if overwrite and self.path.is_dir():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path / "config.yaml", scrub_secrets(config_yaml))
+        self.info = {"method": method, "status": "running", "command": scrub_secrets(command_line()), **info}
+        self._write_info()
+
+    def update(self, **info: Any) -> None:
+        self.info.update(info)
+        self._write_info()
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def write_eval(self, metrics: dict[str, Any]) -> None:
+        if self.enabled:
+            write_json(self.path / "eval.json", metrics)
+
+    def save_pretrained(self, *objects: Any, subdir: str = "model") -> Path:
+        """save_pretrained each object into a temporary folder, then rename it into place."""
+        final = self.path / subdir
+        if not self.enabled:
+            return final
+        tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{subdir}."))
+        for obj in objects:
+            obj.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+    def finish(self, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.update(status="done", wall_time_s=round(time.time() - self.started, 1))
+        plot_curves(self.path / "metrics.jsonl", self.path / "loss.png")
+        write_atomic(self.path / "README.md", model_card(self.info, metrics))
+
+    def fail(self, reason: str) -> None:
+        if self.enabled and self.path.is_dir():
+            self.update(status="failed", reason=reason, wall_time_s=round(time.time() - self.started, 1))
+
+    def _write_info(self) -> None:
+        if self.enabled:
+            write_json(self.path / "run.json", self.info)
+
+
+def model_card(info: dict[str, Any], metrics: dict[str, Any]) -> str:
+    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    trainable, total = info.get("trainable_params", 0), info.get("total_params", 0)
+    share = f" ({100 * trainable / total:.2f}%)" if total else ""
+    return f"""# {info.get("method", "tunekit")} run
+
+Fine-tuned with [tunekit](https://github.com/) `{info.get("method")}`.
+
+- **Base model:** `{info.get("base_model")}`
+- **Training data:** `{info.get("train_data")}` ({info.get("train_rows", "?")} rows)
+- **Evaluation data:** `{info.get("eval_data")}` ({info.get("eval_rows", "?")} rows)
+- **Parameters:** {trainable:,} trainable of {total:,}{share}
+- **Effective batch size:** {info.get("effective_batch_size")} (per device x processes x accumulation)
+- **Processes:** {info.get("num_processes", 1)}
+- **Wall time:** {info.get("wall_time_s")} s
+
+## Metrics
+
+| metric | value |
+|---|---|
+{rows}
+
+## Reproduce
+
+```
+{info.get("command")}
+```
+
+The resolved recipe is in `config.yaml`; training curves in `loss.png` and `metrics.jsonl`.
+"""
+
+
+def plot_curves(metrics_path: Path, out: Path) -> None:
+    """Training (and evaluation) loss against step, from metrics.jsonl."""
+    if not metrics_path.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("loss", "eval_loss"):
+        points = [(r["step"], r[key]) for r in records if key in r and "step" in r]
+        if points:
+            ax.plot(*zip(*points), label=key, marker="." if key == "eval_loss" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """The resolved recipe a run saved, for `tunekit eval` / `predict` / `generate`."""
+    from tunekit.config import parse_yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a tunekit run folder (no config.yaml)")
+    return parse_yaml(path.read_text(encoding="utf-8"))
+
+
+def run_method(run_dir: Path) -> str:
+    """Which command produced a run folder (from run.json)."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a tunekit run folder (no run.json)")
+    return read_json(path)["method"]
