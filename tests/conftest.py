@@ -70,3 +70,26 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide Llama with a 600-token BPE tokenizer trained on Shakespeare (tunekit's chat
+    template and special tokens), randomly initialised and saved to disk."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunekit.chat import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-gpt")
+    text = (SHARED / "tiny_shakespeare" / "input.txt").read_text()[:60000]
+    tokenizer = train_tokenizer([text], vocab_size=600)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -70,7 +70,7 @@ def test_cpu_defaults_switch_off_bf16():
         ("train.output_dir=x", "train.output_dir: set by tunekit"),
         ("data.train_limit=-1", "data.train_limit: Input should be greater than 0"),
         ("data.max_length=abc", "data.max_length: Input should be a valid integer"),
-        ("peft.method=lorra", "peft.method: Input should be 'none' or 'lora'"),
+        ("peft.method=lorra", "peft.method: Input should be 'none', 'lora', 'dora' or 'ia3' (got 'lorra')"),
         ("model=gpt2", "model: expected a mapping"),
         ("method=sft", "this recipe is for `tunekit sft`, not `tunekit classify`"),
         ("train.bf16=maybe", "train.bf16: expected bool"),
@@ -128,3 +128,10 @@ def test_every_shipped_recipe_validates(name, cli):
     assert header.startswith("# tunekit ") and str(path.relative_to(ROOT)) in header
     result = cli("validate", str(path))
     assert result.code == 0, result.err
+
+
+def test_yaml_reads_numbers_and_words_as_users_mean_them():
+    from tunekit.config import parse_yaml
+
+    parsed = parse_yaml("lr: 1e-4\nstrategy: no\nflag: true\nother: off\nsteps: 3\n")
+    assert parsed == {"lr": 1e-4, "strategy": "no", "flag": True, "other": "off", "steps": 3}

@@ -65,9 +65,9 @@ def train_command(
 
 def method_of(command: str) -> ModuleType:
     """The module of a training command (an explicit list, no registry)."""
-    from tunekit.methods import classify
+    from tunekit.methods import classify, pretrain, qa, sft
 
-    modules = {"classify": classify}
+    modules = {"classify": classify, "qa": qa, "pretrain": pretrain, "sft": sft}
     if command not in modules:
         raise UserError(f"unknown method {command!r}; one of: {', '.join(modules)}")
     return modules[command]
@@ -80,6 +80,33 @@ def classify(
 ) -> None:
     """Fine-tune an encoder with a classification (or regression) head, BERT style."""
     train_command("classify", method_of("classify"), recipe, set_, output_dir, overwrite, dry_run)
+
+
+@app.command()
+def qa(
+    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None,
+    overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False,
+) -> None:
+    """Fine-tune an encoder for extractive question answering (SQuAD style spans)."""
+    train_command("qa", method_of("qa"), recipe, set_, output_dir, overwrite, dry_run)
+
+
+@app.command()
+def pretrain(
+    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None,
+    overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False,
+) -> None:
+    """Pre-train a language model (causal or masked) on text, from a config or a checkpoint."""
+    train_command("pretrain", method_of("pretrain"), recipe, set_, output_dir, overwrite, dry_run)
+
+
+@app.command()
+def sft(
+    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None,
+    overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False,
+) -> None:
+    """Instruction fine-tuning of a causal LM, with the loss on the responses only."""
+    train_command("sft", method_of("sft"), recipe, set_, output_dir, overwrite, dry_run)
 
 
 @app.command()
@@ -119,17 +146,123 @@ def eval_(run: RunArg, data: DataOpt) -> None:
 @app.command()
 def predict(
     run: RunArg, data: DataOpt,
-    out: Annotated[Path | None, typer.Option("--out", help="output file (default RUN/predictions.jsonl)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="output file (default RUN/predictions.jsonl; .json for QA)")] = None,
 ) -> None:
-    """Predictions of a finished run for every row of a data file, as JSON lines."""
+    """Predictions of a finished run for every row of a data file, as JSON lines ({id: answer} for QA)."""
     from tunekit.outputs import run_method, write_atomic
 
     method = method_of(run_method(run))
     with contextlib.redirect_stdout(sys.stderr):
         rows = method.predict_run(run, data)
-    out = out or run / "predictions.jsonl"
-    write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+    if isinstance(rows, dict):  # QA: one {id: answer} object, the official SQuAD evaluation format
+        out = out or run / "predictions.json"
+        write_atomic(out, json.dumps(rows, ensure_ascii=False) + "\n")
+    else:
+        out = out or run / "predictions.jsonl"
+        write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
     typer.echo(str(out))
+
+
+@app.command()
+def preview(
+    recipe: RecipeArg, set_: SetOpt = None,
+    examples: Annotated[int, typer.Option("--examples", "-n", help="how many examples to print")] = 3,
+) -> None:
+    """Show which tokens of an SFT recipe's data carry loss ([[trained]] vs plain); exit 2 if one carries none."""
+    from tunekit.config import load_config
+    from tunekit.methods import sft as method
+    from tunekit.preview import preview_data
+
+    config = load_config(method.Config, recipe, list(set_ or []))
+    preview_data(config, method.check(config), examples)
+
+
+@app.command()
+def generate(
+    run: Annotated[str, typer.Argument(help="a run folder, or any causal LM id/folder")],
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="a user message (repeatable)")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="SFT-style file: the prompt part of each row is used")] = None,
+    heldout: Annotated[int | None, typer.Option("--heldout", help="the first N held-out prompts of the run's own eval split")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="jsonl output for --data (default RUN/generations.jsonl)")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="longest response")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy")] = None,
+    top_p: Annotated[float | None, typer.Option(help="nucleus sampling mass")] = None,
+    seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
+) -> None:
+    """Sample responses with the run's chat template and generation settings."""
+    from tunekit.generation import generate as sample
+    from tunekit.generation import load_chat_model, settings_with
+    from tunekit.masking import prompts_of_file
+    from tunekit.outputs import write_atomic
+
+    from tunekit.methods.sft import heldout_prompts
+
+    if not prompt and not data and not heldout:
+        raise UserError("give --prompt TEXT, --data FILE or --heldout N")
+    with contextlib.redirect_stdout(sys.stderr):
+        if heldout:
+            conversations = heldout_prompts(Path(run), heldout)
+        elif data:
+            conversations = prompts_of_file(data)
+        else:
+            conversations = [[{"role": "user", "content": p}] for p in prompt]
+        model, tokenizer, settings = load_chat_model(run)
+        chosen = settings_with(settings, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        results = sample(model, tokenizer, conversations, **chosen)
+    if not data and not heldout:
+        for result in results:
+            typer.echo(result["response"])
+        return
+    out = out or Path(run) / "generations.jsonl"
+    rows = [{"prompt": c[-1]["content"], **r} for c, r in zip(conversations, results)]
+    write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+    stopped = sum(r["stopped"] for r in results)
+    typer.echo(f"{stopped} of {len(results)} responses ended by themselves (EOS)", err=True)
+    typer.echo(str(out))
+
+
+@app.command()
+def chat(
+    run: Annotated[str, typer.Argument(help="a run folder, or any causal LM id/folder")],
+    system: Annotated[str | None, typer.Option(help="system message")] = None,
+) -> None:
+    """Talk to a model in the terminal (/reset clears the history, /exit or Ctrl-D quits)."""
+    from tunekit.generation import generate as sample
+    from tunekit.generation import load_chat_model, settings_with
+
+    with contextlib.redirect_stdout(sys.stderr):
+        model, tokenizer, settings = load_chat_model(run)
+    history = [{"role": "system", "content": system}] if system else []
+    start = list(history)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if line == "/exit":
+            break
+        if line == "/reset":
+            history = list(start)
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        reply = sample(model, tokenizer, [history], **settings_with(settings))[0]["response"]
+        history.append({"role": "assistant", "content": reply})
+        typer.echo(f"model> {reply}")
+
+
+@app.command()
+def merge(
+    run: RunArg,
+    out: Annotated[Path | None, typer.Option("--out", help="output folder (default RUN/merged)")] = None,
+) -> None:
+    """Fold a run's LoRA adapter into its base model; saves a plain transformers model."""
+    from tunekit.models import merge_run
+
+    with contextlib.redirect_stdout(sys.stderr):
+        folder = merge_run(run, out or run / "merged")
+    typer.echo(str(folder))
 
 
 @app.command()

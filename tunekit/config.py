@@ -32,9 +32,16 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 class YamlLoader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` (no dot) as a string; every ML user writes learning rates that way."""
+    """YAML as ML users write it: `1e-4` (no dot) is a float, and only true/false are booleans
+    (YAML 1.1 reads `save_strategy: no` as False)."""
 
 
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -65,6 +72,8 @@ class ModelSection(Section):
     config: dict[str, Any] | None = Field(
         None, description="build a randomly initialised model from this config (over `name`'s config, if given)")
     tokenizer: str | None = Field(None, description="tokenizer to load, when it differs from `name`")
+    chat_template: str | None = Field(
+        None, description="`tunekit` for tunekit's template, or a Jinja template; default: the tokenizer's own")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype; auto = float32 on CPU, bfloat16 on GPUs that support it")
     trust_remote_code: bool = Field(False, description="run code shipped with the model (off: it is code from the Hub)")
@@ -85,11 +94,22 @@ class ModelSection(Section):
 
 
 class PeftSection(Section):
-    method: Literal["none", "lora"] = Field("none", description="parameter-efficient method; none = full fine-tuning")
-    r: int = Field(16, gt=0, description="LoRA rank")
-    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    method: Literal["none", "lora", "dora", "ia3"] = Field(
+        "none", description="none = full fine-tuning; lora; dora (weight-decomposed LoRA); ia3 (learned rescaling)")
+    r: int = Field(16, gt=0, description="LoRA/DoRA rank")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
-    target_modules: list[str] | str = Field("all-linear", description="module names to adapt, or all-linear")
+    rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
+    target_modules: list[str] | str | None = Field(
+        None, description="modules to adapt; default all-linear for LoRA/DoRA, PEFT's per-architecture list for IA3")
+    quantize: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="QLoRA: load the frozen base in 4-bit NF4 or 8-bit through bitsandbytes")
+
+    @model_validator(mode="after")
+    def _quantize_needs_an_adapter(self) -> PeftSection:
+        if self.quantize != "none" and self.method == "none":
+            raise ValueError("peft.quantize needs an adapter to train (a quantised base is frozen); set peft.method: lora")
+        return self
 
 
 class Recipe(Section):
@@ -127,6 +147,11 @@ class Recipe(Section):
     @classmethod
     def train_defaults(cls) -> dict[str, Any]:
         """Defaults a method puts under the user's `train:` values (the user's always win)."""
+        return {}
+
+    @classmethod
+    def reserved_train_keys(cls) -> dict[str, str]:
+        """`train:` keys this method sets itself -> what the user should set instead."""
         return {}
 
 
@@ -261,9 +286,10 @@ def resolve_train(cls: type[Recipe], train: dict[str, Any], source: str) -> dict
     """Check `train:` against the method's TrainingArguments fields and add the defaults."""
     fields = {f.name: f for f in dataclasses.fields(cls.train_args_class()) if f.init}
     hints = _type_hints(cls.train_args_class())
+    reserved = {**RESERVED_TRAIN_KEYS, **cls.reserved_train_keys()}
     for key, value in train.items():
-        if key in RESERVED_TRAIN_KEYS:
-            raise UserError(f"{source}: train.{key}: set by tunekit; {RESERVED_TRAIN_KEYS[key]}")
+        if key in reserved:
+            raise UserError(f"{source}: train.{key}: set by tunekit; {reserved[key]}")
         if key not in fields:
             hint = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
             suggestion = f"did you mean {hint[0]}?" if hint else "see `transformers.TrainingArguments` for the options"

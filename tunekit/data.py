@@ -8,7 +8,7 @@ import csv
 import gzip
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,11 @@ class Table:
     source: str
     rows: list[dict[str, Any]]
     lines: list[int]
+    names: list[str] | None = field(default=None)  # what to call a row where lines mean nothing (SQuAD)
 
     def where(self, index: int) -> str:
+        if self.names is not None:
+            return f"{self.source}: {self.names[index]}"
         return f"{self.source}: line {self.lines[index]}"
 
     @property
@@ -36,7 +39,8 @@ class Table:
     def head(self, limit: int | None) -> Table:
         if limit is None:
             return self
-        return Table(self.source, self.rows[:limit], self.lines[:limit])
+        names = self.names[:limit] if self.names is not None else None
+        return Table(self.source, self.rows[:limit], self.lines[:limit], names)
 
     def require(self, *columns: str, key: str = "data") -> None:
         """Every row has these columns (present and not null)."""
@@ -126,6 +130,8 @@ def parse_json(text: str, source: str) -> Table:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{source}: line {err.lineno}: invalid JSON ({err.msg})") from None
+    if is_squad(data):
+        return flatten_squad(data["data"], source)
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -135,6 +141,43 @@ def parse_json(text: str, source: str) -> Table:
         if not isinstance(row, dict):
             raise UserError(f"{source}: record {i + 1}: expected a JSON object, got {type(row).__name__}")
     return Table(source, data, list(range(1, len(data) + 1)))
+
+
+def is_squad(data: Any) -> bool:
+    """The official SQuAD layout: {"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}."""
+    articles = data.get("data") if isinstance(data, dict) else None
+    return bool(articles) and isinstance(articles, list) and all(
+        isinstance(a, dict) and "paragraphs" in a for a in articles)
+
+
+def flatten_squad(articles: list[dict[str, Any]], source: str) -> Table:
+    """One row per question (id, title, question, context, answers as {"text": [...], "answer_start":
+    [...]}, is_impossible), in file order; rows are named by question id in error messages."""
+    rows, names = [], []
+    for a, article in enumerate(articles, start=1):
+        paragraphs = article["paragraphs"]
+        if not isinstance(paragraphs, list):
+            raise UserError(f"{source}: article {a}: 'paragraphs' must be a list")
+        for p, paragraph in enumerate(paragraphs, start=1):
+            where = f"{source}: article {a} paragraph {p}"
+            if not isinstance(paragraph, dict) or not isinstance(paragraph.get("qas"), list):
+                raise UserError(f"{where}: expected an object with 'context' and a 'qas' list")
+            for q, qa in enumerate(paragraph["qas"], start=1):
+                if not isinstance(qa, dict):
+                    raise UserError(f"{where} question {q}: expected a JSON object, got {type(qa).__name__}")
+                answers = qa.get("answers") or []
+                if not isinstance(answers, list) or not all(isinstance(x, dict) for x in answers):
+                    raise UserError(f"{where} question {qa.get('id', q)}: 'answers' must be a list of "
+                                    "{\"text\", \"answer_start\"} objects")
+                rows.append({
+                    "id": qa.get("id"), "title": article.get("title", ""), "question": qa.get("question"),
+                    "context": paragraph.get("context"),
+                    "answers": {"text": [x.get("text") for x in answers],
+                                "answer_start": [x.get("answer_start") for x in answers]},
+                    "is_impossible": bool(qa.get("is_impossible", False)),
+                })
+                names.append(f"question {qa['id']}" if qa.get("id") is not None else f"article {a} paragraph {p} question {q}")
+    return Table(source, rows, list(range(1, len(rows) + 1)), names)
 
 
 def parse_csv(text: str, source: str) -> Table:

@@ -1,8 +1,12 @@
-"""Metrics computed locally (no network): GLUE-style classification and regression metrics."""
+"""Metrics computed locally (no network): GLUE-style classification and regression metrics, SQuAD
+exact match and F1."""
 
 from __future__ import annotations
 
+import collections
 import math
+import re
+import string
 
 import numpy as np
 
@@ -37,3 +41,47 @@ def regression_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str,
         "spearman": math.nan if constant else float(spearmanr(predictions, labels)[0]),
         "mse": float(np.mean((predictions - labels) ** 2)),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# SQuAD: exact match and token F1 after answer normalisation, the maximum over the gold answers
+# (as the official v1.1 evaluation script defines them; an unanswerable question's gold is "").
+
+_PUNCTUATION = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, drop punctuation, then the articles a/an/the, then collapse white space."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def squad_exact_match(prediction: str, golds: list[str]) -> float:
+    """1.0 when the normalised prediction equals any normalised gold answer."""
+    golds = golds or [""]
+    return float(any(normalize_answer(prediction) == normalize_answer(gold) for gold in golds))
+
+
+def squad_f1(prediction: str, golds: list[str]) -> float:
+    """Best bag-of-tokens F1 against the gold answers; an empty answer scores 1 only against another."""
+    return max(_token_f1(normalize_answer(prediction).split(), normalize_answer(g).split()) for g in golds or [""])
+
+
+def _token_f1(predicted: list[str], gold: list[str]) -> float:
+    if not predicted or not gold:
+        return float(predicted == gold)
+    common = sum((collections.Counter(predicted) & collections.Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_metrics(predictions: dict[str, str], golds: dict[str, list[str]]) -> dict[str, float]:
+    """exact_match and f1 on the 0-100 scale over the questions of `golds` (a missing prediction is "")."""
+    if not golds:
+        return {"exact_match": 0.0, "f1": 0.0}
+    em = sum(squad_exact_match(predictions.get(qid, ""), answers) for qid, answers in golds.items())
+    f1 = sum(squad_f1(predictions.get(qid, ""), answers) for qid, answers in golds.items())
+    return {"exact_match": 100 * em / len(golds), "f1": 100 * f1 / len(golds)}

@@ -66,15 +66,18 @@ def load_tokenizer(section: ModelSection) -> Any:
         raise UserError(f"model.tokenizer: cannot load a tokenizer from {name!r}: {str(err).splitlines()[0]}") from None
 
 
-def load_pretrained(auto_class: Any, section: ModelSection, **config_kwargs: Any) -> Any:
-    """The model of a recipe: pretrained weights, or random init from `model.config` (layered over
-    the named model's config when both are given). One-line error on a bad name."""
+def load_pretrained(auto_class: Any, section: ModelSection, quantization: Any = None, **config_kwargs: Any) -> Any:
+    """The model of a recipe: pretrained weights (quantised for QLoRA), or random init from
+    `model.config` (layered over the named model's config when both are given)."""
     from transformers import AutoConfig
 
     name = resolve_model_path(section.name) if section.name else None
+    if quantization is not None and section.config is not None:
+        raise UserError("peft.quantize: a randomly initialised model (model.config) cannot be quantised; train it first")
     try:
         if section.config is None:
-            return auto_class.from_pretrained(name, dtype=torch_dtype(section), **load_kwargs(section), **config_kwargs)
+            extra = {"quantization_config": quantization} if quantization is not None else {}
+            return auto_class.from_pretrained(name, dtype=torch_dtype(section), **load_kwargs(section), **extra, **config_kwargs)
         fields = dict(section.config)
         if name:
             config = AutoConfig.from_pretrained(name, trust_remote_code=section.trust_remote_code, revision=section.revision)
@@ -89,21 +92,51 @@ def load_pretrained(auto_class: Any, section: ModelSection, **config_kwargs: Any
         raise UserError(f"model.config: cannot build a model from it: {str(err).splitlines()[0]}") from None
 
 
+def quantization_config(peft: PeftSection, skip_modules: list[str]) -> Any:
+    """bitsandbytes settings for QLoRA: NF4 with double quantisation (4-bit) or LLM.int8 (8-bit).
+    New task heads stay in full precision (they are trained); compute runs in bf16 where the
+    device has it, else fp32 (this CPU has no fast bf16)."""
+    if peft.quantize == "none":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if peft.quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules or None)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=skip_modules or None,
+    )
+
+
 def apply_peft(model: Any, peft: PeftSection, task_type: str, modules_to_save: list[str] | None = None) -> Any:
-    """Wrap the model with a LoRA adapter; new task heads are trained in full so they can learn."""
+    """Wrap the model with an adapter; new task heads are trained in full so they can learn."""
     if peft.method == "none":
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import IA3Config, LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    config = LoraConfig(
-        task_type=task_type,
-        r=peft.r,
-        lora_alpha=peft.alpha,
-        lora_dropout=peft.dropout,
-        target_modules=peft.target_modules,
-        modules_to_save=modules_to_save,
-    )
+    if peft.quantize != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if peft.method == "ia3":
+        config = IA3Config(task_type=task_type, target_modules=peft.target_modules, modules_to_save=modules_to_save)
+    else:
+        config = LoraConfig(
+            task_type=task_type, r=peft.r, lora_alpha=peft.alpha, lora_dropout=peft.dropout,
+            target_modules=peft.target_modules or "all-linear", modules_to_save=modules_to_save,
+            use_dora=peft.method == "dora", use_rslora=peft.rslora,
+        )
     return get_peft_model(model, config)
+
+
+def load_for_training(
+    auto_class: Any, model: ModelSection, peft: PeftSection, task_type: str, heads: tuple[str, ...] = (), **config_kwargs: Any
+) -> Any:
+    """The recipe's model, quantised if asked, wrapped with its adapter if any. `heads` are the new
+    task layers (classifier, qa_outputs, score): kept out of quantisation and trained in full."""
+    loaded = load_pretrained(auto_class, model, quantization_config(peft, list(heads)), **config_kwargs)
+    present = [h for h in heads if hasattr(loaded, h)]
+    return apply_peft(loaded, peft, task_type, modules_to_save=present or None)
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -113,18 +146,59 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def load_run_model(run_dir: Path, auto_class: Any, peft_auto_class: str) -> tuple[Any, Any]:
-    """A finished run's model: `model/` (full fine-tuning) or `adapter/` (PEFT) with its tokenizer."""
-    from transformers import AutoTokenizer
+def load_run_model(run_dir: Path, auto_class: Any, quantized: bool = True) -> tuple[Any, Any]:
+    """A finished run's model with its tokenizer: `model/` (full fine-tuning) or `adapter/` (PEFT),
+    the adapter put on its base model as configured in training (labels and, unless `quantized` is
+    False, quantisation included)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     if (run_dir / "model").is_dir():
         folder = run_dir / "model"
         model = auto_class.from_pretrained(folder, use_safetensors=True)
     elif (run_dir / "adapter").is_dir():
-        import peft
+        from peft import PeftConfig, PeftModel
 
         folder = run_dir / "adapter"
-        model = getattr(peft, peft_auto_class).from_pretrained(folder)
+        base_path = PeftConfig.from_pretrained(folder).base_model_name_or_path
+        config = AutoConfig.from_pretrained(folder)  # the base config as trained: labels, quantisation
+        if not quantized and hasattr(config, "quantization_config"):
+            del config.quantization_config
+        base = auto_class.from_pretrained(base_path, config=config, use_safetensors=True)
+        model = PeftModel.from_pretrained(base, folder)
     else:
         raise UserError(f"{run_dir}: no model/ or adapter/ folder; is it a finished tunekit run?")
     return model, AutoTokenizer.from_pretrained(folder)
+
+
+def task_auto_class(run_dir: Path) -> Any:
+    """The transformers Auto class of a finished run's task (an explicit choice per method)."""
+    import transformers
+
+    from tunekit.outputs import read_run_config, run_method
+
+    method = run_method(run_dir)
+    if method == "classify":
+        return transformers.AutoModelForSequenceClassification
+    if method == "qa":
+        return transformers.AutoModelForQuestionAnswering
+    if method == "pretrain" and (read_run_config(run_dir).get("pretrain") or {}).get("objective") == "mlm":
+        return transformers.AutoModelForMaskedLM
+    return transformers.AutoModelForCausalLM
+
+
+def merge_run(run_dir: Path, out: Path) -> Path:
+    """Fold a run's adapter into its base weights and save a plain transformers model.
+
+    A QLoRA run's base is loaded in full precision for this (merging into 4-bit weights would round
+    the update away); the merged model then differs from the quantised one by the quantisation error.
+    """
+    if not (run_dir / "adapter").is_dir():
+        raise UserError(f"{run_dir}: no adapter/ to merge (a full fine-tuning run's model/ is already plain)")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists; choose another --out or remove it")
+    model, tokenizer = load_run_model(run_dir, task_auto_class(run_dir), quantized=False)
+    merged = model.merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -91,6 +91,7 @@ class RunFolder:
         write_atomic(self.path / "config.yaml", scrub_secrets(config_yaml))
         self.info = {"method": method, "status": "running", "command": scrub_secrets(command_line()), **info}
         self._write_info()
+        print(banner(self.info, self.path), file=sys.stderr, flush=True)
 
     def update(self, **info: Any) -> None:
         self.info.update(info)
@@ -119,6 +120,13 @@ class RunFolder:
         os.replace(tmp, final)
         return final
 
+    def save_model(self, model: Any, tokenizer: Any) -> Path:
+        """`model/` for full fine-tuning; `adapter/` (PEFT format) for an adapter, with the base
+        model's config beside it (labels, quantisation) so the run reloads as it was trained."""
+        if hasattr(model, "peft_config"):
+            return self.save_pretrained(model, tokenizer, model.get_base_model().config, subdir="adapter")
+        return self.save_pretrained(model, tokenizer, subdir="model")
+
     def finish(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
@@ -133,6 +141,18 @@ class RunFolder:
     def _write_info(self) -> None:
         if self.enabled:
             write_json(self.path / "run.json", self.info)
+
+
+def banner(info: dict[str, Any], path: Path) -> str:
+    """The compact start-of-run summary printed to stderr."""
+    trainable, total = info.get("trainable_params", 0), info.get("total_params", 0)
+    share = f" ({100 * trainable / total:.2f}%)" if total else ""
+    return (
+        f"tunekit {info['method']}: {info.get('base_model')} -> {path}\n"
+        f"  parameters {trainable:,} trainable / {total:,}{share}; "
+        f"data {info.get('train_rows')} train / {info.get('eval_rows')} eval; "
+        f"effective batch {info.get('effective_batch_size')} on {info.get('num_processes', 1)} process(es)"
+    )
 
 
 def model_card(info: dict[str, Any], metrics: dict[str, Any]) -> str:

@@ -173,15 +173,14 @@ def tokenize(tokenizer: Any, split: Examples, max_length: int) -> list[dict[str,
 def load_model(config: Config, names: list[str] | None) -> Any:
     from transformers import AutoModelForSequenceClassification
 
-    from tunekit.models import apply_peft, load_pretrained
+    from tunekit.models import load_for_training
 
     if names is None:
         extra = {"num_labels": 1, "problem_type": "regression"}
     else:
         extra = {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
-    model = load_pretrained(AutoModelForSequenceClassification, config.model, **extra)
-    head = ["classifier", "score"]  # the new head is trained in full under LoRA
-    return apply_peft(model, config.peft, "SEQ_CLS", modules_to_save=[m for m in head if hasattr(model, m)])
+    return load_for_training(AutoModelForSequenceClassification, config.model, config.peft, "SEQ_CLS",
+                             heads=("classifier", "score"), **extra)
 
 
 def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
@@ -213,10 +212,7 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
     fit(trainer, run, resume)
     metrics = evaluate_model(model, tokenizer, data.eval, config) if data.eval else {}
     run.write_eval(metrics)
-    if config.peft.method == "none":
-        run.save_pretrained(model, tokenizer, subdir="model")
-    else:
-        run.save_pretrained(model, tokenizer, subdir="adapter")
+    run.save_model(model, tokenizer)
     run.finish(metrics)
     return metrics
 
@@ -274,7 +270,7 @@ def load_run(run_dir: Path) -> tuple[Config, Any, Any]:
     from tunekit.outputs import read_run_config
 
     config = validate_config(Config, read_run_config(run_dir), str(run_dir / "config.yaml"))
-    model, tokenizer = load_run_model(run_dir, AutoModelForSequenceClassification, "AutoPeftModelForSequenceClassification")
+    model, tokenizer = load_run_model(run_dir, AutoModelForSequenceClassification)
     return config, model, tokenizer
 
 

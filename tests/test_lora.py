@@ -1,0 +1,122 @@
+"""PEFT: only the adapter (and the new head) learns; adapters save, reload, merge; QLoRA runs on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SHARED, write
+
+from tunekit.methods import classify
+
+
+def classify_recipe(tmp_path, model, peft="lora"):
+    return write(tmp_path / "c.yaml", f"""\
+method: classify
+model:
+  name: {model}
+data:
+  train: {SHARED}/sst2/train.tsv
+  eval: {SHARED}/sst2/dev.tsv
+  train_limit: 64
+  eval_limit: 16
+  max_length: 32
+peft:
+  method: {peft}
+  r: 4
+train:
+  max_steps: 3
+  per_device_train_batch_size: 16
+  learning_rate: 1.0e-2
+  logging_steps: 1
+  save_strategy: "no"
+""")
+
+
+def test_lora_changes_only_adapter_and_head(tmp_path, tiny_bert, monkeypatch, cli):
+    created = {}
+    original = classify.load_model
+
+    def spy(config, names):
+        created["model"] = model = original(config, names)
+        created["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return model
+
+    monkeypatch.setattr(classify, "load_model", spy)
+    out = tmp_path / "run"
+    result = cli("lora", classify_recipe(tmp_path, tiny_bert), "-o", out)
+    assert result.code == 0, result.err
+    changed = {n for n, p in created["model"].named_parameters() if not torch.equal(p, created["before"][n])}
+    assert changed, "nothing trained"
+    assert all("lora_" in n or "modules_to_save" in n for n in changed), sorted(changed)
+    assert any("lora_" in n for n in changed) and any("classifier" in n for n in changed)
+    info = json.loads((out / "run.json").read_text())
+    assert 0 < info["trainable_params"] < 0.5 * info["total_params"]
+    assert (out / "adapter" / "adapter_config.json").is_file() and not (out / "model").exists()
+
+
+def test_merge_gives_the_adapter_run_logits(tmp_path, tiny_bert, cli):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tunekit.models import load_run_model
+
+    out = tmp_path / "run"
+    assert cli("lora", classify_recipe(tmp_path, tiny_bert), "-o", out).code == 0
+    merged = cli("merge", out)
+    assert merged.code == 0, merged.err
+    assert merged.last_line == str(out / "merged")
+    adapter_model, tokenizer = load_run_model(out, AutoModelForSequenceClassification)
+    plain = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
+    batch = AutoTokenizer.from_pretrained(out / "merged")(
+        ["a fine film", "a dull, plodding mess of a movie"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = adapter_model.eval()(**batch).logits
+        got = plain(**batch).logits
+    assert torch.allclose(expected, got, atol=1e-4), (expected, got)
+    again = cli("eval", out, "--data", write(tmp_path / "d.tsv", "sentence\tlabel\ngood\t1\nbad\t0\n"))
+    assert again.code == 0 and "accuracy" in json.loads(again.last_line)
+    assert cli("merge", out).code == 2  # the output folder exists now
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_other_adapters_train(tmp_path, tiny_bert, cli, method):
+    out = tmp_path / "run"
+    result = cli("classify", classify_recipe(tmp_path, tiny_bert, peft=method), "-o", out)
+    assert result.code == 0, result.err
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == ("IA3" if method == "ia3" else "LORA")
+    assert config.get("use_dora", False) == (method == "dora")
+
+
+def test_qlora_4bit_sft_runs_on_this_device(tmp_path, tiny_gpt, cli):
+    out = tmp_path / "run"
+    recipe = write(tmp_path / "s.yaml", f"""\
+method: sft
+model:
+  name: {tiny_gpt}
+data:
+  train: {SHARED}/alpaca/alpaca_data_1k.json
+  train_limit: 40
+  eval_size: 8
+peft:
+  method: lora
+  quantize: 4bit
+train:
+  max_steps: 4
+  per_device_train_batch_size: 4
+  learning_rate: 5.0e-3
+  logging_steps: 1
+  save_strategy: "no"
+""")
+    result = cli("sft", recipe, "-o", out)
+    assert result.code == 0, result.err
+    metrics = json.loads((out / "eval.json").read_text())
+    assert metrics["loss"] < metrics["loss_before"]
+    base_config = json.loads((out / "adapter" / "config.json").read_text())
+    assert base_config["quantization_config"]["load_in_4bit"] is True
+
+
+def test_quantize_without_adapter_is_refused(tmp_path, tiny_bert, cli):
+    result = cli("classify", classify_recipe(tmp_path, tiny_bert, peft="none"), "--set", "peft.quantize=4bit", "--dry-run")
+    assert result.code == 2 and "peft.quantize needs an adapter" in result.err
