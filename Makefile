@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench bench-ppo clean
 
 install:
 	$(PY) -m venv $(VENV)
@@ -30,3 +30,8 @@ demo:
 
 bench:
 	$(BIN)/python bench/classify.py
+
+# PPO against TRL 1.12's (deleted in TRL 1.13) PPOTrainer, installed beside tunekit's TRL in /tmp/trl112.
+bench-ppo:
+	test -d /tmp/trl112/trl || $(BIN)/pip install --no-deps --target /tmp/trl112 trl==1.12.0
+	OMP_NUM_THREADS=1 $(BIN)/python bench/ppo.py

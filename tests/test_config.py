@@ -135,3 +135,9 @@ def test_yaml_reads_numbers_and_words_as_users_mean_them():
 
     parsed = parse_yaml("lr: 1e-4\nstrategy: no\nflag: true\nother: off\nsteps: 3\n")
     assert parsed == {"lr": 1e-4, "strategy": "no", "flag": True, "other": "off", "steps": 3}
+
+
+def test_adapter_learning_rate_applies_only_with_an_adapter(tmp_path):
+    text = RECIPE + "peft:\n  learning_rate: 5.0e-4\n"
+    assert load(tmp_path, text).train["learning_rate"] == 3e-5
+    assert load(tmp_path, text, ["peft.method=lora"]).train["learning_rate"] == 5e-4

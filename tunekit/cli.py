@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tunekit.errors import UserError
+from tunekit.errors import TrainingFailure, UserError
 
 app = typer.Typer(
     name="tunekit",
@@ -32,6 +32,11 @@ SetOpt = Annotated[
 OutputOpt = Annotated[str | None, typer.Option("--output-dir", "-o", help="run folder (default runs/<command>-<recipe>)")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing run folder")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="check recipe and data, print the resolved config, load no model")]
+NprocOpt = Annotated[int | None, typer.Option("--nproc", min=1, help="processes (GPUs): re-launch under accelerate")]
+AccelerateOpt = Annotated[
+    str | None, typer.Option("--accelerate-config", help="accelerate config (DDP, FSDP, DeepSpeed; see recipes/accelerate/)")]
+ResumeOpt = Annotated[
+    str | None, typer.Option("--resume", help="continue from the latest checkpoint of the run folder (or --resume PATH)")]
 RunArg = Annotated[Path, typer.Argument(help="a run folder written by a tunekit training command")]
 DataOpt = Annotated[str, typer.Option("--data", help="data file with the same columns as the run's training data")]
 
@@ -39,87 +44,150 @@ DataOpt = Annotated[str, typer.Option("--data", help="data file with the same co
 def train_command(
     command: str, method: ModuleType, recipe: str, overrides: list[str] | None,
     output_dir: str | None, overwrite: bool, dry_run: bool, peft_default: str | None = None,
+    nproc: int | None = None, accelerate_config: str | None = None, resume: str | None = None,
 ) -> None:
     """The shared path of every training command: config -> data check -> run -> print run folder."""
     from tunekit.config import load_config, to_yaml
+    from tunekit.launch import check_accelerate_config, is_first_rank, is_worker, relaunch
     from tunekit.models import check_model_reference
-    from tunekit.outputs import check_run_dir, default_run_dir
+    from tunekit.outputs import check_run_dir, default_run_dir, find_checkpoint
 
     overrides = list(overrides or [])
     if peft_default:  # `tunekit lora`: the adapter is on unless the user chose another method
         overrides.insert(0, f"peft.method={peft_default}")
     config = load_config(method.Config, recipe, overrides)
     run_dir = Path(output_dir or config.output_dir or default_run_dir(command, config.source))
-    check_run_dir(run_dir, overwrite)
+    checkpoint = find_checkpoint(run_dir, resume, config) if resume else None
+    if not resume and not dry_run and not is_worker() and is_first_rank():
+        check_run_dir(run_dir, overwrite)
     check_model_reference(config.model)
+    if accelerate_config:
+        check_accelerate_config(accelerate_config)
     data = method.check(config)
     if dry_run:
         typer.echo(to_yaml(config).rstrip())
         typer.echo(f"# recipe and data OK; a run would write {run_dir}", err=True)
         return
+    if (nproc and nproc > 1) or accelerate_config:
+        args = [command, config.source, *[a for o in overrides for a in ("--set", o)], "--output-dir", str(run_dir)]
+        args += ["--overwrite"] * overwrite + (["--resume", str(checkpoint)] if checkpoint else [])
+        code = relaunch(nproc, accelerate_config, args)
+        if code != 0:
+            raise TrainingFailure(f"a process of the {nproc or 'configured'}-process run failed (exit code {code}); see above")
+        return
     # Libraries print progress and log lines on stdout; keep stdout for the result alone.
     with contextlib.redirect_stdout(sys.stderr):
-        method.run(config, data, run_dir, overwrite=overwrite)
-    typer.echo(str(run_dir))
+        method.run(config, data, run_dir, overwrite=overwrite and not checkpoint, resume=checkpoint)
+    if is_first_rank():
+        typer.echo(str(run_dir))
+
+
+METHODS = ("classify", "qa", "pretrain", "sft", "reward", "dpo", "rlhf")
 
 
 def method_of(command: str) -> ModuleType:
-    """The module of a training command (an explicit list, no registry)."""
-    from tunekit.methods import classify, pretrain, qa, sft
-
-    modules = {"classify": classify, "qa": qa, "pretrain": pretrain, "sft": sft}
-    if command not in modules:
-        raise UserError(f"unknown method {command!r}; one of: {', '.join(modules)}")
-    return modules[command]
+    """The module of a training command (an explicit list, no registry); only that one is imported."""
+    if command not in METHODS:
+        raise UserError(f"unknown method {command!r}; one of: {', '.join(METHODS)}")
+    if command == "classify":
+        from tunekit.methods import classify as module
+    elif command == "qa":
+        from tunekit.methods import qa as module
+    elif command == "pretrain":
+        from tunekit.methods import pretrain as module
+    elif command == "sft":
+        from tunekit.methods import sft as module
+    elif command == "reward":
+        from tunekit.methods import reward as module
+    elif command == "dpo":
+        from tunekit.methods import dpo as module
+    else:
+        from tunekit.methods import rlhf as module
+    return module
 
 
 @app.command()
 def classify(
-    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None,
-    overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False,
+    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None, overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False, nproc: NprocOpt = None, accelerate_config: AccelerateOpt = None, resume: ResumeOpt = None,
 ) -> None:
     """Fine-tune an encoder with a classification (or regression) head, BERT style."""
-    train_command("classify", method_of("classify"), recipe, set_, output_dir, overwrite, dry_run)
+    train_command("classify", method_of("classify"), recipe, set_, output_dir, overwrite, dry_run,
+                  nproc=nproc, accelerate_config=accelerate_config, resume=resume)
 
 
 @app.command()
 def qa(
-    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None,
-    overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False,
+    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None, overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False, nproc: NprocOpt = None, accelerate_config: AccelerateOpt = None, resume: ResumeOpt = None,
 ) -> None:
     """Fine-tune an encoder for extractive question answering (SQuAD style spans)."""
-    train_command("qa", method_of("qa"), recipe, set_, output_dir, overwrite, dry_run)
+    train_command("qa", method_of("qa"), recipe, set_, output_dir, overwrite, dry_run,
+                  nproc=nproc, accelerate_config=accelerate_config, resume=resume)
 
 
 @app.command()
 def pretrain(
-    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None,
-    overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False,
+    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None, overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False, nproc: NprocOpt = None, accelerate_config: AccelerateOpt = None, resume: ResumeOpt = None,
 ) -> None:
     """Pre-train a language model (causal or masked) on text, from a config or a checkpoint."""
-    train_command("pretrain", method_of("pretrain"), recipe, set_, output_dir, overwrite, dry_run)
+    train_command("pretrain", method_of("pretrain"), recipe, set_, output_dir, overwrite, dry_run,
+                  nproc=nproc, accelerate_config=accelerate_config, resume=resume)
 
 
 @app.command()
 def sft(
-    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None,
-    overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False,
+    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None, overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False, nproc: NprocOpt = None, accelerate_config: AccelerateOpt = None, resume: ResumeOpt = None,
 ) -> None:
     """Instruction fine-tuning of a causal LM, with the loss on the responses only."""
-    train_command("sft", method_of("sft"), recipe, set_, output_dir, overwrite, dry_run)
+    train_command("sft", method_of("sft"), recipe, set_, output_dir, overwrite, dry_run,
+                  nproc=nproc, accelerate_config=accelerate_config, resume=resume)
+
+
+@app.command()
+def reward(
+    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None, overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False, nproc: NprocOpt = None, accelerate_config: AccelerateOpt = None, resume: ResumeOpt = None,
+) -> None:
+    """Train a reward model on preference pairs (chosen scores above rejected: Bradley-Terry loss)."""
+    train_command("reward", method_of("reward"), recipe, set_, output_dir, overwrite, dry_run,
+                  nproc=nproc, accelerate_config=accelerate_config, resume=resume)
+
+
+@app.command()
+def dpo(
+    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None, overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False, nproc: NprocOpt = None, accelerate_config: AccelerateOpt = None, resume: ResumeOpt = None,
+) -> None:
+    """Tune a causal LM directly on preference pairs with DPO (no reward model)."""
+    train_command("dpo", method_of("dpo"), recipe, set_, output_dir, overwrite, dry_run,
+                  nproc=nproc, accelerate_config=accelerate_config, resume=resume)
+
+
+@app.command()
+def rlhf(
+    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None, overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False, nproc: NprocOpt = None, accelerate_config: AccelerateOpt = None, resume: ResumeOpt = None,
+) -> None:
+    """Tune a causal LM against a reward model: PPO (tunekit's own), or --set rlhf.algo=grpo|rloo."""
+    train_command("rlhf", method_of("rlhf"), recipe, set_, output_dir, overwrite, dry_run,
+                  nproc=nproc, accelerate_config=accelerate_config, resume=resume)
 
 
 @app.command()
 def lora(
-    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None,
-    overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False,
+    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None, overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False, nproc: NprocOpt = None, accelerate_config: AccelerateOpt = None, resume: ResumeOpt = None,
 ) -> None:
     """Run any recipe with a LoRA adapter switched on (override with --set peft.*)."""
     from tunekit.config import find_recipe, read_yaml_mapping
 
     path = find_recipe(recipe)
     command = read_yaml_mapping(path).get("method") or path.parent.name
-    train_command("lora", method_of(command), str(path), set_, output_dir, overwrite, dry_run, peft_default="lora")
+    train_command("lora", method_of(command), str(path), set_, output_dir, overwrite, dry_run, peft_default="lora",
+                  nproc=nproc, accelerate_config=accelerate_config, resume=resume)
 
 
 @app.command()
@@ -193,9 +261,8 @@ def generate(
     from tunekit.generation import generate as sample
     from tunekit.generation import load_chat_model, settings_with
     from tunekit.masking import prompts_of_file
-    from tunekit.outputs import write_atomic
-
     from tunekit.methods.sft import heldout_prompts
+    from tunekit.outputs import write_atomic
 
     if not prompt and not data and not heldout:
         raise UserError("give --prompt TEXT, --data FILE or --heldout N")
@@ -285,17 +352,33 @@ def quiet_library_noise() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def bare_resume_means_latest(args: list[str]) -> list[str]:
+    """`--resume` with no value (last, or followed by another option) means the latest checkpoint."""
+    out = []
+    for i, arg in enumerate(args):
+        following = args[i + 1] if i + 1 < len(args) else None
+        out.append("--resume=latest" if arg == "--resume" and (following is None or following.startswith("-")) else arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Console entry point: bad input is one line on stderr and exit code 2, never a traceback."""
     from tunekit.outputs import record_invocation
 
     quiet_library_noise()
-    record_invocation(list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    record_invocation(args)
     try:
-        return app(args=argv, prog_name="tunekit")
+        return app(args=bare_resume_means_latest(args), prog_name="tunekit")
     except UserError as err:
         typer.echo(f"tunekit: error: {err}", err=True)
         raise SystemExit(2) from None
+    except TrainingFailure as err:
+        typer.echo(f"tunekit: training failed: {err}", err=True)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("tunekit: interrupted", err=True)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

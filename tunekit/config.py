@@ -104,6 +104,8 @@ class PeftSection(Section):
         None, description="modules to adapt; default all-linear for LoRA/DoRA, PEFT's per-architecture list for IA3")
     quantize: Literal["none", "4bit", "8bit"] = Field(
         "none", description="QLoRA: load the frozen base in 4-bit NF4 or 8-bit through bitsandbytes")
+    learning_rate: float | None = Field(
+        None, gt=0, description="replaces train.learning_rate when an adapter is on (adapters want a larger step)")
 
     @model_validator(mode="after")
     def _quantize_needs_an_adapter(self) -> PeftSection:
@@ -247,6 +249,8 @@ def validate_config(cls: type[Recipe], data: dict[str, Any], source: str) -> Rec
     except ValidationError as err:
         raise UserError(format_validation_error(cls, err, source)) from None
     config.train = resolve_train(cls, config.train, source)
+    if config.peft.method != "none" and config.peft.learning_rate is not None:
+        config.train = {**config.train, "learning_rate": config.peft.learning_rate}
     config._source = source
     return config
 
@@ -322,6 +326,7 @@ def device_defaults() -> dict[str, Any]:
         "fp16": on_gpu and not bf16,
         "activation_checkpointing": False,  # the name transformers 5 gives gradient checkpointing
         "dataloader_pin_memory": on_gpu,
+        "use_cpu": not on_gpu,  # also what makes several CPU processes join one gloo group
         "report_to": "none",
         "seed": 42,
     }

@@ -7,3 +7,7 @@ training failure (exit code 1).
 
 class UserError(Exception):
     """Bad input: a recipe key, a data file, a command-line argument. The message is shown as is."""
+
+
+class TrainingFailure(RuntimeError):
+    """Training went wrong in a way the user must hear about: one line, exit code 1."""

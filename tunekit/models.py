@@ -177,7 +177,7 @@ def task_auto_class(run_dir: Path) -> Any:
     from tunekit.outputs import read_run_config, run_method
 
     method = run_method(run_dir)
-    if method == "classify":
+    if method in ("classify", "reward"):
         return transformers.AutoModelForSequenceClassification
     if method == "qa":
         return transformers.AutoModelForQuestionAnswering

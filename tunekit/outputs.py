@@ -93,6 +93,24 @@ class RunFolder:
         self._write_info()
         print(banner(self.info, self.path), file=sys.stderr, flush=True)
 
+    def mark_checkpoint(self, folder: Path) -> None:
+        """Written last into a checkpoint: it is complete, and this is the config it belongs to."""
+        config = read_run_config(self.path)
+        write_json(folder / CHECKPOINT_MARK, {"config": fingerprint(config), "config_sha256": config_hash(config)})
+
+    def logged(self, key: str, step: int) -> Any:
+        """A value this run logged at a step (None if it did not)."""
+        path = self.path / "metrics.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return next((r[key] for r in records if r.get("step") == step and key in r), None)
+
+    def forget_after(self, step: int) -> None:
+        """On resume: drop metrics logged after the checkpoint (they will be logged again)."""
+        path = self.path / "metrics.jsonl"
+        if self.enabled and path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+            write_atomic(path, "".join(line + "\n" for line in kept))
+
     def update(self, **info: Any) -> None:
         self.info.update(info)
         self._write_info()
@@ -227,3 +245,73 @@ def run_method(run_dir: Path) -> str:
     if not path.is_file():
         raise UserError(f"{run_dir}: not a tunekit run folder (no run.json)")
     return read_json(path)["method"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and resuming
+
+CHECKPOINT_MARK = "tunekit-checkpoint.json"
+# Keys that may differ between a checkpoint's config and the resumed one: they change how a run is
+# watched, not what it computes.
+RESUME_MAY_CHANGE = (
+    "description", "output_dir", "generation.", "train.logging_steps", "train.logging_first_step",
+    "train.save_steps", "train.save_total_limit", "train.save_strategy", "train.report_to", "train.eval_steps",
+    "train.eval_strategy", "train.disable_tqdm", "train.dataloader_num_workers", "train.run_name",
+)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): data}
+
+
+def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config, flattened, without the keys a resume may change."""
+    return {k: v for k, v in flatten(config).items() if not k.startswith(RESUME_MAY_CHANGE)}
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(fingerprint(config), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name.rsplit("-", 1)[-1])
+
+
+def is_complete(folder: Path) -> bool:
+    """A checkpoint the Trainer finished writing: tunekit marks it after the Trainer's last file."""
+    try:
+        read_json(folder / CHECKPOINT_MARK)
+        read_json(folder / "trainer_state.json")
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def find_checkpoint(run_dir: Path, resume: str, config: Any) -> Path:
+    """The checkpoint `--resume` continues from, refused if its config differs from this one in a
+    key that changes the computation. Incomplete checkpoints (a crash while saving) are skipped and
+    moved out of the way, so the Trainer never picks one up."""
+    if resume == "latest":
+        folders = sorted(run_dir.glob("checkpoint-*"), key=checkpoint_step, reverse=True) if run_dir.is_dir() else []
+        complete = [f for f in folders if is_complete(f)]
+        if not complete:
+            raise UserError(f"{run_dir}: no complete checkpoint to resume from; start the run without --resume")
+        chosen = complete[0]
+        for broken in folders[: folders.index(chosen)]:
+            os.replace(broken, broken.with_name(f".incomplete-{broken.name}"))
+    else:
+        chosen = Path(resume)
+        if not is_complete(chosen):
+            raise UserError(f"--resume {resume}: not a complete tunekit checkpoint (no {CHECKPOINT_MARK} or trainer_state.json)")
+    saved = read_json(chosen / CHECKPOINT_MARK)["config"]
+    current = fingerprint(config.model_dump(mode="json"))
+    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differing:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing[:3])
+        raise UserError(f"--resume: the config differs from the checkpoint's ({shown}); only logging and "
+                        "saving options may change; start a new run with --output-dir")
+    return chosen

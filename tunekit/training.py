@@ -4,32 +4,64 @@ the training-health check, and the train -> evaluate -> save sequence."""
 from __future__ import annotations
 
 import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
 from tunekit.config import Recipe
-from tunekit.errors import UserError
+from tunekit.errors import TrainingFailure, UserError
 from tunekit.outputs import RunFolder
-
-
-class TrainingFailure(RuntimeError):
-    """Training went wrong in a way the user must hear about (exit code 1)."""
 
 
 def training_arguments(config: Recipe, run: RunFolder) -> Any:
     """The method's TrainingArguments class filled from `train:` (already checked and defaulted)."""
+    from transformers import set_seed
+
+    from tunekit.launch import check_world_size
+
     try:
-        return config.train_args_class()(output_dir=str(run.path), **config.train)
+        args = config.train_args_class()(output_dir=str(run.path), **config.train)
     except (ValueError, TypeError) as err:
         raise UserError(f"train: {str(err).splitlines()[0]}") from None
+    problem = check_world_size(args.world_size)
+    if problem:
+        raise TrainingFailure(problem)
+    set_seed(args.seed)  # before the model is built: a randomly initialised model is reproducible too
+    return args
 
 
 class MetricsLog(TrainerCallback):
-    """Appends each logging step to metrics.jsonl and stops on a non-finite loss."""
+    """Appends each logging step to metrics.jsonl, stops on a non-finite loss, and marks each
+    checkpoint complete (with the config it belongs to) once the Trainer has written all of it."""
 
     def __init__(self, run: RunFolder) -> None:
         self.run = run
+        self.watchdog: Watchdog | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if args.world_size > 1:  # one process alone cannot hang waiting for another
+            self.watchdog = Watchdog(args.ddp_timeout, args.process_index)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.watchdog:
+            self.watchdog.stop()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        inject_fault("kill-before-mark", state.global_step)
+        if state.is_world_process_zero:
+            self.run.mark_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        inject_fault("kill-after-save", state.global_step)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.watchdog:
+            self.watchdog.beat()
+        inject_fault(f"stall-rank-{args.process_index}", state.global_step)
+        inject_fault(f"crash-rank-{args.process_index}", state.global_step)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not logs:
@@ -45,6 +77,51 @@ class MetricsLog(TrainerCallback):
             )
 
 
+class Watchdog:
+    """Ends a multi-process run when a rank makes no progress for `limit` seconds (train.ddp_timeout).
+
+    A rank that hangs leaves the others waiting inside a collective; gloo's own timeout is not set
+    by transformers on CPU, so without this the run would hang silently. Exiting lets the launcher
+    (torch elastic) stop every other rank and report the failure."""
+
+    def __init__(self, limit: float, rank: int) -> None:
+        import threading
+
+        self.limit, self.rank, self.last = limit, rank, time.monotonic()
+        self.stopped = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(1.0):
+            if time.monotonic() - self.last > self.limit:
+                print(f"tunekit: training failed: rank {self.rank} made no progress for {self.limit:.0f} s "
+                      "(another process hung or died; train.ddp_timeout sets the limit); stopping the run",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
+
+
+FAULT = "TUNEKIT_FAULT"  # tests only: "<point>:<step>", e.g. kill-after-save:4, stall-rank-1:2
+
+
+def inject_fault(point: str, step: int) -> None:
+    """Simulated failures for the reliability tests (a SIGKILL, a hung or a crashing rank), set
+    through the TUNEKIT_FAULT environment variable; does nothing otherwise."""
+    wanted = os.environ.get(FAULT)
+    if wanted != f"{point}:{step}":
+        return
+    if point.startswith("kill"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if point.startswith("stall"):
+        time.sleep(10**6)
+    raise RuntimeError(f"injected failure at step {step} ({wanted})")
+
+
 def effective_batch_size(args: Any) -> int:
     return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
 
@@ -55,10 +132,12 @@ def strip_prefix(metrics: dict[str, Any], prefix: str = "eval_") -> dict[str, An
     return {k.removeprefix(prefix): v for k, v in metrics.items() if not k.removeprefix(prefix).endswith(noise)}
 
 
-def fit(trainer: Any, run: RunFolder, resume: str | bool | None = None) -> None:
-    """Train, turning a crash into a `failed` status with the reason."""
+def fit(trainer: Any, run: RunFolder, resume: Path | None = None) -> None:
+    """Train (from a checkpoint, if given), turning a crash into a `failed` status with the reason."""
+    if resume:
+        run.forget_after(int(Path(resume).name.rsplit("-", 1)[-1]))
     try:
-        trainer.train(resume_from_checkpoint=resume or None)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except BaseException as err:
         run.fail(f"{type(err).__name__}: {err}")
         raise

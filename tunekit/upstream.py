@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import Trainer
-from trl import SFTTrainer
+from trl import DPOTrainer, SFTTrainer
 
 
 class LeanSFTTrainer(SFTTrainer):
@@ -24,3 +24,62 @@ class LeanSFTTrainer(SFTTrainer):
         inputs["use_cache"] = False
         return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+
+def completion_logps(model: Any, inputs: dict[str, Any]) -> Any:
+    """Summed log-probability of the completion tokens of each row of a DPO batch (input_ids,
+    attention_mask, completion_mask), from the model's plain logits."""
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+    targets = inputs["input_ids"][:, 1:]
+    logps = logits[:, :-1].float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (logps * inputs["completion_mask"][:, 1:]).sum(-1)
+
+
+class LeanDPOTrainer(DPOTrainer):
+    """DPOTrainer whose plain DPO step (sigmoid loss) takes log-probabilities from the model's logits.
+
+    TRL 1.16 runs every forward through its fused LM head, which also computes entropy, mean logits
+    and top-1 agreement for its logs; on a CPU a step of the tiny GPT (16 sequences of 256 tokens,
+    LoRA) took 27 s that way against 16 s from the plain logits (measured on this 2-core machine,
+    same batch, same loss to 1e-6). Any other loss type, or a TRL option that changes the loss,
+    takes TRL's own step. Logged: rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected}.
+
+    TRL 1.16 also copies the adapter of a PeftModel into a frozen "ref" adapter and uses that as the
+    reference. tunekit's adapters are new (LoRA B = 0), so the copy is the base model, which is
+    what tunekit's reference is: the base with the adapter switched off. The copy is dropped (it
+    would also be saved beside the run's adapter), so TRL's step and this one agree.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.ref_model is None and "ref" in getattr(unwrapped, "peft_config", {}):
+            unwrapped.delete_adapter("ref")
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        plain = (self.loss_types == ["sigmoid"] and self.f_divergence_type == "reverse_kl" and not self.label_smoothing
+                 and self.ld_alpha is None and not self.use_weighting and not self.aux_loss_enabled
+                 and not self.precompute_ref_logps and not return_outputs)
+        if not plain:
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        logps = completion_logps(model, inputs)
+        with torch.no_grad():
+            if self.ref_model is None:  # an adapter: the reference is the same network with it switched off
+                with self.accelerator.unwrap_model(self.model).disable_adapter():
+                    ref_logps = completion_logps(model, inputs)
+            else:
+                ref_logps = completion_logps(self.ref_model, inputs)
+        rewards = self.beta * (logps - ref_logps)
+        chosen, rejected = rewards.chunk(2)
+        loss = -F.logsigmoid(chosen - rejected).mean()
+        gather = self.accelerator.gather_for_metrics
+        margins = (chosen - rejected).detach()
+        for key, value in (("rewards/chosen", chosen), ("rewards/rejected", rejected), ("rewards/margins", margins),
+                           ("rewards/accuracies", (margins > 0).float()), ("logps/chosen", logps.chunk(2)[0]),
+                           ("logps/rejected", logps.chunk(2)[1])):
+            self._metrics[mode][key].append(gather(value.detach()).mean().item())
+        return loss

@@ -18,7 +18,7 @@ from pydantic import Field
 from tunekit.config import Recipe, Section, to_yaml
 from tunekit.data import Table, read_table
 from tunekit.errors import UserError
-from tunekit.masking import FORMATS, detect_format, to_messages
+from tunekit.masking import detect_format, to_messages
 
 # SFTTrainer options that tunekit decides itself (the labels come from tunekit.masking).
 RESERVED = {
@@ -178,13 +178,13 @@ def load_model_and_tokenizer(config: Config) -> tuple[Any, Any]:
 
 
 def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
+    import torch
     from datasets import Dataset
-
-    from tunekit.upstream import LeanSFTTrainer
 
     from tunekit.models import count_parameters
     from tunekit.outputs import RunFolder
     from tunekit.training import MetricsLog, effective_batch_size, fit, training_arguments
+    from tunekit.upstream import LeanSFTTrainer
 
     run = RunFolder(run_dir)
     args = training_arguments(config, run)
@@ -201,7 +201,10 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
     )
     trainer = LeanSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                          processing_class=tokenizer, callbacks=[MetricsLog(run)])
-    before = trainer.evaluate()["eval_loss"] if held_out is not None else None
+    before = run.logged("eval_loss", step=0) if resume else None  # measured before the interruption
+    if before is None and held_out is not None:
+        with torch.random.fork_rng():  # the evaluation draws from the RNG; training must not see it
+            before = trainer.evaluate()["eval_loss"]
     fit(trainer, run, resume)
     metrics: dict[str, float] = {}
     if held_out is not None:

@@ -1,0 +1,204 @@
+"""RLHF: PPO's math against hand-computed values on small tensors, the recipe checks, and few-step
+runs of PPO (full and LoRA), GRPO and RLOO on tiny models with a stand-in reward model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import SHARED, write
+
+from tunekit.rl.ppo import (
+    AdaptiveKLController,
+    entropy,
+    gae,
+    kl_penalized_rewards,
+    masked_mean,
+    policy_loss,
+    value_loss,
+    whiten,
+)
+
+
+def close(actual, expected, tol=1e-5):
+    return torch.allclose(torch.as_tensor(actual, dtype=torch.float32), torch.tensor(expected), atol=tol)
+
+
+def test_masked_mean_and_whiten_ignore_padding():
+    values, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert close(masked_mean(values, mask), 2.0)
+    # mean 2, unbiased variance (1 + 0 + 1) / 2 = 1: (x - 2) / 1, padding 0
+    assert close(whiten(values, mask), [[-1.0, 0.0, 1.0, 0.0]], tol=1e-4)
+    assert close(whiten(values, mask, shift_mean=False), [[1.0, 2.0, 3.0, 0.0]], tol=1e-4)
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3], [1.0, 1.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 2 ended after 2 tokens
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # row 1: delta_2 = 1 - 0.3 = 0.7; delta_1 = 0.3 - 0.4 = -0.1 -> -0.1 + 0.5 * 0.7 = 0.25;
+    #        delta_0 = 0.4 - 0.5 = -0.1 -> -0.1 + 0.5 * 0.25 = 0.025
+    # row 2: the padded value 5 is ignored: delta_1 = 2 + 0 - 1 = 1; delta_0 = 0 + 1 - 1 = 0 -> 0.5
+    assert close(advantages, [[0.025, 0.25, 0.7], [0.5, 1.0, 0.0]])
+    assert close(returns, [[0.525, 0.65, 1.0], [1.5, 2.0, 0.0]])
+    discounted, _ = gae(torch.tensor([[0.0, 1.0]]), torch.zeros(1, 2), torch.ones(1, 2), gamma=0.9, lam=1.0)
+    assert close(discounted, [[0.9, 1.0]])  # lam = 1, zero values: the discounted return
+
+
+def test_kl_penalty_per_token_and_score_on_the_last_token():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-2.0, -1.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    rewards, kl = kl_penalized_rewards(logprobs, ref, torch.tensor([2.0, -1.0]), mask, kl_coef=0.1)
+    assert close(kl, [[0.5, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    assert close(rewards, [[-0.05, 2.0, 0.0], [-0.1, 0.0, -1.0]])
+
+
+def test_clipped_policy_loss_by_hand():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    advantages = torch.tensor([[1.0, -1.0, 2.0]])
+    loss, clip_fraction, approx_kl = policy_loss(new, old, advantages, torch.ones(1, 3), clip_range=0.2)
+    # token 1: max(-1.5, -1.2) = -1.2 (clipped); token 2: max(0.5, 0.8) = 0.8 (clipped); token 3: -2.2
+    assert close(loss, (-1.2 + 0.8 - 2.2) / 3)
+    assert close(clip_fraction, 2 / 3)
+    assert close(approx_kl, 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2 + math.log(1.1) ** 2) / 3)
+
+
+def test_clipped_value_loss_by_hand():
+    old, new, returns = torch.zeros(1, 2), torch.tensor([[0.5, -0.1]]), torch.ones(1, 2)
+    loss, clip_fraction = value_loss(new, old, returns, torch.ones(1, 2), clip_range=0.2)
+    # token 1: clipped value 0.2: max((0.5 - 1)^2, (0.2 - 1)^2) = 0.64; token 2: (-1.1)^2 = 1.21
+    assert close(loss, 0.5 * (0.64 + 1.21) / 2)
+    assert close(clip_fraction, 0.5)
+
+
+def test_adaptive_kl_controller():
+    high = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    high.update(current_kl=12.0, n_samples=256)  # error +1 clipped to +0.2
+    assert high.value == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000))
+    low = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    low.update(current_kl=5.4, n_samples=100)  # error -0.1
+    assert low.value == pytest.approx(0.1 * (1 - 0.1 * 100 / 10000))
+    fixed = AdaptiveKLController(0.1, target=None, horizon=10000)
+    fixed.update(current_kl=100.0, n_samples=256)
+    assert fixed.value == 0.1
+
+
+def test_entropy_of_uniform_and_certain():
+    assert close(entropy(torch.zeros(1, 4)), [math.log(4)])
+    assert close(entropy(torch.tensor([[100.0, 0.0, 0.0]])), [0.0], tol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes and runs
+
+
+@pytest.fixture(scope="module")
+def reward_run(tiny_bert, tmp_path_factory):
+    """A stand-in `tunekit reward` run: the tiny BERT with a one-output head."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("reward-run")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=1)
+    model.save_pretrained(folder / "model")
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(folder / "model")
+    write(folder / "run.json", json.dumps({"method": "reward", "status": "done"}))
+    write(folder / "config.yaml", f"method: reward\nmodel:\n  name: {tiny_bert}\n")
+    return folder
+
+
+def rlhf_recipe(tmp_path, policy, reward, **sections):
+    extra = "".join(f"{name}:\n" + "".join(f"  {k}: {v}\n" for k, v in keys.items()) for name, keys in sections.items())
+    return write(tmp_path / "rlhf.yaml", f"""\
+method: rlhf
+model:
+  name: {policy}
+data:
+  train: {SHARED}/sst2/train.tsv
+  columns: {{text: sentence}}
+  prompt_words: 3
+  train_limit: 64
+  eval_size: 8
+generation:
+  max_new_tokens: 6
+train:
+  learning_rate: 1.0e-3
+  logging_steps: 1
+{extra}""")
+
+
+def test_recipe_checks_are_exit_2(tmp_path, cli, tiny_gpt, reward_run):
+    recipe = rlhf_recipe(tmp_path, tiny_gpt, reward_run, rlhf={"reward_model": reward_run})
+    assert cli("rlhf", recipe, "--dry-run").code == 0
+    cases = {
+        "rlhf.reward_model=": "ppo needs a reward model; set rlhf.reward_model",
+        "ppo.minibatch_size=64": "lower ppo.minibatch_size",
+        "train.warmup_steps=10": "train.warmup_steps: not used by tunekit's PPO",
+        "train.max_steps=10": "train.max_steps: set by tunekit; use ppo.steps",
+        "data.prompt_words=1000": "no prompts left with more than data.prompt_words=1000 words",
+        "ppo.kl_coeff=0.1": "ppo.kl_coeff: unknown key; did you mean kl_coef?",
+    }
+    for override, expected in cases.items():
+        result = cli("rlhf", recipe, "--dry-run", "--set", override)
+        assert result.code == 2 and expected in result.err and result.err.count("\n") == 1, (override, result.err)
+    result = cli("rlhf", recipe, "--dry-run", "--set", "rlhf.algo=grpo", "--set", "ppo.rollout_batch_size=30")
+    assert result.code == 2 and "must be a multiple of rlhf.num_generations (4)" in result.err
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_few_step_ppo(tmp_path, cli, tiny_gpt, reward_run, peft):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    recipe = rlhf_recipe(tmp_path, tiny_gpt, reward_run, rlhf={"reward_model": reward_run, "chat_template": "false"},
+                         ppo={"steps": 3, "rollout_batch_size": 8, "minibatch_size": 4, "epochs": 2,
+                              "missing_eos_penalty": 1.0, "kl_target": 1.0})
+    result = cli("rlhf", recipe, "-o", out, "--set", f"peft.method={peft}")
+    assert result.code == 0, result.err
+    assert result.last_line == str(out)
+    metrics = json.loads((out / "eval.json").read_text())
+    assert {"reward_before", "reward_after", "kl"} <= set(metrics)
+    assert all(math.isfinite(v) for v in metrics.values())
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    expected = {"reward", "score", "kl", "kl_coef", "entropy", "policy_loss", "value_loss", "clip_fraction",
+                "approx_kl", "response_length", "samples"}
+    assert expected <= set(records[0]) and len(records[0]["samples"]) == 3
+    assert records[-1]["kl_coef"] != 0.05  # adaptive
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert (out / "loss.png").is_file() and (out / "reward.png").is_file() and (out / "README.md").is_file()
+    if peft == "lora":
+        assert not (out / "model").exists()
+        weights = load_file(out / "adapter" / "adapter_model.safetensors")
+        assert any(float(w.abs().sum()) > 0 for k, w in weights.items() if "lora_B" in k)  # the adapter moved
+    else:
+        trained = load_file(out / "model" / "model.safetensors")
+        start = load_file(tiny_gpt / "model.safetensors")
+        assert any(not torch.equal(trained[k], start[k]) for k in start)
+    generated = cli("generate", out, "--prompt", "the film is", "--max-new-tokens", "4")
+    assert generated.code == 0, generated.err
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_few_step_trl_algos_report_the_same_metrics(tmp_path, cli, tiny_gpt, reward_run, algo):
+    out = tmp_path / "run"
+    recipe = rlhf_recipe(tmp_path, tiny_gpt, reward_run, rlhf={"reward_model": reward_run, "algo": algo,
+                                                               "num_generations": 2},
+                         ppo={"steps": 2, "rollout_batch_size": 8, "minibatch_size": 4, "epochs": 1})
+    result = cli("rlhf", recipe, "-o", out, "--set", "peft.method=lora")
+    assert result.code == 0, result.err
+    metrics = json.loads((out / "eval.json").read_text())
+    assert {"reward_before", "reward_after", "kl"} <= set(metrics)
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    assert {"reward", "entropy", "response_length", "clip_fraction", "samples"} <= set(records[0])
+    assert (out / "adapter").is_dir() and (out / "reward.png").is_file()

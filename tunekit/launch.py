@@ -1,0 +1,81 @@
+"""Several processes: `--nproc N` re-launches the same tunekit command under `accelerate launch`.
+
+The parent validates the recipe and the data first (so bad input is one line, not N), then starts
+the workers and waits. Each worker checks that the process count it joined is the one asked for:
+`accelerate launch --cpu --num_processes 2` silently starts one process, so on a machine without
+CUDA tunekit launches with --multi_gpu, which gives real processes on gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+EXPECTED = "TUNEKIT_EXPECTED_PROCESSES"  # set by the parent for its workers
+LAUNCHED = "TUNEKIT_LAUNCHED"
+
+
+def is_worker() -> bool:
+    """True inside a process started by `--nproc` (the parent has checked the run folder)."""
+    return os.environ.get(LAUNCHED) == "1"
+
+
+def is_first_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(nproc: int | None, accelerate_config: str | None, tunekit_args: list[str]) -> list[str]:
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config:
+        command += ["--config_file", accelerate_config]
+    if nproc:
+        command += ["--num_processes", str(nproc)]
+        if nproc > 1 and not accelerate_config:
+            command += ["--multi_gpu", "--num_machines", "1", "--main_process_port", str(free_port())]
+    return [*command, "-m", "tunekit", *tunekit_args]
+
+
+def relaunch(nproc: int | None, accelerate_config: str | None, tunekit_args: list[str]) -> int:
+    """Run the workers to completion; their exit code is ours. If one worker fails, accelerate's
+    launcher (torch elastic) stops the others, so a failed rank never leaves the run hanging."""
+    env = {**os.environ, LAUNCHED: "1"}
+    if nproc:
+        env[EXPECTED] = str(nproc)
+    print(f"tunekit: launching {nproc or 'configured'} processes with accelerate", file=sys.stderr, flush=True)
+    return subprocess.run(launch_command(nproc, accelerate_config, tunekit_args), env=env).returncode
+
+
+def check_world_size(world_size: int) -> str | None:
+    """A message when the processes that started are not the ones asked for."""
+    expected = os.environ.get(EXPECTED)
+    if expected and int(expected) != world_size:
+        return (f"asked for {expected} processes but {world_size} started; on a machine without CUDA launch with "
+                "`accelerate launch --multi_gpu --num_processes N` (with --cpu accelerate starts one process)")
+    return None
+
+
+DISTRIBUTED_TYPES = ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")
+
+
+def check_accelerate_config(path: str) -> None:
+    """A readable accelerate config with a known distributed_type (checked before launching)."""
+    from pathlib import Path
+
+    from tunekit.config import read_yaml_mapping
+    from tunekit.errors import UserError
+
+    data = read_yaml_mapping(Path(path))
+    kind = data.get("distributed_type")
+    if kind not in DISTRIBUTED_TYPES:
+        raise UserError(f"{path}: distributed_type: expected one of {', '.join(DISTRIBUTED_TYPES)}, got {kind!r}")
+    processes = data.get("num_processes", 1)
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise UserError(f"{path}: num_processes: expected a positive integer, got {processes!r}")

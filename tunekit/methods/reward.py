@@ -1,0 +1,256 @@
+"""`tunekit reward`: a reward model learns to score the preferred response of each pair higher, on
+TRL's RewardTrainer (pairwise Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected)).
+
+The model is a sequence-classification head with one output: on a causal LM it reads the last token
+(the EOS that tunekit appends), on an encoder such as MiniLM the [CLS] pooler. tunekit tokenizes
+the pairs itself, the same way `score_texts` does at scoring time: the end of a long text is kept
+(the final assistant turn of a dialogue), and an encoder, which has no EOS, gets its own [CLS] ...
+[SEP] instead of the EOS that RewardTrainer would append as text. eval.json reports pairwise
+accuracy (the share of held-out pairs whose chosen response scores higher) and the mean margin.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from tunekit.config import Recipe, to_yaml, validate_config
+from tunekit.errors import UserError
+from tunekit.preference import PreferenceData, Preferences, full_text, load_preferences, longer_wins
+
+RESERVED = {
+    "chat_template_path": "use model.chat_template",
+    "eos_token": "tunekit appends the tokenizer's own EOS (none for encoders)",
+}
+
+
+class Config(Recipe):
+    command = "reward"
+    data: PreferenceData
+
+    @classmethod
+    def train_args_class(cls) -> type:
+        from trl import RewardConfig
+
+        return RewardConfig
+
+    @classmethod
+    def reserved_train_keys(cls) -> dict[str, str]:
+        return RESERVED
+
+    @classmethod
+    def train_defaults(cls) -> dict[str, Any]:
+        return {
+            "learning_rate": 5e-5,
+            "num_train_epochs": 1,
+            "per_device_train_batch_size": 16,
+            "per_device_eval_batch_size": 64,
+            "max_length": 512,  # tokens per side; longer texts keep their end
+            "warmup_steps": 0.05,
+            "weight_decay": 0.01,
+            "logging_steps": 10,
+            "save_strategy": "steps",
+            "save_steps": 500,
+            "save_total_limit": 1,
+        }
+
+
+def check(config: Config) -> Preferences:
+    """Read and validate the preference pairs (no model is loaded)."""
+    return load_preferences(config.data, config.source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing and scoring (shared with the PPO trainer, which scores policy responses)
+
+
+def encode(tokenizer: Any, text: str, max_length: int) -> list[int]:
+    """Token ids of one text to score: the tokenizer's EOS appended when it has one (the causal-LM
+    head reads the last token), its own special tokens otherwise ([CLS] ... [SEP] for BERT); a long
+    text keeps its end, where the response to judge is."""
+    eos = tokenizer.eos_token
+    if eos is not None and not text.endswith(eos):
+        text += eos
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        return tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+    finally:
+        tokenizer.truncation_side = side
+
+
+def score_ids(model: Any, pad_token_id: int, ids: list[list[int]], batch_size: int = 32) -> list[float]:
+    """The reward of each token sequence, batched by length (right padding), in input order."""
+    import torch
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    scores = [0.0] * len(ids)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(ids[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                mask[row, : len(ids[i])] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            for i, value in zip(chunk, logits[:, 0].float().cpu().tolist()):
+                scores[i] = value
+    model.train(was_training)
+    return scores
+
+
+def score_texts(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32, max_length: int = 512) -> list[float]:
+    """The reward model's score of each text (prompt and response together, as one string)."""
+    ids = [encode(tokenizer, text, max_length) for text in texts]
+    return score_ids(model, tokenizer.pad_token_id, ids, batch_size)
+
+
+def encode_pairs(tokenizer: Any, pairs: Any, max_length: int) -> list[dict[str, list[int]]]:
+    """RewardTrainer's pre-tokenized layout: chosen_ids / rejected_ids (it adds nothing to these)."""
+    return [
+        {"chosen_ids": encode(tokenizer, full_text(tokenizer, p.prompt, p.chosen), max_length),
+         "rejected_ids": encode(tokenizer, full_text(tokenizer, p.prompt, p.rejected), max_length)}
+        for p in pairs.pairs
+    ]
+
+
+def pair_metrics(model: Any, tokenizer: Any, pairs: Any, max_length: int, batch_size: int) -> dict[str, float]:
+    """Pairwise accuracy (chosen scores strictly higher), mean margin and Bradley-Terry loss, with
+    the trivial "the longer response wins" baseline beside them."""
+    encoded = encode_pairs(tokenizer, pairs, max_length)
+    ids = [e["chosen_ids"] for e in encoded] + [e["rejected_ids"] for e in encoded]
+    scores = score_ids(model, tokenizer.pad_token_id, ids, batch_size)
+    n = len(encoded)
+    margins = [c - r for c, r in zip(scores[:n], scores[n:])]
+    return {
+        "accuracy": sum(m > 0 for m in margins) / n,
+        "margin": sum(margins) / n,
+        "loss": sum(softplus(-m) for m in margins) / n,
+        "reward_chosen": sum(scores[:n]) / n,
+        "reward_rejected": sum(scores[n:]) / n,
+        "pairs": n,
+        "baseline_longer_wins": longer_wins(pairs),
+    }
+
+
+def softplus(x: float) -> float:
+    """log(1 + e^x) without overflow: -log sigmoid(m) = softplus(-m)."""
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def load_model_and_tokenizer(config: Config, conversational: bool) -> tuple[Any, Any]:
+    from transformers import AutoModelForSequenceClassification
+
+    from tunekit.chat import ensure_chat_template
+    from tunekit.models import load_for_training, load_tokenizer
+
+    tokenizer = load_tokenizer(config.model)
+    if conversational and tokenizer.eos_token is not None:  # a causal LM renders conversations with its template
+        ensure_chat_template(tokenizer, config.model.chat_template)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.truncation_side = "left"  # saved with the model: whoever scores with it keeps the end too
+    model = load_for_training(AutoModelForSequenceClassification, config.model, config.peft, "SEQ_CLS",
+                              heads=("classifier", "score"), num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the causal-LM head finds the last token by it
+    return model, tokenizer
+
+
+def run(config: Config, data: Preferences, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
+    from datasets import Dataset
+    from trl import RewardTrainer
+
+    from tunekit.models import count_parameters
+    from tunekit.outputs import RunFolder
+    from tunekit.training import MetricsLog, effective_batch_size, fit, training_arguments
+
+    run = RunFolder(run_dir)
+    args = training_arguments(config, run)
+    run.enabled = args.process_index == 0
+    model, tokenizer = load_model_and_tokenizer(config, data.train.pairs[0].conversational)
+    train = Dataset.from_list(encode_pairs(tokenizer, data.train, args.max_length))
+    held_out = Dataset.from_list(encode_pairs(tokenizer, data.eval, args.max_length)) if data.eval else None
+    trainable, total = count_parameters(model)
+    run.start(
+        "reward", to_yaml(config), overwrite, base_model=config.model.name, train_data=config.data.train,
+        eval_data=config.data.eval or (f"last {config.data.eval_size} rows" if data.eval else None),
+        train_rows=len(train), eval_rows=len(held_out) if held_out is not None else 0,
+        trainable_params=trainable, total_params=total, num_processes=args.world_size,
+        effective_batch_size=effective_batch_size(args), data_format=data.train.kind,
+    )
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                            processing_class=tokenizer, callbacks=[MetricsLog(run)])
+    fit(trainer, run, resume)
+    metrics = {}
+    if data.eval:
+        metrics = pair_metrics(trainer.model, tokenizer, data.eval, args.max_length, args.per_device_eval_batch_size)
+    run.write_eval(metrics)
+    run.save_model(trainer.model, tokenizer)
+    run.finish(metrics)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Using a finished run: `tunekit eval` (pairs) and `tunekit predict` (a reward per row)
+
+PREDICT_TEXT_COLUMNS = ("text", "sentence", "response", "completion")
+
+
+def run_config(run_dir: Path) -> Config:
+    from tunekit.outputs import read_run_config
+
+    return validate_config(Config, read_run_config(run_dir), str(run_dir / "config.yaml"))
+
+
+def load_run(run_dir: Path) -> tuple[Any, Any]:
+    """A reward run's model (`model/` or `adapter/` on its base) and tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tunekit.models import load_run_model
+
+    return load_run_model(run_dir, AutoModelForSequenceClassification)
+
+
+def eval_run(run_dir: Path, data_file: str) -> dict[str, float]:
+    """Pairwise accuracy and margin of a reward run on another preference file (same layout options)."""
+    from tunekit.data import read_table
+    from tunekit.preference import detect_format, read_pairs
+
+    config = run_config(run_dir)
+    table = read_table(data_file, "--data")
+    pairs = read_pairs(table, detect_format(table, config.data.format), config.data, None)
+    model, tokenizer = load_run(run_dir)
+    return pair_metrics(model, tokenizer, pairs, config.train["max_length"], config.train["per_device_eval_batch_size"])
+
+
+def predict_run(run_dir: Path, data_file: str) -> list[dict[str, Any]]:
+    """A `reward` for every row: a conversation (`messages`), a `prompt` with a response
+    (`completion` or `response`), or a text column alone (text, sentence)."""
+    from tunekit.data import pick_column, read_table
+    from tunekit.masking import check_messages
+
+    config = run_config(run_dir)
+    table = read_table(data_file, "--data")
+    model, tokenizer = load_run(run_dir)
+    texts = []
+    for i, row in enumerate(table.rows):
+        if "messages" in table.columns:
+            texts.append(full_text(tokenizer, [], check_messages(row.get("messages"), table.where(i))))
+            continue
+        column = pick_column(table, None, PREDICT_TEXT_COLUMNS, "--data (a text column)")
+        response = row.get(column)
+        if not isinstance(response, (str, list)):
+            raise UserError(f"{table.where(i)}: {column!r} is missing or not text")
+        texts.append(full_text(tokenizer, row.get("prompt") or ([] if isinstance(response, list) else ""), response))
+    scores = score_texts(model, tokenizer, texts, config.train["per_device_eval_batch_size"], config.train["max_length"])
+    return [{"reward": round(score, 6)} for score in scores]

@@ -1,0 +1,293 @@
+"""`tunekit rlhf`: reinforcement learning from a reward model (InstructGPT's step 3).
+
+algo: ppo (default) runs tunekit's own PPO trainer (tunekit.rl.ppo: value head, KL penalty against
+the frozen reference, GAE, clipped losses); algo: grpo and algo: rloo run TRL's GRPOTrainer and
+RLOOTrainer on the same prompts, reward model and sampling settings (`ppo.steps` rollout batches of
+`ppo.rollout_batch_size` responses each, so the three spend the same sampling budget). Prompts come
+from any SFT-style file (the prompt part of each row) or a plain text column. eval.json holds the
+mean reward of sampled responses on held-out prompts for the starting policy and the trained one
+(same prompts, seed and sampling settings) and the trained policy's KL to the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from tunekit.config import Recipe, Section, to_yaml
+from tunekit.data import read_table
+from tunekit.errors import UserError
+from tunekit.masking import detect_format, prompt_part, to_messages
+
+# TrainingArguments keys that tunekit's PPO reads; the `ppo:` section holds the rest.
+PPO_TRAIN_KEYS = ("learning_rate", "seed", "logging_steps", "weight_decay", "adam_beta1", "adam_beta2",
+                  "adam_epsilon", "bf16", "fp16")
+RESERVED = {
+    "max_steps": "use ppo.steps (rollout batches)",
+    "num_train_epochs": "use ppo.steps (rollout batches)",
+    "per_device_train_batch_size": "use ppo.rollout_batch_size and ppo.minibatch_size",
+    "gradient_accumulation_steps": "use ppo.minibatch_size",
+    "max_grad_norm": "use ppo.max_grad_norm",
+}
+
+
+class RlhfSection(Section):
+    algo: Literal["ppo", "grpo", "rloo"] = Field(
+        "ppo", description="ppo: tunekit's PPO with a value head; grpo / rloo: TRL's trainers, same reward and prompts")
+    reward_model: str | None = Field(None, description="run folder of a `tunekit reward` run that scores the responses")
+    chat_template: bool = Field(
+        True, description="true: prompts are user messages in the chat template; false: raw text the policy continues")
+    eval_prompts: int = Field(100, gt=0, description="held-out prompts for reward_before / reward_after in eval.json")
+    num_generations: int = Field(4, ge=2, description="grpo / rloo: responses per prompt (the group of the baseline)")
+    reward_batch_size: int = Field(32, gt=0, description="texts per reward-model forward pass")
+    shown_samples: int = Field(3, ge=0, description="sample responses logged to metrics.jsonl per logging step")
+
+    @model_validator(mode="after")
+    def _needs_a_reward_model(self) -> RlhfSection:
+        if not self.reward_model:
+            raise ValueError(f"{self.algo} needs a reward model; set rlhf.reward_model to a `tunekit reward` run folder")
+        return self
+
+
+class PromptData(Section):
+    train: str | list[str] = Field(description="prompt file(s): any SFT-style file (its prompt part), or a text column")
+    eval: str | list[str] | None = Field(None, description="held-out prompt file(s); default: the last data.eval_size rows")
+    eval_size: int = Field(0, ge=0, description="rows held out from the end of the training prompts when no eval file")
+    format: Literal["alpaca", "prompt_completion", "messages", "text"] | None = Field(
+        None, description="data format; default: detected (a `prompt` column alone is a prompt per row)")
+    columns: dict[str, str] = Field(default_factory=dict, description="standard name -> your column, e.g. {text: sentence}")
+    prompt_words: int | None = Field(
+        None, gt=0, description="keep the first N words of each prompt; rows of N words or fewer are skipped "
+                                "(for continuation demos: a review's first words)")
+    train_limit: int | None = Field(None, gt=0, description="use the first N training prompts")
+
+
+class PpoSection(Section):
+    steps: int = Field(100, gt=0, description="rollout batches (each: generate, score, update)")
+    rollout_batch_size: int = Field(32, gt=0, description="responses sampled per step and process")
+    minibatch_size: int = Field(8, gt=0, description="responses per optimizer step")
+    epochs: int = Field(4, gt=0, description="passes over each rollout batch (grpo / rloo: num_iterations)")
+    clip_range: float = Field(0.2, gt=0, description="policy ratio clip epsilon")
+    value_clip_range: float = Field(0.2, gt=0, description="value clip around the rollout's values")
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient (initial, when adaptive; grpo / rloo: beta)")
+    kl_target: float | None = Field(
+        None, gt=0, description="adaptive KL: target KL per response (InstructGPT / Ziegler et al.); null = fixed")
+    kl_horizon: int = Field(10000, gt=0, description="adaptive KL: samples over which the coefficient adapts")
+    whiten_advantages: bool = Field(True, description="normalise advantages over each rollout batch")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="subtracted from the score of a response that never ended (EOS); null = off")
+
+    @model_validator(mode="after")
+    def _minibatch_fits(self) -> PpoSection:
+        if self.minibatch_size > self.rollout_batch_size:
+            raise ValueError(f"ppo.minibatch_size ({self.minibatch_size}) is larger than ppo.rollout_batch_size "
+                             f"({self.rollout_batch_size}); lower ppo.minibatch_size")
+        return self
+
+
+class GenerationSection(Section):
+    max_new_tokens: int = Field(24, gt=0, description="longest response")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (PPO's log-probs use the same one)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    seed: int = Field(0, description="sampling seed of the held-out evaluation")
+
+
+class Config(Recipe):
+    command = "rlhf"
+    data: PromptData
+    rlhf: RlhfSection
+    ppo: PpoSection = PpoSection()
+    generation: GenerationSection = GenerationSection()
+
+    @classmethod
+    def reserved_train_keys(cls) -> dict[str, str]:
+        return RESERVED
+
+    @classmethod
+    def train_defaults(cls) -> dict[str, Any]:
+        return {"learning_rate": 1e-5, "logging_steps": 10}
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> Config:
+        size, group, mini = self.ppo.rollout_batch_size, self.rlhf.num_generations, self.ppo.minibatch_size
+        if self.rlhf.algo != "ppo" and (size % group or size % mini):
+            raise ValueError(f"{self.rlhf.algo}: ppo.rollout_batch_size ({size}) must be a multiple of "
+                             f"rlhf.num_generations ({group}) and of ppo.minibatch_size ({mini}); change one of them")
+        return self
+
+
+@dataclass
+class Data:
+    train: list[list[dict[str, str]]]  # prompt conversations
+    eval: list[list[dict[str, str]]]
+
+
+def read_prompts(specs: str | list[str], config: Config, key: str) -> list[list[dict[str, str]]]:
+    """The prompt conversation of every row: the prompt part of an SFT-style row, a `prompt` column
+    alone, or a text column (as a user message), cut to data.prompt_words."""
+    from tunekit.methods.sft import renamed
+
+    prompts = []
+    for spec in [specs] if isinstance(specs, str) else specs:
+        table = renamed(read_table(spec, key), config.data.columns)
+        if config.data.format is None and "prompt" in table.columns and "completion" not in table.columns:
+            prompts += [[{"role": "user", "content": str(row["prompt"])}] for row in table.rows]
+            continue
+        kind = detect_format(table, config.data.format)
+        if kind == "text":
+            table.require("text", key=key)
+            prompts += [[{"role": "user", "content": str(row["text"])}] for row in table.rows]
+        else:
+            prompts += [prompt_part(to_messages(row, kind, table.where(i))) for i, row in enumerate(table.rows)]
+    words = config.data.prompt_words
+    if words:
+        prompts = [[*p[:-1], {**p[-1], "content": " ".join(p[-1]["content"].split()[:words])}]
+                   for p in prompts if len(p[-1]["content"].split()) > words]
+    if not prompts:
+        raise UserError(f"{config.source}: {key}: no prompts left" + (f" with more than data.prompt_words={words} words"
+                                                                      if words else ""))
+    return prompts
+
+
+def check(config: Config) -> Data:
+    """Read the prompts and check the `train:` keys; no model is loaded (the reward run may not exist yet)."""
+    if config.rlhf.algo == "ppo":
+        from tunekit.config import device_defaults
+
+        unused = [k for k in config.train if k not in PPO_TRAIN_KEYS and k not in device_defaults()]
+        if unused:
+            raise UserError(f"{config.source}: train.{unused[0]}: not used by tunekit's PPO (it reads "
+                            f"{', '.join(PPO_TRAIN_KEYS)}); the `ppo:` section holds the rest")
+    train = read_prompts(config.data.train, config, "data.train")
+    if config.data.train_limit:
+        train = train[: config.data.train_limit]
+    if config.data.eval:
+        held_out = read_prompts(config.data.eval, config, "data.eval")
+    elif config.data.eval_size:
+        if config.data.eval_size >= len(train):
+            raise UserError(f"{config.source}: data.eval_size: {config.data.eval_size} leaves no training prompts")
+        train, held_out = train[: -config.data.eval_size], train[-config.data.eval_size :]
+    else:
+        raise UserError(f"{config.source}: data.eval: held-out prompts are needed for eval.json; "
+                        "set data.eval or data.eval_size")
+    return Data(train, held_out[: config.rlhf.eval_prompts])
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def load_policy(config: Config) -> tuple[Any, Any]:
+    from tunekit.methods.sft import load_model_and_tokenizer
+
+    if config.peft.quantize != "none":
+        raise UserError(f"{config.source}: peft.quantize: not supported by rlhf yet; set peft.quantize: none")
+    model, tokenizer = load_model_and_tokenizer(config)
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def frozen_reference(config: Config, policy: Any) -> Any:
+    """Full fine-tuning: a frozen copy of the starting policy. LoRA: None (the adapter is switched off)."""
+    if hasattr(policy, "disable_adapter"):
+        return None
+    import copy
+
+    return copy.deepcopy(policy).eval().requires_grad_(False)
+
+
+def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
+    from tunekit.models import count_parameters
+    from tunekit.outputs import RunFolder
+    from tunekit.rl.rollout import RewardModel, evaluate, make_prompts
+
+    if resume:
+        raise UserError("rlhf: --resume is not supported yet; start the run again")
+    from tunekit.launch import is_first_rank
+
+    run = RunFolder(run_dir, enabled=is_first_rank())
+    policy, tokenizer = load_policy(config)
+    reward = RewardModel(config.rlhf.reward_model, config.rlhf.reward_batch_size)
+    train = make_prompts(data.train, tokenizer, config.rlhf.chat_template)
+    held_out = make_prompts(data.eval, tokenizer, config.rlhf.chat_template)
+    trainable, total = count_parameters(policy)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    run.start("rlhf", to_yaml(config), overwrite, base_model=config.model.name, train_data=config.data.train,
+              eval_data=config.data.eval or f"last {config.data.eval_size} rows", train_rows=len(train),
+              eval_rows=len(held_out), trainable_params=trainable, total_params=total, num_processes=world,
+              effective_batch_size=config.ppo.rollout_batch_size * world, algo=config.rlhf.algo,
+              reward_model=config.rlhf.reward_model)
+    try:
+        before = evaluate(policy, policy, tokenizer, reward, held_out, config.generation, config.generation.seed)
+        trained, reference = train_policy(config, policy, tokenizer, reward, train, run)
+        after = evaluate(trained, reference, tokenizer, reward, held_out, config.generation, config.generation.seed)
+    except BaseException as err:
+        run.fail(f"{type(err).__name__}: {err}")
+        raise
+    metrics = {"reward_before": before["reward"], "reward_after": after["reward"], "kl": after["kl"],
+               "response_length_before": before["response_length"], "response_length_after": after["response_length"]}
+    run.write_eval(metrics)
+    run.save_model(trained, tokenizer)
+    run.finish(metrics)
+    plot_rewards(run.path / "metrics.jsonl", run.path / "reward.png")
+    return metrics
+
+
+def train_policy(config: Config, policy: Any, tokenizer: Any, reward: Any, prompts: list[Any], run: Any
+                 ) -> tuple[Any, Any]:
+    """Train with the chosen algorithm; (trained policy, its reference for the KL in eval.json)."""
+    reference = frozen_reference(config, policy)
+    if config.rlhf.algo != "ppo":
+        from tunekit.rl.trl_algos import train_with_trl
+
+        return train_with_trl(config, policy, tokenizer, reward, prompts, run), reference
+    from tunekit.rl.ppo import PPOTrainer
+
+    train = config.train
+    optimizer = {"lr": train["learning_rate"], "weight_decay": train.get("weight_decay", 0.0),
+                 "betas": (train.get("adam_beta1", 0.9), train.get("adam_beta2", 0.999)),
+                 "eps": train.get("adam_epsilon", 1e-8)}
+    precision = "bf16" if train.get("bf16") else "fp16" if train.get("fp16") else "no"
+    trainer = PPOTrainer(policy, tokenizer, reward, prompts, config.ppo, config.generation, optimizer,
+                         seed=train.get("seed", 42), logging_steps=train["logging_steps"], log=run.log,
+                         reference=reference, shown_samples=config.rlhf.shown_samples, mixed_precision=precision)
+    trainer.train()
+    return trainer.policy, reference
+
+
+def plot_rewards(metrics_path: Path, out: Path) -> None:
+    """Mean reward (and KL to the reference, on a second axis) against step."""
+    import json
+
+    if not metrics_path.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = [(r["step"], r["reward"]) for r in records if "reward" in r]
+    if points:
+        ax.plot(*zip(*points), label="reward", color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    kl = [(r["step"], r["kl"]) for r in records if "kl" in r]
+    if kl:
+        twin = ax.twinx()
+        twin.plot(*zip(*kl), label="KL to reference", color="tab:orange", alpha=0.7)
+        twin.set_ylabel("KL")
+        fig.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

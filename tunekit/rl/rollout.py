@@ -1,0 +1,174 @@
+"""What every RLHF algorithm shares: prompts as the policy and the reward model see them, sampling
+responses, scoring them with a reward model (its own tokenizer), log-probs under the policy and the
+reference, and the held-out evaluation (mean reward, KL to the reference) that eval.json reports."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunekit.errors import UserError
+
+
+@dataclass
+class Prompt:
+    """One prompt: the text the policy continues (chat-rendered, or raw text) and the prompt as the
+    reward model sees it (the conversation, or the raw text that the response continues)."""
+
+    policy_text: str
+    reward_prompt: str | list[dict[str, str]]
+
+    def reward_text(self, tokenizer: Any, response: str) -> str:
+        """Prompt and response as the reward model scores them (tunekit reward's own layout)."""
+        from tunekit.preference import full_text
+
+        if isinstance(self.reward_prompt, str):
+            return full_text(tokenizer, self.reward_prompt, response)
+        return full_text(tokenizer, self.reward_prompt, [{"role": "assistant", "content": response}])
+
+    @property
+    def shown(self) -> str:
+        return self.reward_prompt if isinstance(self.reward_prompt, str) else self.reward_prompt[-1]["content"]
+
+
+def make_prompts(conversations: list[list[dict[str, str]]], tokenizer: Any, chat_template: bool) -> list[Prompt]:
+    """Chat: the conversation rendered with the generation prompt. Raw: the last message's text, to be
+    continued as plain text (a review's first words, say)."""
+    if not chat_template:
+        return [Prompt(messages[-1]["content"], messages[-1]["content"]) for messages in conversations]
+    return [Prompt(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), messages)
+            for messages in conversations]
+
+
+class RewardModel:
+    """A `tunekit reward` run's model and tokenizer: one scalar per text."""
+
+    def __init__(self, run_dir: str, batch_size: int = 32) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        from tunekit.models import load_run_model
+        from tunekit.outputs import run_method
+
+        path = Path(run_dir)
+        if not (path / "run.json").is_file():
+            raise UserError(f"rlhf.reward_model: {run_dir}: not a tunekit run folder; train one with `tunekit reward`")
+        if run_method(path) != "reward":
+            raise UserError(f"rlhf.reward_model: {run_dir}: a `tunekit {run_method(path)}` run, not a `tunekit reward` run")
+        self.model, self.tokenizer = load_run_model(path, AutoModelForSequenceClassification)
+        self.model.eval().requires_grad_(False)
+        self.batch_size = batch_size
+
+    def to(self, device: Any) -> RewardModel:
+        self.model.to(device)
+        return self
+
+    def score(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
+        from tunekit.methods.reward import score_texts
+
+        texts = [p.reward_text(self.tokenizer, r) for p, r in zip(prompts, responses)]
+        return torch.tensor(score_texts(self.model, self.tokenizer, texts, self.batch_size), dtype=torch.float32)
+
+
+def encode(tokenizer: Any, texts: list[str], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask (generation continues from the right end)."""
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+@dataclass
+class Samples:
+    query_responses: torch.Tensor  # (B, Q + R)
+    attention_mask: torch.Tensor  # (B, Q + R)
+    responses: torch.Tensor  # (B, R), pad after the first EOS
+    response_mask: torch.Tensor  # (B, R), 1 up to and including the first EOS
+    ended: torch.Tensor  # (B,) bool: the response ended with EOS by itself
+    texts: list[str]  # decoded responses, without EOS
+
+    @property
+    def context(self) -> int:
+        return self.query_responses.shape[1] - self.responses.shape[1]
+
+
+def sample(lm: Any, tokenizer: Any, texts: list[str], generation: Any) -> Samples:
+    """Generate one response per prompt text, cut after the first EOS."""
+    ids, mask = encode(tokenizer, texts, lm.device)
+    sampling = ({"do_sample": True, "temperature": generation.temperature, "top_p": generation.top_p}
+                if generation.temperature > 0 else {"do_sample": False})
+    with torch.no_grad():
+        out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=generation.max_new_tokens,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
+    responses = out[:, ids.shape[1]:]
+    is_eos = responses == tokenizer.eos_token_id
+    ended = is_eos.any(dim=1)
+    first_eos = torch.where(ended, is_eos.float().argmax(dim=1), torch.full_like(ended, responses.shape[1], dtype=torch.long))
+    response_mask = (torch.arange(responses.shape[1], device=responses.device)[None, :] <= first_eos[:, None]).long()
+    responses = torch.where(response_mask.bool(), responses, tokenizer.pad_token_id)
+    decoded = [tokenizer.decode(row[: int(m.sum()) - int(e)], skip_special_tokens=True)
+               for row, m, e in zip(responses.tolist(), response_mask, ended)]
+    return Samples(torch.cat([ids, responses], dim=1), torch.cat([mask, response_mask], dim=1), responses,
+                   response_mask, ended, decoded)
+
+
+def scores_of(reward: RewardModel, prompts: list[Prompt], samples: Samples, missing_eos_penalty: float | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw reward-model scores, scores less the penalty for a response that never ended)."""
+    raw = reward.score(prompts, samples.texts).to(samples.responses.device)
+    if missing_eos_penalty is None:
+        return raw, raw
+    return raw, raw - missing_eos_penalty * (~samples.ended).float()
+
+
+def lm_logprobs(lm: Any, samples: Samples, temperature: float) -> torch.Tensor:
+    """Log-probs of the response tokens under a causal LM (no value head)."""
+    from tunekit.rl.ppo import position_ids, response_logprobs
+
+    mask = samples.attention_mask
+    with torch.no_grad():
+        logits = lm(input_ids=samples.query_responses, attention_mask=mask, position_ids=position_ids(mask),
+                    use_cache=False).logits
+    logits = logits[:, samples.context - 1 : -1]
+    return response_logprobs(logits, samples.responses, temperature)
+
+
+def reference_of(lm: Any, reference: Any) -> Any:
+    """A context that yields the reference model: the frozen copy, or (LoRA, reference None) the
+    same model with its adapter switched off."""
+    if reference is not None:
+        return contextlib.nullcontext(reference)
+    if not hasattr(lm, "disable_adapter"):
+        raise ValueError("a reference model is needed unless the policy is a PEFT model")
+
+    @contextlib.contextmanager
+    def adapter_off() -> Any:
+        with lm.disable_adapter():
+            yield lm
+
+    return adapter_off()
+
+
+def evaluate(lm: Any, reference: Any, tokenizer: Any, reward: RewardModel, prompts: list[Prompt], generation: Any,
+             seed: int, batch_size: int = 32) -> dict[str, float]:
+    """Mean reward of sampled responses on held-out prompts and the mean per-sequence KL to the
+    reference (sum over response tokens of log pi - log pi_ref), with a fixed sampling seed."""
+    torch.manual_seed(seed)
+    rewards, kls, lengths = [], [], []
+    was_training = lm.training
+    lm.eval()
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        samples = sample(lm, tokenizer, [p.policy_text for p in chunk], generation)
+        raw, _ = scores_of(reward, chunk, samples, None)
+        logprobs = lm_logprobs(lm, samples, generation.temperature)
+        with reference_of(lm, reference) as ref:
+            ref_logprobs = lm_logprobs(ref, samples, generation.temperature)
+        rewards += raw.tolist()
+        kls += ((logprobs - ref_logprobs) * samples.response_mask).sum(1).tolist()
+        lengths += samples.response_mask.sum(1).tolist()
+    lm.train(was_training)
+    count = max(len(rewards), 1)
+    return {"reward": sum(rewards) / count, "kl": sum(kls) / count, "response_length": sum(lengths) / count}

@@ -1,0 +1,117 @@
+"""`rlhf.algo: grpo | rloo`: TRL's GRPOTrainer / RLOOTrainer (checked against TRL 1.16) with the
+recipe's prompts, reward model and sampling settings, mapped so that the sampling budget matches PPO's:
+`ppo.steps` generation rounds of `ppo.rollout_batch_size` responses (`rlhf.num_generations` per
+prompt), each used for `ppo.epochs` passes in minibatches of `ppo.minibatch_size`. The per-step log
+gets tunekit's metric names beside TRL's own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunekit.errors import UserError
+
+# TRL's log key -> tunekit's name (the PPO trainer's), where the two mean the same thing.
+RENAMED = {
+    "completions/mean_length": "response_length",
+    "clip_ratio/region_mean": "clip_fraction",
+    "entropy": "entropy",
+    "loss": "loss",
+}
+
+
+def trl_arguments(config: Any, run: Any) -> Any:
+    from trl import GRPOConfig, RLOOConfig
+
+    ppo, generation = config.ppo, config.generation
+    per_round = ppo.rollout_batch_size // ppo.minibatch_size  # optimizer steps per pass over a round
+    train = dict(config.train)
+    train.setdefault("gradient_checkpointing", train.pop("activation_checkpointing", False))
+    values = {
+        **train,
+        "output_dir": str(run.path),
+        "max_steps": ppo.steps * per_round * ppo.epochs,
+        "logging_steps": train["logging_steps"] * per_round * ppo.epochs,
+        "per_device_train_batch_size": ppo.minibatch_size,
+        "steps_per_generation": per_round,
+        "num_iterations": ppo.epochs,
+        "num_generations": config.rlhf.num_generations,
+        "max_completion_length": generation.max_new_tokens,
+        "temperature": generation.temperature,
+        "top_p": generation.top_p,
+        "beta": ppo.kl_coef,
+        "epsilon": ppo.clip_range,
+        "max_grad_norm": ppo.max_grad_norm or 0.0,
+        "save_strategy": "no",
+        "disable_dropout": True,
+    }
+    cls = GRPOConfig if config.rlhf.algo == "grpo" else RLOOConfig
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"train: {str(err).splitlines()[0]}") from None
+
+
+class RewardFunction:
+    """The reward model as TRL's reward function: scores prompt + completion with the reward model's
+    own tokenizer, less ppo.missing_eos_penalty for a completion that never ended; keeps the last
+    batch's first few samples for the log."""
+
+    __name__ = "reward_model"
+
+    def __init__(self, reward: Any, prompts: list[Any], penalty: float | None, eos_token_id: int, shown: int) -> None:
+        self.reward, self.prompts, self.penalty, self.eos = reward, prompts, penalty, eos_token_id
+        self.shown, self.samples = shown, []
+
+    def __call__(self, prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
+                 prompt_index: list[int], **kwargs: Any) -> list[float]:
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        items = [self.prompts[i] for i in prompt_index]
+        raw = self.reward.score(items, texts).tolist()
+        self.samples = [{"prompt": p.shown, "response": t, "reward": round(r, 4)}
+                        for p, t, r in list(zip(items, texts, raw))[: self.shown]]
+        if self.penalty is None:
+            return raw
+        return [r - self.penalty * (self.eos not in ids) for r, ids in zip(raw, completion_ids)]
+
+
+def metrics_callback(run: Any, per_step: int, reward_function: RewardFunction) -> Any:
+    from transformers import TrainerCallback
+
+    class TrlMetrics(TrainerCallback):
+        """TRL's logs in metrics.jsonl, with the step counted in generation rounds (as PPO's)."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+            if not logs or not state.is_world_process_zero or "train_runtime" in logs:
+                return
+            record = {"step": state.global_step // per_step, **logs}
+            record.update({ours: logs[theirs] for theirs, ours in RENAMED.items() if theirs in logs})
+            if "completions/clipped_ratio" in logs:
+                record["ended_fraction"] = 1.0 - logs["completions/clipped_ratio"]
+            if "reward" in logs:
+                record["score"] = logs["reward"]  # after the missing-EOS penalty, as PPO's `score`
+            record["samples"] = reward_function.samples
+            run.log(record)
+
+    return TrlMetrics()
+
+
+def train_with_trl(config: Any, policy: Any, tokenizer: Any, reward: Any, prompts: list[Any], run: Any) -> Any:
+    """Train with GRPO or RLOO; returns the trained policy."""
+    from datasets import Dataset
+    from trl import GRPOTrainer, RLOOTrainer
+
+    args = trl_arguments(config, run)
+    if config.rlhf.chat_template:  # conversations: TRL renders them with the same chat template
+        rows = [{"prompt": p.reward_prompt, "prompt_index": i} for i, p in enumerate(prompts)]
+    else:  # raw text to continue, as a plain string
+        rows = [{"prompt": p.policy_text, "prompt_index": i} for i, p in enumerate(prompts)]
+    function = RewardFunction(reward, prompts, config.ppo.missing_eos_penalty, tokenizer.eos_token_id,
+                              config.rlhf.shown_samples)
+    trainer_class = GRPOTrainer if config.rlhf.algo == "grpo" else RLOOTrainer
+    per_step = (config.ppo.rollout_batch_size // config.ppo.minibatch_size) * config.ppo.epochs
+    trainer = trainer_class(model=policy, reward_funcs=[function], args=args, train_dataset=Dataset.from_list(rows),
+                            processing_class=tokenizer, callbacks=[metrics_callback(run, per_step, function)])
+    reward.to(trainer.accelerator.device)
+    trainer.train()
+    tokenizer.padding_side = "left"  # TRL may have changed it; tunekit's sampling pads on the left
+    return trainer.accelerator.unwrap_model(trainer.model)
