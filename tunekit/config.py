@@ -256,7 +256,8 @@ def validate_config(cls: type[Recipe], data: dict[str, Any], source: str) -> Rec
 
 
 def format_validation_error(cls: type[BaseModel], err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
+    # A misspelled key also makes the real one "missing": name the misspelling, it is the cause.
+    first = min(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
     loc = [str(p) for p in first["loc"]]
     key = ".".join(loc) or "(top level)"
     kind = first["type"]

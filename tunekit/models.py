@@ -192,11 +192,12 @@ def merge_run(run_dir: Path, out: Path) -> Path:
     A QLoRA run's base is loaded in full precision for this (merging into 4-bit weights would round
     the update away); the merged model then differs from the quantised one by the quantisation error.
     """
+    auto_class = task_auto_class(run_dir)  # also: is it a run folder at all?
     if not (run_dir / "adapter").is_dir():
         raise UserError(f"{run_dir}: no adapter/ to merge (a full fine-tuning run's model/ is already plain)")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists; choose another --out or remove it")
-    model, tokenizer = load_run_model(run_dir, task_auto_class(run_dir), quantized=False)
+    model, tokenizer = load_run_model(run_dir, auto_class, quantized=False)
     merged = model.merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
