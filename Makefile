@@ -25,8 +25,9 @@ lint:
 clean:
 	rm -rf runs .pytest_cache
 
+# The whole pipeline offline: pretrain -> SFT -> sentiment reward model -> PPO, then a summary table.
 demo:
-	$(BIN)/tunekit classify recipes/classify/minilm-sst2.yaml --overwrite
+	$(MAKE) -f examples/pipeline.mk TUNEKIT=$(BIN)/tunekit RUNS=runs
 
 bench:
 	$(BIN)/python bench/classify.py

@@ -128,3 +128,25 @@ def test_minilm_few_steps_reload_predicts_the_same(tmp_path, cli):
     _, reloaded, _ = load_run(out)
     with torch.no_grad():
         assert torch.allclose(reloaded.eval()(**batch).logits, first, atol=1e-6)
+
+
+def test_non_finite_loss_stops_the_run_with_exit_1(tmp_path, cli, tiny_bert):
+    out = tmp_path / "run"
+    result = cli("classify", recipe(tmp_path, tiny_bert, train_limit=32, max_steps=4, learning_rate="1.0e+30",
+                                    max_grad_norm=0), "-o", out)
+    assert result.code == 1
+    assert "training failed:" in result.err and "became nan at step" in result.err
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "failed" and "became nan" in info["reason"]
+
+
+def test_secrets_never_reach_the_run_folder(tmp_path, cli, tiny_bert, monkeypatch):
+    secret = "hf_SECRETtoken1234567890"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    out = tmp_path / "run"
+    result = cli("classify", recipe(tmp_path, tiny_bert, train_limit=16, max_steps=1), "-o", out,
+                 "--set", f"description=uses {secret}")
+    assert result.code == 0, result.err
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".yaml", ".md", ".jsonl"):
+            assert secret not in path.read_text(), path

@@ -51,3 +51,37 @@ def test_console_script_exit_code_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tunekit", "classify", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "invalid YAML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_recipes_json_show_and_copy(cli, tmp_path):
+    import json
+
+    listed = json.loads(cli("recipes", "--json").last_line)
+    assert {"name": "sft/tiny-gpt-alpaca"}.items() <= next(r for r in listed if r["name"] == "sft/tiny-gpt-alpaca").items()
+    shown = cli("recipes", "show", "sft/tiny-gpt-alpaca")
+    assert shown.code == 0 and shown.out.startswith("# tunekit sft recipes/sft/tiny-gpt-alpaca.yaml")
+    copied = cli("recipes", "cp", "sft/tiny-gpt-alpaca", tmp_path)
+    assert copied.code == 0 and (tmp_path / "tiny-gpt-alpaca.yaml").read_text() == shown.out
+    assert cli("recipes", "cp", "sft/tiny-gpt-alpaca", tmp_path).code == 2  # never overwrites
+
+
+def test_doctor_runs_offline(cli):
+    import json
+
+    report = json.loads(cli("doctor", "--json").last_line)
+    assert report["versions"]["transformers"] and "offline" in report["hub"]
+    assert cli("doctor").code == 0
+
+
+def test_runs_lists_run_folders(cli, tmp_path):
+    import json
+
+    run = tmp_path / "classify-x"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"method": "classify", "status": "done", "base_model": "m", "wall_time_s": 3.5}))
+    (run / "eval.json").write_text(json.dumps({"f1_macro": 0.5, "accuracy": 0.75}))
+    rows = json.loads(cli("runs", tmp_path, "--json").last_line)
+    assert rows == [{"run": str(run), "method": "classify", "base_model": "m", "status": "done",
+                     "metric": "accuracy", "value": 0.75, "wall_time_s": 3.5}]
+    table = cli("runs", tmp_path).out
+    assert "accuracy" in table and "0.75" in table and "done" in table

@@ -332,14 +332,69 @@ def merge(
     typer.echo(str(folder))
 
 
-@app.command()
-def recipes() -> None:
-    """List the recipes that ship with tunekit."""
-    from tunekit.config import read_yaml_mapping, shipped_recipes
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of a table")]
+recipes_app = typer.Typer(help="The recipes that ship with tunekit: list, show, copy.", invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
 
-    for name, path in shipped_recipes().items():
-        description = read_yaml_mapping(path).get("description", "")
-        typer.echo(f"{name:<40} {description}")
+
+@recipes_app.callback()
+def recipes(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List the shipped recipes with their one-line descriptions."""
+    from tunekit.inventory import recipe_rows, table
+
+    if ctx.invoked_subcommand is None:
+        rows = recipe_rows()
+        typer.echo(json.dumps(rows) if as_json else table(rows, ["name", "description"]))
+
+
+@recipes_app.command("show")
+def recipes_show(name: Annotated[str, typer.Argument(help="recipe name, e.g. sft/tiny-gpt-alpaca")]) -> None:
+    """Print a shipped recipe."""
+    from tunekit.config import find_recipe
+
+    typer.echo(find_recipe(name).read_text(encoding="utf-8").rstrip())
+
+
+@recipes_app.command("cp")
+def recipes_cp(
+    name: Annotated[str, typer.Argument(help="recipe name")],
+    dest: Annotated[Path, typer.Argument(help="file (or folder) to copy it to")],
+) -> None:
+    """Copy a shipped recipe to start your own from it (never overwrites a file)."""
+    from tunekit.config import find_recipe
+
+    source = find_recipe(name)
+    target = dest / source.name if dest.is_dir() else dest
+    if target.exists():
+        raise UserError(f"{target}: exists; choose another destination")
+    target.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    typer.echo(str(target))
+
+
+@app.command()
+def runs(
+    folder: Annotated[Path, typer.Argument(help="folder holding run folders")] = Path("runs"), as_json: JsonOpt = False,
+) -> None:
+    """List run folders: method, base model, status, key metric, wall time."""
+    from tunekit.inventory import run_rows, table
+
+    rows = run_rows(folder)
+    typer.echo(json.dumps(rows) if as_json else table(rows, ["run", "method", "status", "metric", "value", "wall_time_s", "base_model"]))
+
+
+@app.command()
+def doctor(as_json: JsonOpt = False) -> None:
+    """Versions, devices, CUDA/bf16 support and whether the Hub is reachable."""
+    from tunekit.inventory import doctor_report
+
+    with contextlib.redirect_stdout(sys.stderr):
+        report = doctor_report()
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    for key, value in report.items():
+        shown = ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else value
+        typer.echo(f"{key:<12} {shown}")
 
 
 def quiet_library_noise() -> None:

@@ -330,6 +330,7 @@ def device_defaults() -> dict[str, Any]:
         "use_cpu": not on_gpu,  # also what makes several CPU processes join one gloo group
         "report_to": "none",
         "seed": 42,
+        "logging_nan_inf_filter": False,  # a NaN loss must reach the health check, not be averaged away
     }
 
 

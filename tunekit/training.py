@@ -69,12 +69,13 @@ class MetricsLog(TrainerCallback):
         record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
         if state.is_world_process_zero:
             self.run.log(record)
-        loss = logs.get("loss")
-        if loss is not None and not math.isfinite(loss):
-            raise TrainingFailure(
-                f"loss became {loss} at step {state.global_step}; lower train.learning_rate or check the data "
-                f"(the last good checkpoint, if any, is kept in {self.run.path})"
-            )
+        for key in ("loss", "grad_norm"):
+            value = logs.get(key)
+            if value is not None and not math.isfinite(value):
+                raise TrainingFailure(
+                    f"{key.replace('_', ' ')} became {value} at step {state.global_step}; lower train.learning_rate "
+                    f"or check the data (the last good checkpoint, if any, is kept in {self.run.path})"
+                )
 
 
 class Watchdog:
