@@ -123,6 +123,24 @@ def inject_fault(point: str, step: int) -> None:
     raise RuntimeError(f"injected failure at step {step} ({wanted})")
 
 
+def once(args: Any, name: str, build: Any) -> list[dict[str, Any]]:
+    """Tokenise once per machine, not once per process: local rank 0 builds the examples and caches
+    them (Arrow, safe to load), the other ranks wait for it and load the cache."""
+    if args.world_size == 1:
+        return build()
+    import hashlib
+    import tempfile
+
+    from datasets import Dataset, load_from_disk
+
+    key = hashlib.sha256(f"{args.output_dir}/{name}".encode()).hexdigest()[:16]
+    cache = Path(tempfile.gettempdir()) / f"tunekit-{key}-{name}"
+    with args.main_process_first(local=True, desc=f"tokenising {name}"):
+        if args.local_process_index == 0:
+            Dataset.from_list(build()).save_to_disk(str(cache))
+    return load_from_disk(str(cache)).to_list()
+
+
 def effective_batch_size(args: Any) -> int:
     return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
 

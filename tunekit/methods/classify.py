@@ -188,13 +188,13 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
 
     from tunekit.models import count_parameters, load_tokenizer
     from tunekit.outputs import RunFolder
-    from tunekit.training import MetricsLog, effective_batch_size, fit, training_arguments
+    from tunekit.training import MetricsLog, effective_batch_size, fit, once, training_arguments
 
     run = RunFolder(run_dir)
     args = training_arguments(config, run)
     run.enabled = args.process_index == 0
     tokenizer = load_tokenizer(config.model)
-    train = tokenize(tokenizer, data.train, config.data.max_length)
+    train = once(args, "train", lambda: tokenize(tokenizer, data.train, config.data.max_length))
     model = load_model(config, data.label_names)
     trainable, total = count_parameters(model)
     run.start(

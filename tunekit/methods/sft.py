@@ -183,15 +183,15 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
 
     from tunekit.models import count_parameters
     from tunekit.outputs import RunFolder
-    from tunekit.training import MetricsLog, effective_batch_size, fit, training_arguments
+    from tunekit.training import MetricsLog, effective_batch_size, fit, once, training_arguments
     from tunekit.upstream import LeanSFTTrainer
 
     run = RunFolder(run_dir)
     args = training_arguments(config, run)
     run.enabled = args.process_index == 0
     model, tokenizer = load_model_and_tokenizer(config)
-    train = Dataset.from_list(tokenize_split(tokenizer, data.train, config))
-    held_out = Dataset.from_list(tokenize_split(tokenizer, data.eval, config)) if data.eval else None
+    train = Dataset.from_list(once(args, "train", lambda: tokenize_split(tokenizer, data.train, config)))
+    held_out = Dataset.from_list(once(args, "eval", lambda: tokenize_split(tokenizer, data.eval, config))) if data.eval else None
     trainable, total = count_parameters(model)
     run.start(
         "sft", to_yaml(config), overwrite, base_model=config.model.name, train_data=config.data.train,
