@@ -201,14 +201,37 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 
 @app.command("eval")
-def eval_(run: RunArg, data: DataOpt) -> None:
-    """Metrics of a finished run on another data file; the last stdout line is a JSON object."""
+def eval_(
+    targets: Annotated[list[str], typer.Argument(help="run folder(s), or any causal LM id/folder with --task")],
+    data: Annotated[str | None, typer.Option("--data", help="data file with the same columns as the run's training data")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", help="an LM task YAML (recipes/eval/), repeatable")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="with --task: write every result as one JSON file")] = None,
+) -> None:
+    """Metrics of finished runs: on another data file (--data), or on LM tasks (--task: perplexity,
+    multiple choice, generation; zero- or few-shot), several models side by side. The last stdout
+    line is a JSON object."""
     from tunekit.outputs import run_method
 
-    method = method_of(run_method(run))
+    if bool(data) == bool(task):
+        raise UserError("give --data FILE (the run's own task) or --task TASK.yaml (LM tasks), not both or neither")
+    if data:
+        if len(targets) != 1:
+            raise UserError("--data evaluates one run at a time")
+        method = method_of(run_method(Path(targets[0])))
+        with contextlib.redirect_stdout(sys.stderr):
+            metrics = method.eval_run(Path(targets[0]), data)
+        typer.echo(json.dumps(metrics))
+        return
+    from tunekit.lmeval import compare, table_of
+
     with contextlib.redirect_stdout(sys.stderr):
-        metrics = method.eval_run(run, data)
-    typer.echo(json.dumps(metrics))
+        results = compare(targets, task)
+    typer.echo(table_of(results), err=True)
+    if out:
+        from tunekit.outputs import write_json
+
+        write_json(out, results)
+    typer.echo(json.dumps(results))
 
 
 @app.command()

@@ -179,13 +179,14 @@ def find_recipe(recipe: str) -> Path:
 
 
 def shipped_recipes() -> dict[str, Path]:
-    """`folder/name` -> path for every YAML under recipes/ (accelerate configs excluded)."""
+    """`folder/name` -> path for every training recipe under recipes/ (accelerate configs and eval
+    tasks, which are not recipes, excluded)."""
     if not RECIPES_DIR.is_dir():
         return {}
     return {
         str(p.relative_to(RECIPES_DIR).with_suffix("")): p
         for p in sorted(RECIPES_DIR.rglob("*.yaml"))
-        if p.parent.name != "accelerate"
+        if p.parent.name not in ("accelerate", "eval")
     }
 
 
@@ -253,6 +254,14 @@ def validate_config(cls: type[Recipe], data: dict[str, Any], source: str) -> Rec
         config.train = {**config.train, "learning_rate": config.peft.learning_rate}
     config._source = source
     return config
+
+
+def validate_section(cls: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+    """Any typed section from YAML (an eval task, ...), with the same one-line errors as recipes."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(cls, err, source)) from None
 
 
 def format_validation_error(cls: type[BaseModel], err: ValidationError, source: str) -> str:
