@@ -202,3 +202,30 @@ def test_few_step_trl_algos_report_the_same_metrics(tmp_path, cli, tiny_gpt, rew
     assert [r["step"] for r in records] == [1, 2]
     assert {"reward", "entropy", "response_length", "clip_fraction", "samples"} <= set(records[0])
     assert (out / "adapter").is_dir() and (out / "reward.png").is_file()
+
+
+def test_ppo_resume_continues_steps_and_kl_controller(tmp_path, cli, tiny_gpt, reward_run):
+    """Killed with SIGKILL after the step-2 checkpoint, resumed: the same steps, KL coefficients
+    and final policy as a run never interrupted."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    recipe = rlhf_recipe(tmp_path, tiny_gpt, reward_run, rlhf={"reward_model": reward_run, "chat_template": "false"},
+                         ppo={"steps": 4, "rollout_batch_size": 8, "minibatch_size": 4, "epochs": 1, "kl_target": 1.0})
+    overrides = ["--set", "train.save_steps=2"]
+    assert cli("rlhf", recipe, "-o", tmp_path / "straight", *overrides).code == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNEKIT_FAULT": "kill-after-save:2"}
+    killed = subprocess.run([sys.executable, "-m", "tunekit", "rlhf", str(recipe), "-o", str(tmp_path / "killed"), *overrides],
+                            cwd=ROOT, env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = cli("rlhf", recipe, "-o", tmp_path / "killed", "--resume", *overrides)
+    assert resumed.code == 0, resumed.err
+    straight, again = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    assert [r["kl_coef"] for r in again] == pytest.approx([r["kl_coef"] for r in straight])
+    assert [r["reward"] for r in again] == pytest.approx([r["reward"] for r in straight])
+    name = "model/model.safetensors"
+    assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()

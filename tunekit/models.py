@@ -186,6 +186,16 @@ def task_auto_class(run_dir: Path) -> Any:
     return transformers.AutoModelForCausalLM
 
 
+def load_finished_run(run_dir: Path, config_class: Any) -> tuple[Any, Any, Any]:
+    """A finished run's resolved config (as `config_class`), trained model and tokenizer."""
+    from tunekit.config import validate_config
+    from tunekit.outputs import read_run_config
+
+    config = validate_config(config_class, read_run_config(run_dir), str(run_dir / "config.yaml"))
+    model, tokenizer = load_run_model(run_dir, task_auto_class(run_dir))
+    return config, model, tokenizer
+
+
 def merge_run(run_dir: Path, out: Path) -> Path:
     """Fold a run's adapter into its base weights and save a plain transformers model.
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import Field
 
-from tunekit.config import Recipe, Section, to_yaml, validate_config
+from tunekit.config import Recipe, Section, to_yaml
 from tunekit.data import Table, pick_column, read_table
 from tunekit.errors import UserError
 
@@ -264,14 +264,9 @@ def predict_logits(model: Any, tokenizer: Any, split: Examples, config: Config) 
 
 def load_run(run_dir: Path) -> tuple[Config, Any, Any]:
     """The run's resolved config, its trained model (full or adapter) and tokenizer."""
-    from transformers import AutoModelForSequenceClassification
+    from tunekit.models import load_finished_run
 
-    from tunekit.models import load_run_model
-    from tunekit.outputs import read_run_config
-
-    config = validate_config(Config, read_run_config(run_dir), str(run_dir / "config.yaml"))
-    model, tokenizer = load_run_model(run_dir, AutoModelForSequenceClassification)
-    return config, model, tokenizer
+    return load_finished_run(run_dir, Config)
 
 
 def eval_run(run_dir: Path, data_file: str) -> dict[str, float]:

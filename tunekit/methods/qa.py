@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from tunekit.config import Recipe, Section, to_yaml, validate_config
+from tunekit.config import Recipe, Section, to_yaml
 from tunekit.data import Table, read_table
 from tunekit.errors import UserError
 
@@ -342,14 +342,9 @@ def best_answers(split: Examples, windows: Windows, starts: list, ends: list, cl
 
 def load_run(run_dir: Path) -> tuple[Config, Any, Any]:
     """The run's resolved config, its trained model (full or adapter) and tokenizer."""
-    from transformers import AutoModelForQuestionAnswering
+    from tunekit.models import load_finished_run
 
-    from tunekit.models import load_run_model
-    from tunekit.outputs import read_run_config
-
-    config = validate_config(Config, read_run_config(run_dir), str(run_dir / "config.yaml"))
-    model, tokenizer = load_run_model(run_dir, AutoModelForQuestionAnswering)
-    return config, model, tokenizer
+    return load_finished_run(run_dir, Config)
 
 
 def eval_run(run_dir: Path, data_file: str) -> dict[str, float]:

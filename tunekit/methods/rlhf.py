@@ -25,7 +25,7 @@ from tunekit.masking import detect_format, prompt_part, to_messages
 
 # TrainingArguments keys that tunekit's PPO reads; the `ppo:` section holds the rest.
 PPO_TRAIN_KEYS = ("learning_rate", "seed", "logging_steps", "weight_decay", "adam_beta1", "adam_beta2",
-                  "adam_epsilon", "bf16", "fp16")
+                  "adam_epsilon", "bf16", "fp16", "save_steps")
 RESERVED = {
     "max_steps": "use ppo.steps (rollout batches)",
     "num_train_epochs": "use ppo.steps (rollout batches)",
@@ -113,7 +113,7 @@ class Config(Recipe):
 
     @classmethod
     def train_defaults(cls) -> dict[str, Any]:
-        return {"learning_rate": 1e-5, "logging_steps": 10}
+        return {"learning_rate": 1e-5, "logging_steps": 10, "save_steps": 25}
 
     @model_validator(mode="after")
     def _groups_fit(self) -> Config:
@@ -209,8 +209,8 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
     from tunekit.outputs import RunFolder
     from tunekit.rl.rollout import RewardModel, evaluate, make_prompts
 
-    if resume:
-        raise UserError("rlhf: --resume is not supported yet; start the run again")
+    if resume and config.rlhf.algo != "ppo":
+        raise UserError(f"rlhf: --resume is supported for algo ppo; {config.rlhf.algo} runs start again")
     from tunekit.launch import is_first_rank
 
     run = RunFolder(run_dir, enabled=is_first_rank())
@@ -227,7 +227,7 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
               reward_model=config.rlhf.reward_model)
     try:
         before = evaluate(policy, policy, tokenizer, reward, held_out, config.generation, config.generation.seed)
-        trained, reference = train_policy(config, policy, tokenizer, reward, train, run)
+        trained, reference = train_policy(config, policy, tokenizer, reward, train, run, resume)
         after = evaluate(trained, reference, tokenizer, reward, held_out, config.generation, config.generation.seed)
     except BaseException as err:
         run.fail(f"{type(err).__name__}: {err}")
@@ -241,8 +241,8 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
     return metrics
 
 
-def train_policy(config: Config, policy: Any, tokenizer: Any, reward: Any, prompts: list[Any], run: Any
-                 ) -> tuple[Any, Any]:
+def train_policy(config: Config, policy: Any, tokenizer: Any, reward: Any, prompts: list[Any], run: Any,
+                 resume: Path | None = None) -> tuple[Any, Any]:
     """Train with the chosen algorithm; (trained policy, its reference for the KL in eval.json)."""
     reference = frozen_reference(config, policy)
     if config.rlhf.algo != "ppo":
@@ -258,7 +258,11 @@ def train_policy(config: Config, policy: Any, tokenizer: Any, reward: Any, promp
     precision = "bf16" if train.get("bf16") else "fp16" if train.get("fp16") else "no"
     trainer = PPOTrainer(policy, tokenizer, reward, prompts, config.ppo, config.generation, optimizer,
                          seed=train.get("seed", 42), logging_steps=train["logging_steps"], log=run.log,
-                         reference=reference, shown_samples=config.rlhf.shown_samples, mixed_precision=precision)
+                         reference=reference, shown_samples=config.rlhf.shown_samples, mixed_precision=precision,
+                         save_steps=train.get("save_steps"), checkpoints=run)
+    if resume:
+        trainer.load_checkpoint(Path(resume))
+        run.forget_after(trainer.step)
     trainer.train()
     return trainer.policy, reference
 

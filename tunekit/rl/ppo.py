@@ -21,9 +21,13 @@ The math is in small pure functions (pinned against hand-computed values in test
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -246,7 +250,8 @@ class PPOTrainer:
 
     def __init__(self, policy: Any, tokenizer: Any, reward: Any, prompts: list[Any], settings: Any, generation: Any,
                  optimizer: dict[str, Any], seed: int = 42, logging_steps: int = 10, log: Any = None,
-                 reference: Any = None, shown_samples: int = 3, mixed_precision: str = "no") -> None:
+                 reference: Any = None, shown_samples: int = 3, mixed_precision: str = "no",
+                 save_steps: int | None = None, checkpoints: Any = None) -> None:
         from accelerate import Accelerator
 
         self.accelerator = Accelerator(mixed_precision=mixed_precision)
@@ -261,6 +266,8 @@ class PPOTrainer:
         self.tokenizer, self.prompts, self.settings, self.generation = tokenizer, prompts, settings, generation
         self.kl = AdaptiveKLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
         self.seed, self.logging_steps, self.log, self.shown = seed, logging_steps, log or (lambda record: None), shown_samples
+        # `checkpoints` is the run folder (RunFolder): checkpoint-N/ go there and are marked complete.
+        self.save_steps, self.checkpoints, self.step = save_steps, checkpoints, 0
 
     @property
     def policy(self) -> Any:
@@ -269,9 +276,12 @@ class PPOTrainer:
     def train(self) -> None:
         batches = prompt_batches(len(self.prompts), self.settings.rollout_batch_size, self.seed,
                                  self.accelerator.process_index, self.accelerator.num_processes)
+        for _ in range(self.step):  # resumed: the prompt batches already trained on
+            next(batches)
         window: list[dict[str, float]] = []
         start = time.time()
-        for step in range(1, self.settings.steps + 1):
+        for step in range(self.step + 1, self.settings.steps + 1):
+            self.step = step
             chunk = [self.prompts[i] for i in next(batches)]
             batch, stats, shown = self.rollout(chunk)
             stats.update(minibatch_epochs(self.model, self.optimizer, self.accelerator, batch, self.settings,
@@ -283,6 +293,46 @@ class PPOTrainer:
                 self.log({"step": step, **record, "kl_coef": self.kl.value, "elapsed_s": round(time.time() - start, 1),
                           "samples": shown})
                 window = []
+            if self.checkpoints is not None and self.save_steps and step % self.save_steps == 0 and step < self.settings.steps:
+                self.save_checkpoint(self.checkpoints.path / f"checkpoint-{step}")
+
+    def save_checkpoint(self, folder: Path) -> None:
+        """Policy and value head (safetensors), optimizer, step, KL coefficient and RNG states,
+        written to a temporary folder and renamed into place, then marked complete."""
+        from safetensors.torch import save_model
+
+        from tunekit.outputs import write_json
+        from tunekit.training import inject_fault
+
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            tmp = folder.with_name(f".{folder.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_model(self.accelerator.unwrap_model(self.model), str(tmp / "model.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "kl_coef": self.kl.value,
+                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "ppo_state.pt")
+            write_json(tmp / "trainer_state.json", {"global_step": self.step})
+            os.replace(tmp, folder)
+            inject_fault("kill-before-mark", self.step)
+            self.checkpoints.mark_checkpoint(folder)
+            for older in folder.parent.glob("checkpoint-*"):  # keep the newest complete one only
+                if older != folder:
+                    shutil.rmtree(older, ignore_errors=True)
+            inject_fault("kill-after-save", self.step)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        """Continue from a checkpoint written by save_checkpoint (tensors and plain values only:
+        loaded with weights_only, so no arbitrary pickle runs)."""
+        from safetensors.torch import load_model
+
+        load_model(self.accelerator.unwrap_model(self.model), str(folder / "model.safetensors"))
+        state = torch.load(folder / "ppo_state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl.value = state["kl_coef"]
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self.step = int(json.loads((folder / "trainer_state.json").read_text())["global_step"])
 
     def rollout(self, prompts: list[Any]) -> tuple[Batch, dict[str, float], list[dict[str, Any]]]:
         """Generate, score, and turn the scores into whitened per-token advantages."""
