@@ -229,3 +229,46 @@ def test_ppo_resume_continues_steps_and_kl_controller(tmp_path, cli, tiny_gpt, r
     assert [r["reward"] for r in again] == pytest.approx([r["reward"] for r in straight])
     name = "model/model.safetensors"
     assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+
+
+def test_ppo_on_two_processes(tmp_path, tiny_gpt, reward_run):
+    """Each rank samples and scores its own prompts; statistics are averaged over both."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    recipe = rlhf_recipe(tmp_path, tiny_gpt, reward_run, rlhf={"reward_model": reward_run, "chat_template": "false"},
+                         ppo={"steps": 2, "rollout_batch_size": 4, "minibatch_size": 2, "epochs": 1})
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tunekit", "rlhf", str(recipe), "--nproc", "2", "-o", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    info = json.loads((out / "run.json").read_text())
+    assert info["num_processes"] == 2 and info["effective_batch_size"] == 8
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert {"reward_before", "reward_after", "kl"} <= set(json.loads((out / "eval.json").read_text()))
+
+
+def test_grpo_resumes_from_a_checkpoint(tmp_path, cli, tiny_gpt, reward_run):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    recipe = rlhf_recipe(tmp_path, tiny_gpt, reward_run, rlhf={"reward_model": reward_run, "algo": "grpo",
+                                                               "num_generations": 2},
+                         ppo={"steps": 3, "rollout_batch_size": 4, "minibatch_size": 4, "epochs": 1})
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNEKIT_FAULT": "kill-after-save:2"}
+    killed = subprocess.run([sys.executable, "-m", "tunekit", "rlhf", str(recipe), "-o", str(out), "--set",
+                             "train.save_steps=2"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = cli("rlhf", recipe, "-o", out, "--resume", "--set", "train.save_steps=2")
+    assert resumed.code == 0, resumed.err
+    assert json.loads((out / "run.json").read_text())["status"] == "done"
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]

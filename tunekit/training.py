@@ -35,12 +35,25 @@ def training_arguments(config: Recipe, run: RunFolder) -> Any:
     return args
 
 
-class MetricsLog(TrainerCallback):
+class CheckpointMarks(TrainerCallback):
+    """Marks each Trainer checkpoint complete (with the config it belongs to) once all of it is written."""
+
+    def __init__(self, run: RunFolder) -> None:
+        self.run = run
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        inject_fault("kill-before-mark", state.global_step)
+        if state.is_world_process_zero:
+            self.run.mark_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        inject_fault("kill-after-save", state.global_step)
+
+
+class MetricsLog(CheckpointMarks):
     """Appends each logging step to metrics.jsonl, stops on a non-finite loss, and marks each
     checkpoint complete (with the config it belongs to) once the Trainer has written all of it."""
 
     def __init__(self, run: RunFolder) -> None:
-        self.run = run
+        super().__init__(run)
         self.watchdog: Watchdog | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -50,12 +63,6 @@ class MetricsLog(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.watchdog:
             self.watchdog.stop()
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        inject_fault("kill-before-mark", state.global_step)
-        if state.is_world_process_zero:
-            self.run.mark_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-        inject_fault("kill-after-save", state.global_step)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.watchdog:

@@ -205,13 +205,10 @@ def frozen_reference(config: Config, policy: Any) -> Any:
 
 
 def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
+    from tunekit.launch import is_first_rank
     from tunekit.models import count_parameters
     from tunekit.outputs import RunFolder
     from tunekit.rl.rollout import RewardModel, evaluate, make_prompts
-
-    if resume and config.rlhf.algo != "ppo":
-        raise UserError(f"rlhf: --resume is supported for algo ppo; {config.rlhf.algo} runs start again")
-    from tunekit.launch import is_first_rank
 
     run = RunFolder(run_dir, enabled=is_first_rank())
     policy, tokenizer = load_policy(config)
@@ -248,7 +245,7 @@ def train_policy(config: Config, policy: Any, tokenizer: Any, reward: Any, promp
     if config.rlhf.algo != "ppo":
         from tunekit.rl.trl_algos import train_with_trl
 
-        return train_with_trl(config, policy, tokenizer, reward, prompts, run), reference
+        return train_with_trl(config, policy, tokenizer, reward, prompts, run, resume), reference
     from tunekit.rl.ppo import PPOTrainer
 
     train = config.train

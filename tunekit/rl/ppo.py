@@ -254,7 +254,14 @@ class PPOTrainer:
                  save_steps: int | None = None, checkpoints: Any = None) -> None:
         from accelerate import Accelerator
 
-        self.accelerator = Accelerator(mixed_precision=mixed_precision)
+        from tunekit.errors import TrainingFailure
+        from tunekit.launch import check_world_size
+
+        # cpu=True without CUDA: what makes several CPU processes join one gloo group
+        self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+        problem = check_world_size(self.accelerator.num_processes)
+        if problem:
+            raise TrainingFailure(problem)
         torch.manual_seed(seed + self.accelerator.process_index)  # each process samples differently
         model = PolicyWithValue(policy)
         # Dropout off (eval mode) throughout: the rollout's log-probs and the update's must agree.

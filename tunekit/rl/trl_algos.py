@@ -41,7 +41,9 @@ def trl_arguments(config: Any, run: Any) -> Any:
         "beta": ppo.kl_coef,
         "epsilon": ppo.clip_range,
         "max_grad_norm": ppo.max_grad_norm or 0.0,
-        "save_strategy": "no",
+        "save_strategy": "steps",  # every train.save_steps rounds, in the trainer's optimizer steps
+        "save_steps": train.get("save_steps", 25) * per_round * ppo.epochs,
+        "save_total_limit": 1,
         "disable_dropout": True,
     }
     cls = GRPOConfig if config.rlhf.algo == "grpo" else RLOOConfig
@@ -95,10 +97,14 @@ def metrics_callback(run: Any, per_step: int, reward_function: RewardFunction) -
     return TrlMetrics()
 
 
-def train_with_trl(config: Any, policy: Any, tokenizer: Any, reward: Any, prompts: list[Any], run: Any) -> Any:
-    """Train with GRPO or RLOO; returns the trained policy."""
+def train_with_trl(config: Any, policy: Any, tokenizer: Any, reward: Any, prompts: list[Any], run: Any,
+                   resume: Any = None) -> Any:
+    """Train with GRPO or RLOO (from a checkpoint, if given); returns the trained policy."""
     from datasets import Dataset
     from trl import GRPOTrainer, RLOOTrainer
+
+    from tunekit.outputs import checkpoint_step
+    from tunekit.training import CheckpointMarks
 
     args = trl_arguments(config, run)
     if config.rlhf.chat_template:  # conversations: TRL renders them with the same chat template
@@ -110,8 +116,11 @@ def train_with_trl(config: Any, policy: Any, tokenizer: Any, reward: Any, prompt
     trainer_class = GRPOTrainer if config.rlhf.algo == "grpo" else RLOOTrainer
     per_step = (config.ppo.rollout_batch_size // config.ppo.minibatch_size) * config.ppo.epochs
     trainer = trainer_class(model=policy, reward_funcs=[function], args=args, train_dataset=Dataset.from_list(rows),
-                            processing_class=tokenizer, callbacks=[metrics_callback(run, per_step, function)])
+                            processing_class=tokenizer,
+                            callbacks=[metrics_callback(run, per_step, function), CheckpointMarks(run)])
     reward.to(trainer.accelerator.device)
-    trainer.train()
+    if resume:
+        run.forget_after(checkpoint_step(resume) // per_step)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     tokenizer.padding_side = "left"  # TRL may have changed it; tunekit's sampling pads on the left
     return trainer.accelerator.unwrap_model(trainer.model)
