@@ -134,7 +134,10 @@ def load_for_training(
 ) -> Any:
     """The recipe's model, quantised if asked, wrapped with its adapter if any. `heads` are the new
     task layers (classifier, qa_outputs, score): kept out of quantisation and trained in full."""
+    from tunekit.upstream import allow_cpu_4bit_shapes
+
     loaded = load_pretrained(auto_class, model, quantization_config(peft, list(heads)), **config_kwargs)
+    allow_cpu_4bit_shapes(loaded)
     present = [h for h in heads if hasattr(loaded, h)]
     return apply_peft(loaded, peft, task_type, modules_to_save=present or None)
 
@@ -163,7 +166,9 @@ def load_run_model(run_dir: Path, auto_class: Any, quantized: bool = True) -> tu
         config = AutoConfig.from_pretrained(folder)  # the base config as trained: labels, quantisation
         if not quantized and hasattr(config, "quantization_config"):
             del config.quantization_config
-        base = auto_class.from_pretrained(base_path, config=config, use_safetensors=True)
+        from tunekit.upstream import allow_cpu_4bit_shapes
+
+        base = allow_cpu_4bit_shapes(auto_class.from_pretrained(base_path, config=config, use_safetensors=True))
         model = PeftModel.from_pretrained(base, folder)
     else:
         raise UserError(f"{run_dir}: no model/ or adapter/ folder; is it a finished tunekit run?")

@@ -83,3 +83,18 @@ class LeanDPOTrainer(DPOTrainer):
                            ("logps/rejected", logps.chunk(2)[1])):
             self._metrics[mode][key].append(gather(value.detach()).mean().item())
         return loss
+
+
+def allow_cpu_4bit_shapes(model: Any) -> Any:
+    """bitsandbytes 0.50.2 repacks 4-bit weights for a faster CPU kernel on the first forward pass
+    without gradients (evaluation); the repacking needs out_features to be a multiple of 32 and
+    in_features a multiple of the quantisation block (64), so a layer of another width (e.g. an MLP of
+    688) would crash evaluation. Such layers keep the generic path."""
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        block = getattr(state, "blocksize", 64) or 64
+        if module.out_features % 32 or module.in_features % block:
+            module.support_avx512bf16_for_cpu = False
+    return model
