@@ -120,3 +120,34 @@ train:
 def test_quantize_without_adapter_is_refused(tmp_path, tiny_bert, cli):
     result = cli("classify", classify_recipe(tmp_path, tiny_bert, peft="none"), "--set", "peft.quantize=4bit", "--dry-run")
     assert result.code == 2 and "peft.quantize needs an adapter" in result.err
+
+
+def test_qlora_evaluates_layers_of_any_width(tmp_path, tiny_gpt, cli):
+    """bitsandbytes' CPU fast path for 4-bit evaluation needs widths in multiples of 32/64; an MLP of
+    96 (in_features of down_proj) must still evaluate."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_gpt)
+    config.intermediate_size = 96
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "odd")
+    AutoTokenizer.from_pretrained(tiny_gpt).save_pretrained(tmp_path / "odd")
+    recipe = write(tmp_path / "s.yaml", f"""\
+method: sft
+model:
+  name: {tmp_path / "odd"}
+data:
+  train: {SHARED}/alpaca/alpaca_data_1k.json
+  train_limit: 16
+  eval_size: 4
+peft:
+  method: lora
+  quantize: 4bit
+train:
+  max_steps: 1
+  per_device_train_batch_size: 4
+  save_strategy: "no"
+""")
+    result = cli("sft", recipe, "-o", tmp_path / "run")
+    assert result.code == 0, result.err
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["loss"] > 0
