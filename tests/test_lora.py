@@ -151,3 +151,23 @@ train:
     result = cli("sft", recipe, "-o", tmp_path / "run")
     assert result.code == 0, result.err
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["loss"] > 0
+
+
+def test_4bit_training_forward_is_unchanged_by_an_evaluation(tiny_gpt):
+    """bitsandbytes' CPU fast path repacks 4-bit weights in place during evaluation; training after
+    it (SFT evaluates before training) must compute with the same weights as before."""
+    from transformers import AutoModelForCausalLM
+
+    from tunekit.config import ModelSection, PeftSection
+    from tunekit.models import load_for_training
+
+    model = load_for_training(AutoModelForCausalLM, ModelSection(name=str(tiny_gpt)),
+                              PeftSection(method="lora", quantize="4bit"), "CAUSAL_LM")
+    ids = torch.randint(5, 500, (2, 12))
+    model.train()
+    before = model(input_ids=ids).logits.detach()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    assert torch.equal(model(input_ids=ids).logits.detach(), before)

@@ -86,15 +86,15 @@ class LeanDPOTrainer(DPOTrainer):
 
 
 def allow_cpu_4bit_shapes(model: Any) -> Any:
-    """bitsandbytes 0.50.2 repacks 4-bit weights for a faster CPU kernel on the first forward pass
-    without gradients (evaluation); the repacking needs out_features to be a multiple of 32 and
-    in_features a multiple of the quantisation block (64), so a layer of another width (e.g. an MLP of
-    688) would crash evaluation. Such layers keep the generic path."""
+    """Keep bitsandbytes 0.50.2's 4-bit layers on their generic CPU path.
+
+    On a CPU with AVX512-BF16, the first forward pass without gradients (an evaluation) repacks each
+    4-bit weight in place for a faster kernel. Two things then go wrong: the repacking asserts that
+    out_features is a multiple of 32 and in_features of the quantisation block (a 688-wide MLP
+    crashes), and layers repacked once stay repacked, so training after an evaluation (SFT's
+    before-training loss) computes with the repacked weights: measured here, the logits in train
+    mode moved by 0.02 and QLoRA's loss rose instead of falling. The generic path is exact."""
     for module in model.modules():
-        if not hasattr(module, "support_avx512bf16_for_cpu"):
-            continue
-        state = getattr(module.weight, "quant_state", None)
-        block = getattr(state, "blocksize", 64) or 64
-        if module.out_features % 32 or module.in_features % block:
+        if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model
