@@ -145,7 +145,9 @@ def main() -> None:
     from tunekit.config import load_config
     from tunekit.methods import rlhf
 
-    steps = [f"ppo.steps={options.steps}"] + [f"rlhf.reward_model={options.reward}"] * bool(options.reward)
+    # no checkpoints (TRL runs with save_strategy "no"): training time only
+    steps = [f"ppo.steps={options.steps}", "train.save_steps=1000000"]
+    steps += [f"rlhf.reward_model={options.reward}"] * bool(options.reward)
     config = load_config(rlhf.Config, str(RECIPE), steps)
     data = rlhf.check(config)
     settings = {**config.ppo.model_dump(), **config.generation.model_dump(), "learning_rate": config.train["learning_rate"]}

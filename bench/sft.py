@@ -7,10 +7,10 @@ one epoch, AdamW, fp32 weights, for packing off and on:
   (t) tunekit sft (methods/sft.py run()),
   (d) TRL SFTTrainer with its defaults (SFTConfig(): bf16 and gradient checkpointing on, as TRL ships;
       use_cpu=True on a CPU, without which the bf16 default refuses to start),
-  (p) a plain PyTorch loop: forward, backward, AdamW step, on the same batches (padded per batch, or
-      packed best-fit-decreasing with position ids, as TRL packs them).
+  (p) a plain PyTorch loop: forward, backward, AdamW step, on tunekit's batches (padded per batch, or
+      packed best-fit-decreasing into rows that keep their own position ids: sft.PackedRows).
 Tokens/s = real tokens in the epoch / training time. Prints t/d and t/p for each packing mode.
-With no --model, a 12.6M-parameter Llama-style model (6 layers, 384 wide, 8k vocab) is built.
+With no --model, a 13.8M-parameter Llama-style model (6 layers, 384 wide, 8k vocab) is built.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
-from trl.data_utils import pack_dataset  # noqa: E402
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling  # noqa: E402
 
 from tunekit.chat import train_tokenizer  # noqa: E402
@@ -103,9 +102,10 @@ def run_plain(base: Path, items: list[dict], packing: bool) -> float:
     model = AutoModelForCausalLM.from_pretrained(base).train()
     pad = AutoTokenizer.from_pretrained(base).pad_token_id
     data = Dataset.from_list(items)
-    if packing:
-        data = pack_dataset(data.shuffle(seed=0), MAX_LEN, "bfd")
-    collate = DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=packing)
+    if packing:  # tunekit's batches: bfd rows, each a [row, length] slice with its own position ids
+        data, collate = sft.packed(data, MAX_LEN), sft.PackedRows(pad)
+    else:
+        collate = DataCollatorForLanguageModeling(pad_token_id=pad)
     loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)

@@ -48,13 +48,20 @@ def test_user_values_win_over_method_and_device_defaults(tmp_path):
     assert "activation_checkpointing" not in load(tmp_path, overrides=["train.gradient_checkpointing=true"]).train
 
 
-def test_cpu_defaults_switch_off_bf16():
+def test_precision_follows_the_device_and_trained_weights_stay_float32():
     import torch
 
-    from tunekit.config import device_defaults
+    from tunekit.config import ModelSection, device_defaults
+    from tunekit.models import torch_dtype
 
-    if not torch.cuda.is_available():
-        assert device_defaults()["bf16"] is False
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    defaults = device_defaults()
+    assert defaults["bf16"] is gpu_bf16 and defaults["use_cpu"] is not torch.cuda.is_available()
+    assert device_defaults(on_gpu=False)["bf16"] is False and device_defaults(on_gpu=False)["use_cpu"] is True
+    auto = ModelSection(name="m")
+    assert torch_dtype(auto) == torch.float32  # weights that train: float32 master weights everywhere
+    assert torch_dtype(auto, frozen=True) == (torch.bfloat16 if gpu_bf16 else torch.float32)  # adapter base
+    assert torch_dtype(ModelSection(name="m", dtype="float16")) == torch.float16  # the recipe's choice wins
 
 
 @pytest.mark.parametrize(

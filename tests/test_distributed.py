@@ -97,6 +97,17 @@ def test_a_failed_or_hung_rank_ends_the_run(tmp_path, tiny_bert, fault):
     assert "Traceback" in result.stderr or "failed" in result.stderr.lower()
 
 
+def test_ctrl_c_on_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_path, tiny_bert):
+    """The ranks agree on the step to stop at, so the checkpoint is complete and the exit code is 130."""
+    recipe = classify_recipe(tmp_path, tiny_bert)
+    out = tmp_path / "run"
+    result = tunekit("classify", recipe, "--nproc", 2, "-o", out, fault="interrupt-rank-1:3", timeout=300)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert (out / "checkpoint-3" / "tunekit-checkpoint.json").is_file()
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert "continue with --resume" in result.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=[p.stem for p in ACCELERATE_CONFIGS])
 def test_accelerate_configs_are_accepted_by_dry_run(config, cli):
     assert config.read_text().startswith("# tunekit ")

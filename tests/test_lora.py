@@ -47,7 +47,7 @@ def test_lora_changes_only_adapter_and_head(tmp_path, tiny_bert, monkeypatch, cl
     out = tmp_path / "run"
     result = cli("lora", classify_recipe(tmp_path, tiny_bert), "-o", out)
     assert result.code == 0, result.err
-    changed = {n for n, p in created["model"].named_parameters() if not torch.equal(p, created["before"][n])}
+    changed = {n for n, p in created["model"].named_parameters() if not torch.equal(p.cpu(), created["before"][n].cpu())}
     assert changed, "nothing trained"
     assert all("lora_" in n or "modules_to_save" in n for n in changed), sorted(changed)
     assert any("lora_" in n for n in changed) and any("classifier" in n for n in changed)
@@ -73,7 +73,8 @@ def test_merge_gives_the_adapter_run_logits(tmp_path, tiny_bert, cli):
     with torch.no_grad():
         expected = adapter_model.eval()(**batch).logits
         got = plain(**batch).logits
-    assert torch.allclose(expected, got, atol=1e-4), (expected, got)
+    exact = got.dtype == torch.float32  # on a GPU the frozen base, and so the merged model, is bf16
+    assert torch.allclose(expected, got, atol=1e-4 if exact else 2e-3, rtol=0 if exact else 1e-2), (expected, got)
     again = cli("eval", out, "--data", write(tmp_path / "d.tsv", "sentence\tlabel\ngood\t1\nbad\t0\n"))
     assert again.code == 0 and "accuracy" in json.loads(again.last_line)
     assert cli("merge", out).code == 2  # the output folder exists now

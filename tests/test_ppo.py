@@ -204,9 +204,11 @@ def test_few_step_trl_algos_report_the_same_metrics(tmp_path, cli, tiny_gpt, rew
     assert (out / "adapter").is_dir() and (out / "reward.png").is_file()
 
 
-def test_ppo_resume_continues_steps_and_kl_controller(tmp_path, cli, tiny_gpt, reward_run):
-    """Killed with SIGKILL after the step-2 checkpoint, resumed: the same steps, KL coefficients
-    and final policy as a run never interrupted."""
+@pytest.mark.parametrize(("fault", "code"), [("kill-after-save:2", -9), ("interrupt-rank-0:3", 130)])
+def test_ppo_resume_continues_steps_and_kl_controller(tmp_path, cli, tiny_gpt, reward_run, fault, code):
+    """Killed with SIGKILL after the step-2 checkpoint, or stopped with Ctrl-C in step 3 (which
+    saves checkpoint-3), resumed: the same steps, KL coefficients and final policy as a run never
+    interrupted."""
     import os
     import subprocess
     import sys
@@ -215,12 +217,15 @@ def test_ppo_resume_continues_steps_and_kl_controller(tmp_path, cli, tiny_gpt, r
 
     recipe = rlhf_recipe(tmp_path, tiny_gpt, reward_run, rlhf={"reward_model": reward_run, "chat_template": "false"},
                          ppo={"steps": 4, "rollout_batch_size": 8, "minibatch_size": 4, "epochs": 1, "kl_target": 1.0})
-    overrides = ["--set", "train.save_steps=2"]
+    overrides = ["--set", "train.save_steps=2", "--set", "train.use_cpu=true"]  # bit-equal: a CPU property
     assert cli("rlhf", recipe, "-o", tmp_path / "straight", *overrides).code == 0
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNEKIT_FAULT": "kill-after-save:2"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNEKIT_FAULT": fault}
     killed = subprocess.run([sys.executable, "-m", "tunekit", "rlhf", str(recipe), "-o", str(tmp_path / "killed"), *overrides],
                             cwd=ROOT, env=env, capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert killed.returncode == code, killed.stderr[-2000:]
+    if code == 130:
+        assert (tmp_path / "killed" / "checkpoint-3" / "tunekit-checkpoint.json").is_file()
+        assert json.loads((tmp_path / "killed" / "run.json").read_text())["status"] == "interrupted"
     resumed = cli("rlhf", recipe, "-o", tmp_path / "killed", "--resume", *overrides)
     assert resumed.code == 0, resumed.err
     straight, again = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")

@@ -1,5 +1,5 @@
-"""Crash safety: a run killed with SIGKILL after a checkpoint resumes to the same result as an
-uninterrupted one; a checkpoint cut short is never picked up; a changed config is refused."""
+"""Crash safety: a run killed with SIGKILL after a checkpoint, or stopped with Ctrl-C (which saves
+one first), resumes to the same result as an uninterrupted one; a checkpoint cut short is never picked up; a changed config is refused."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ train:
   learning_rate: 1.0e-3
   logging_steps: 1
   save_steps: 4
+  use_cpu: true  # bit-equal resumes: a CPU property
   save_total_limit: 2
 """)
 
@@ -49,6 +50,7 @@ train:
   learning_rate: 3.0e-3
   logging_steps: 1
   save_steps: 4
+  use_cpu: true  # bit-equal resumes: a CPU property
 """)
 
 
@@ -68,14 +70,22 @@ def weights(run_dir):
     return (run_dir / "model" / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("method", ["classify", "sft"])
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_bert, tiny_gpt, method, cli):
+@pytest.mark.parametrize(("method", "fault", "code", "status"), [
+    ("classify", "kill-after-save:4", -9, "running"),  # SIGKILL after the step-4 checkpoint
+    ("sft", "kill-after-save:4", -9, "running"),
+    ("sft", "interrupt-rank-0:5", 130, "interrupted"),  # Ctrl-C during step 5 (no checkpoint due there)
+])
+def test_stopped_then_resumed_equals_uninterrupted(tmp_path, tiny_bert, tiny_gpt, method, fault, code, status, cli):
     recipe = classify_recipe(tmp_path, tiny_bert) if method == "classify" else sft_recipe(tmp_path, tiny_gpt)
     assert cli(method, recipe, "-o", tmp_path / "straight").code == 0
-    killed = tunekit(method, recipe, "-o", tmp_path / "killed", fault="kill-after-save:4", check=False)
-    assert killed.returncode == -9
-    assert json.loads((tmp_path / "killed" / "run.json").read_text())["status"] == "running"
+    killed = tunekit(method, recipe, "-o", tmp_path / "killed", fault=fault, check=False)
+    assert killed.returncode == code, killed.stderr[-2000:]
+    assert json.loads((tmp_path / "killed" / "run.json").read_text())["status"] == status
     assert not (tmp_path / "killed" / "model").exists()
+    if code == 130:
+        assert (tmp_path / "killed" / "checkpoint-5" / "tunekit-checkpoint.json").is_file()
+        assert killed.stderr.strip().splitlines()[-1] == (
+            f"tunekit: interrupted; checkpoint-5 saved in {tmp_path / 'killed'}; continue with --resume")
     resumed = cli(method, recipe, "-o", tmp_path / "killed", "--resume")
     assert resumed.code == 0, resumed.err
     assert weights(tmp_path / "killed") == weights(tmp_path / "straight")

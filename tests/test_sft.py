@@ -118,22 +118,27 @@ def test_preview_marks_trained_tokens_and_fails_when_none(tmp_path, cli, tiny_gp
     assert short.code == 2 and "no token carries loss" in short.err
 
 
-def test_packed_sequences_do_not_see_each_other(tiny_gpt):
-    """Padding-free packing (TRL's bfd) is exact only if attention stays inside each sequence."""
+def test_packed_rows_do_not_see_each_other(tiny_gpt):
+    """Packing is exact only if attention stays inside each sequence: two rows of two sequences
+    each (one row padded) give the logits of the four sequences run alone."""
     import torch
     from transformers import AutoModelForCausalLM
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from tunekit.methods.sft import PackedRows
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt).eval()
-    a, b = list(range(5, 17)), list(range(40, 47))
-    collate = DataCollatorForLanguageModeling(pad_token_id=1, padding_free=True)
-    packed = collate([{"input_ids": a}, {"input_ids": b}])
+    a, b, c, d = list(range(5, 17)), list(range(40, 47)), list(range(60, 65)), list(range(80, 90))
+    rows = [{"input_ids": a + b, "labels": a + b, "seq_lengths": [len(a), len(b)]},
+            {"input_ids": c + d, "labels": c + d, "seq_lengths": [len(c), len(d)]}]
+    batch = PackedRows(pad_token_id=1)(rows)
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (2, len(a) + len(b))
+    assert batch["position_ids"][1].tolist() == [*range(len(c)), *range(len(d)), *range(4)]  # padding: its own
+    assert batch["labels"][0, len(a)] == -100 and batch["labels"][1, len(c) + len(d):].eq(-100).all()
     with torch.no_grad():
-        joint = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
-        alone_a = model(input_ids=torch.tensor([a])).logits
-        alone_b = model(input_ids=torch.tensor([b])).logits
-    assert torch.allclose(joint[0, : len(a)], alone_a[0], atol=1e-5)
-    assert torch.allclose(joint[0, len(a):], alone_b[0], atol=1e-5)
+        joint = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        for row, start, seq in ((0, 0, a), (0, len(a), b), (1, 0, c), (1, len(c), d)):
+            alone = model(input_ids=torch.tensor([seq])).logits[0]
+            assert torch.allclose(joint[row, start : start + len(seq)], alone, atol=1e-5)
 
 
 @pytest.mark.parametrize("packing", [False, True])

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tunekit.errors import TrainingFailure, UserError
+from tunekit.errors import Interrupted, TrainingFailure, UserError
 
 app = typer.Typer(
     name="tunekit",
@@ -50,7 +50,7 @@ def train_command(
     from tunekit.config import load_config, to_yaml
     from tunekit.launch import check_accelerate_config, is_first_rank, is_worker, relaunch
     from tunekit.models import check_model_reference
-    from tunekit.outputs import check_run_dir, default_run_dir, find_checkpoint
+    from tunekit.outputs import check_run_dir, default_run_dir, find_checkpoint, run_status
 
     overrides = list(overrides or [])
     if peft_default:  # `tunekit lora`: the adapter is on unless the user chose another method
@@ -72,14 +72,26 @@ def train_command(
         args = [command, config.source, *[a for o in overrides for a in ("--set", o)], "--output-dir", str(run_dir)]
         args += ["--overwrite"] * overwrite + (["--resume", str(checkpoint)] if checkpoint else [])
         code = relaunch(nproc, accelerate_config, args)
+        if code != 0 and run_status(run_dir) == "interrupted":
+            raise Interrupted(f"the latest checkpoint in {run_dir} is complete; continue with --resume")
         if code != 0:
             raise TrainingFailure(f"a process of the {nproc or 'configured'}-process run failed (exit code {code}); see above")
         return
-    # Libraries print progress and log lines on stdout; keep stdout for the result alone.
-    with contextlib.redirect_stdout(sys.stderr):
+    with library_output_to_stderr():
         method.run(config, data, run_dir, overwrite=overwrite and not checkpoint, resume=checkpoint)
     if is_first_rank():
         typer.echo(str(run_dir))
+
+
+@contextlib.contextmanager
+def library_output_to_stderr() -> Any:
+    """For commands that load models: the libraries' own progress bars off (tunekit shows one
+    display of its own), and what they print goes to stderr, so stdout holds the result alone."""
+    from tunekit.progress import hide_library_bars
+
+    hide_library_bars()
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 METHODS = ("classify", "qa", "pretrain", "sft", "reward", "dpo", "rlhf")
@@ -218,13 +230,13 @@ def eval_(
         if len(targets) != 1:
             raise UserError("--data evaluates one run at a time")
         method = method_of(run_method(Path(targets[0])))
-        with contextlib.redirect_stdout(sys.stderr):
+        with library_output_to_stderr():
             metrics = method.eval_run(Path(targets[0]), data)
         typer.echo(json.dumps(metrics))
         return
     from tunekit.lmeval import compare, table_of
 
-    with contextlib.redirect_stdout(sys.stderr):
+    with library_output_to_stderr():
         results = compare(targets, task)
     typer.echo(table_of(results), err=True)
     if out:
@@ -243,7 +255,7 @@ def predict(
     from tunekit.outputs import run_method, write_atomic
 
     method = method_of(run_method(run))
-    with contextlib.redirect_stdout(sys.stderr):
+    with library_output_to_stderr():
         rows = method.predict_run(run, data)
     if isinstance(rows, dict):  # QA: one {id: answer} object, the official SQuAD evaluation format
         out = out or run / "predictions.json"
@@ -289,7 +301,7 @@ def generate(
 
     if not prompt and not data and not heldout:
         raise UserError("give --prompt TEXT, --data FILE or --heldout N")
-    with contextlib.redirect_stdout(sys.stderr):
+    with library_output_to_stderr():
         if heldout:
             conversations = heldout_prompts(Path(run), heldout)
         elif data:
@@ -320,7 +332,7 @@ def chat(
     from tunekit.generation import generate as sample
     from tunekit.generation import load_chat_model, settings_with
 
-    with contextlib.redirect_stdout(sys.stderr):
+    with library_output_to_stderr():
         model, tokenizer, settings = load_chat_model(run)
     history = [{"role": "system", "content": system}] if system else []
     start = list(history)
@@ -350,7 +362,7 @@ def merge(
     """Fold a run's LoRA adapter into its base model; saves a plain transformers model."""
     from tunekit.models import merge_run
 
-    with contextlib.redirect_stdout(sys.stderr):
+    with library_output_to_stderr():
         folder = merge_run(run, out or run / "merged")
     typer.echo(str(folder))
 
@@ -410,7 +422,7 @@ def doctor(as_json: JsonOpt = False) -> None:
     """Versions, devices, CUDA/bf16 support and whether the Hub is reachable."""
     from tunekit.inventory import doctor_report
 
-    with contextlib.redirect_stdout(sys.stderr):
+    with library_output_to_stderr():
         report = doctor_report()
     if as_json:
         typer.echo(json.dumps(report))
@@ -454,6 +466,9 @@ def main(argv: list[str] | None = None) -> Any:
     except TrainingFailure as err:
         typer.echo(f"tunekit: training failed: {err}", err=True)
         raise SystemExit(1) from None
+    except Interrupted as err:
+        typer.echo(f"tunekit: interrupted; {err}", err=True)
+        raise SystemExit(130) from None
     except KeyboardInterrupt:
         typer.echo("tunekit: interrupted", err=True)
         raise SystemExit(130) from None

@@ -75,7 +75,8 @@ class ModelSection(Section):
     chat_template: str | None = Field(
         None, description="`tunekit` for tunekit's template, or a Jinja template; default: the tokenizer's own")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="weights dtype; auto = float32 on CPU, bfloat16 on GPUs that support it")
+        "auto", description="weights dtype; auto = float32 for trained weights, bfloat16 for an adapter's frozen "
+        "base on GPUs that support it")
     trust_remote_code: bool = Field(False, description="run code shipped with the model (off: it is code from the Hub)")
     revision: str | None = Field(None, description="branch, tag or commit of a Hub model")
 
@@ -315,21 +316,22 @@ def resolve_train(cls: type[Recipe], train: dict[str, Any], source: str) -> dict
             raise UserError(f"{source}: train.{key}: must be greater than 0, got {value!r}")
     if train.get("num_train_epochs", 1) <= 0 and train.get("max_steps", -1) <= 0:
         raise UserError(f"{source}: train.num_train_epochs: must be greater than 0 (or set train.max_steps)")
-    defaults = {**device_defaults(), **cls.train_defaults()}
+    defaults = {**device_defaults(on_gpu=not train.get("use_cpu")), **cls.train_defaults()}
     if "gradient_checkpointing" in train:  # the old name of the same switch: the user's choice wins
         defaults.pop("activation_checkpointing")
     return {**defaults, **train}
 
 
-def device_defaults() -> dict[str, Any]:
-    """Precision and memory settings that suit the device this process runs on.
+def device_defaults(on_gpu: bool = True) -> dict[str, Any]:
+    """Precision and memory settings that suit the device this process runs on (the CPU when
+    there is no GPU or `on_gpu` is False, as with train.use_cpu).
 
     A CPU without fast bf16 runs 5-8x slower with bf16 autocast and gradient checkpointing (the TRL
     defaults), so on CPU both are off; on a GPU with bf16, mixed precision is on.
     """
     import torch
 
-    on_gpu = torch.cuda.is_available()
+    on_gpu = on_gpu and torch.cuda.is_available()
     bf16 = on_gpu and torch.cuda.is_bf16_supported()
     return {
         "bf16": bf16,

@@ -1,7 +1,5 @@
-"""The one exception type that means "the user gave us something we cannot use".
-
-The CLI turns it into a single line on stderr and exit code 2; everything else is a bug or a
-training failure (exit code 1).
+"""The exceptions the CLI turns into one line and an exit code: bad input (2), a training
+failure (1), a run stopped by Ctrl-C after its checkpoint was saved (130). Anything else is a bug.
 """
 
 
@@ -11,3 +9,7 @@ class UserError(Exception):
 
 class TrainingFailure(RuntimeError):
     """Training went wrong in a way the user must hear about: one line, exit code 1."""
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C (or SIGTERM) after saving a checkpoint; the message says where."""

@@ -50,7 +50,12 @@ def relaunch(nproc: int | None, accelerate_config: str | None, tunekit_args: lis
     if nproc:
         env[EXPECTED] = str(nproc)
     print(f"tunekit: launching {nproc or 'configured'} processes with accelerate", file=sys.stderr, flush=True)
-    return subprocess.run(launch_command(nproc, accelerate_config, tunekit_args), env=env).returncode
+    process = subprocess.Popen(launch_command(nproc, accelerate_config, tunekit_args), env=env)
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:  # the workers got the Ctrl-C too: let them save a checkpoint and stop
+            print("tunekit: waiting for the workers to save a checkpoint and stop", file=sys.stderr, flush=True)
 
 
 def check_world_size(world_size: int) -> str | None:

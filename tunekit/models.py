@@ -36,11 +36,14 @@ def check_model_reference(section: ModelSection) -> None:
         raise UserError(f"model.name: {section.name}: no model there (expected a folder with config.json)")
 
 
-def torch_dtype(section: ModelSection) -> Any:
+def torch_dtype(section: ModelSection, frozen: bool = False) -> Any:
+    """model.dtype; `auto` is float32 for weights that train (bf16 mixed precision still computes
+    in bf16, and an optimizer step on bf16 weights drops small updates), and bfloat16 for the frozen
+    base under an adapter on a GPU that supports it."""
     import torch
 
     if section.dtype == "auto":
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        bf16 = frozen and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16 else torch.float32
     return getattr(torch, section.dtype)
 
@@ -66,7 +69,8 @@ def load_tokenizer(section: ModelSection) -> Any:
         raise UserError(f"model.tokenizer: cannot load a tokenizer from {name!r}: {str(err).splitlines()[0]}") from None
 
 
-def load_pretrained(auto_class: Any, section: ModelSection, quantization: Any = None, **config_kwargs: Any) -> Any:
+def load_pretrained(auto_class: Any, section: ModelSection, quantization: Any = None, frozen: bool = False,
+                    **config_kwargs: Any) -> Any:
     """The model of a recipe: pretrained weights (quantised for QLoRA), or random init from
     `model.config` (layered over the named model's config when both are given)."""
     from transformers import AutoConfig
@@ -77,7 +81,7 @@ def load_pretrained(auto_class: Any, section: ModelSection, quantization: Any = 
     try:
         if section.config is None:
             extra = {"quantization_config": quantization} if quantization is not None else {}
-            return auto_class.from_pretrained(name, dtype=torch_dtype(section), **load_kwargs(section), **extra, **config_kwargs)
+            return auto_class.from_pretrained(name, dtype=torch_dtype(section, frozen), **load_kwargs(section), **extra, **config_kwargs)
         fields = dict(section.config)
         if name:
             config = AutoConfig.from_pretrained(name, trust_remote_code=section.trust_remote_code, revision=section.revision)
@@ -85,7 +89,7 @@ def load_pretrained(auto_class: Any, section: ModelSection, quantization: Any = 
                 setattr(config, key, value)
         else:
             config = AutoConfig.for_model(fields.pop("model_type"), **fields, **config_kwargs)
-        return auto_class.from_config(config, dtype=torch_dtype(section), trust_remote_code=section.trust_remote_code)
+        return auto_class.from_config(config, dtype=torch_dtype(section, frozen), trust_remote_code=section.trust_remote_code)
     except OSError as err:
         raise UserError(f"model.name: cannot load {name!r}: {str(err).splitlines()[0]}") from None
     except (ValueError, TypeError, KeyError) as err:
@@ -136,7 +140,8 @@ def load_for_training(
     task layers (classifier, qa_outputs, score): kept out of quantisation and trained in full."""
     from tunekit.upstream import allow_cpu_4bit_shapes
 
-    loaded = load_pretrained(auto_class, model, quantization_config(peft, list(heads)), **config_kwargs)
+    frozen = peft.method != "none"
+    loaded = load_pretrained(auto_class, model, quantization_config(peft, list(heads)), frozen, **config_kwargs)
     allow_cpu_4bit_shapes(loaded)
     present = [h for h in heads if hasattr(loaded, h)]
     return apply_peft(loaded, peft, task_type, modules_to_save=present or None)

@@ -89,7 +89,8 @@ class RunFolder:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path / "config.yaml", scrub_secrets(config_yaml))
-        self.info = {"method": method, "status": "running", "command": scrub_secrets(command_line()), **info}
+        self.info = {"method": method, "status": "running", "command": scrub_secrets(command_line()),
+                     "device": device_name(), **info}
         self._write_info()
         print(banner(self.info, self.path), file=sys.stderr, flush=True)
 
@@ -156,9 +157,22 @@ class RunFolder:
         if self.enabled and self.path.is_dir():
             self.update(status="failed", reason=reason, wall_time_s=round(time.time() - self.started, 1))
 
+    def interrupt(self, reason: str) -> None:
+        if self.enabled and self.path.is_dir():
+            self.update(status="interrupted", reason=reason, wall_time_s=round(time.time() - self.started, 1))
+
     def _write_info(self) -> None:
         if self.enabled:
             write_json(self.path / "run.json", self.info)
+
+
+def device_name() -> str:
+    """What this process trains on, for the banner and run.json."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return f"CPU ({torch.get_num_threads()} threads)"
 
 
 def banner(info: dict[str, Any], path: Path) -> str:
@@ -169,7 +183,8 @@ def banner(info: dict[str, Any], path: Path) -> str:
         f"tunekit {info['method']}: {info.get('base_model')} -> {path}\n"
         f"  parameters {trainable:,} trainable / {total:,}{share}; "
         f"data {info.get('train_rows')} train / {info.get('eval_rows')} eval; "
-        f"effective batch {info.get('effective_batch_size')} on {info.get('num_processes', 1)} process(es)"
+        f"effective batch {info.get('effective_batch_size')} on {info.get('num_processes', 1)} process(es), "
+        f"{info.get('device')}"
     )
 
 
@@ -245,6 +260,12 @@ def run_method(run_dir: Path) -> str:
     if not path.is_file():
         raise UserError(f"{run_dir}: not a tunekit run folder (no run.json)")
     return read_json(path)["method"]
+
+
+def run_status(run_dir: Path) -> str | None:
+    """running / done / failed / interrupted, or None where there is no run.json."""
+    path = Path(run_dir) / "run.json"
+    return read_json(path).get("status") if path.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------

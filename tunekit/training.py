@@ -14,7 +14,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from tunekit.config import Recipe
-from tunekit.errors import TrainingFailure, UserError
+from tunekit.errors import Interrupted, TrainingFailure, UserError
 from tunekit.outputs import RunFolder
 
 
@@ -125,6 +125,9 @@ def inject_fault(point: str, step: int) -> None:
         return
     if point.startswith("kill"):
         os.kill(os.getpid(), signal.SIGKILL)
+    if point.startswith("interrupt"):  # as if Ctrl-C were pressed
+        os.kill(os.getpid(), signal.SIGINT)
+        return
     if point.startswith("stall"):
         time.sleep(10**6)
     raise RuntimeError(f"injected failure at step {step} ({wanted})")
@@ -158,12 +161,37 @@ def strip_prefix(metrics: dict[str, Any], prefix: str = "eval_") -> dict[str, An
     return {k.removeprefix(prefix): v for k, v in metrics.items() if not k.removeprefix(prefix).endswith(noise)}
 
 
-def fit(trainer: Any, run: RunFolder, resume: Path | None = None) -> None:
-    """Train (from a checkpoint, if given), turning a crash into a `failed` status with the reason."""
+def fit(trainer: Any, run: RunFolder, resume: Path | None = None, tokens_per_sample: float | None = None) -> None:
+    """Train (from a checkpoint, if given) with tunekit's progress display. A crash becomes a
+    `failed` status with the reason; Ctrl-C saves a checkpoint first, then raises Interrupted."""
     if resume:
         run.forget_after(int(Path(resume).name.rsplit("-", 1)[-1]))
+    train_interruptibly(trainer, run, resume, tokens_per_sample)
+
+
+def train_interruptibly(trainer: Any, run: RunFolder, resume: Path | None = None,
+                        tokens_per_sample: float | None = None) -> None:
+    """trainer.train with the progress display, a clean stop on Ctrl-C and the failure status."""
+    from tunekit.progress import GracefulStop, StopOnSignal, show_progress
+
+    show_progress(trainer, tokens_per_sample)
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with GracefulStop() as stop:
+            stopper = StopOnSignal(stop)
+            trainer.add_callback(stopper)
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except KeyboardInterrupt:
+        run.interrupt("stopped at once, mid-step (the last marked checkpoint, if any, is kept)")
+        raise
     except BaseException as err:
         run.fail(f"{type(err).__name__}: {err}")
         raise
+    if stop.requested:
+        raise interrupted(run, stopper.step)
+
+
+def interrupted(run: RunFolder, step: int | None) -> BaseException:
+    """Mark the run interrupted; the exception says where its last checkpoint is."""
+    where = f"checkpoint-{step} saved in {run.path}; " if step is not None else ""
+    run.interrupt(f"stopped at step {step}" if step is not None else "stopped before the first step")
+    return Interrupted(f"{where}continue with --resume")

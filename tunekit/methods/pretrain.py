@@ -168,7 +168,7 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
         tokenizer, mlm=config.pretrain.objective == "mlm", mlm_probability=config.pretrain.mlm_probability)
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out or None,
                       processing_class=tokenizer, data_collator=collator, callbacks=[MetricsLog(run)])
-    fit(trainer, run, resume)
+    fit(trainer, run, resume, tokens_per_sample=config.data.block_size)
     metrics = {}
     if held_out:
         loss = trainer.evaluate()["eval_loss"]

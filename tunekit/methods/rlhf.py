@@ -195,6 +195,15 @@ def load_policy(config: Config) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def this_process_device(config: Config) -> Any:
+    """This process's GPU (LOCAL_RANK) when there is one and train.use_cpu is off, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available() and not config.train.get("use_cpu"):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def frozen_reference(config: Config, policy: Any) -> Any:
     """Full fine-tuning: a frozen copy of the starting policy. LoRA: None (the adapter is switched off)."""
     if hasattr(policy, "disable_adapter"):
@@ -205,6 +214,7 @@ def frozen_reference(config: Config, policy: Any) -> Any:
 
 
 def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
+    from tunekit.errors import Interrupted
     from tunekit.launch import is_first_rank
     from tunekit.models import count_parameters
     from tunekit.outputs import RunFolder
@@ -213,6 +223,9 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
     run = RunFolder(run_dir, enabled=is_first_rank())
     policy, tokenizer = load_policy(config)
     reward = RewardModel(config.rlhf.reward_model, config.rlhf.reward_batch_size)
+    device = this_process_device(config)  # the evaluation before training samples there too
+    policy.to(device)
+    reward.to(device)
     train = make_prompts(data.train, tokenizer, config.rlhf.chat_template)
     held_out = make_prompts(data.eval, tokenizer, config.rlhf.chat_template)
     trainable, total = count_parameters(policy)
@@ -226,6 +239,11 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
         before = evaluate(policy, policy, tokenizer, reward, held_out, config.generation, config.generation.seed)
         trained, reference = train_policy(config, policy, tokenizer, reward, train, run, resume)
         after = evaluate(trained, reference, tokenizer, reward, held_out, config.generation, config.generation.seed)
+    except Interrupted:  # stopped cleanly after a checkpoint; the run folder already says so
+        raise
+    except KeyboardInterrupt:
+        run.interrupt("stopped at once (the last marked checkpoint, if any, is kept)")
+        raise
     except BaseException as err:
         run.fail(f"{type(err).__name__}: {err}")
         raise
@@ -256,7 +274,7 @@ def train_policy(config: Config, policy: Any, tokenizer: Any, reward: Any, promp
     trainer = PPOTrainer(policy, tokenizer, reward, prompts, config.ppo, config.generation, optimizer,
                          seed=train.get("seed", 42), logging_steps=train["logging_steps"], log=run.log,
                          reference=reference, shown_samples=config.rlhf.shown_samples, mixed_precision=precision,
-                         save_steps=train.get("save_steps"), checkpoints=run)
+                         save_steps=train.get("save_steps"), checkpoints=run, cpu=bool(train.get("use_cpu")))
     if resume:
         trainer.load_checkpoint(Path(resume))
         run.forget_after(trainer.step)

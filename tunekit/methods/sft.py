@@ -8,7 +8,9 @@ to stop. eval.json reports the held-out response-only loss before and after trai
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -144,7 +146,24 @@ def check(config: Config) -> Data:
         cut = len(train.rows) - config.data.eval_size
         evaluation = Split(train.kind, train.rows[cut:], train.where[cut:])
         train = Split(train.kind, train.rows[:cut], train.where[:cut])
+    if evaluation is not None:
+        train = without_held_out(train, evaluation)
     return Data(train, evaluation)
+
+
+def without_held_out(train: Split, held_out: Split) -> Split:
+    """Training rows identical to a held-out one are dropped (the Alpaca subsets share 48 rows),
+    so the held-out loss measures examples the model has not been trained on."""
+    key = lambda row: json.dumps(row, sort_keys=True)  # noqa: E731
+    held = {key(row) for row in held_out.rows}
+    keep = [i for i, row in enumerate(train.rows) if key(row) not in held]
+    if len(keep) == len(train.rows):
+        return train
+    if not keep:
+        raise UserError("data.train: every training row is also a held-out row; hold out different data")
+    print(f"tunekit: {len(train.rows) - len(keep)} training rows are identical to held-out rows; "
+          "they are left out of training", file=sys.stderr)
+    return Split(train.kind, [train.rows[i] for i in keep], [train.where[i] for i in keep])
 
 
 def tokenize_split(tokenizer: Any, split: Split, config: Config) -> list[dict[str, list[int]]]:
@@ -161,6 +180,56 @@ def tokenize_split(tokenizer: Any, split: Split, config: Config) -> list[dict[st
             raise UserError(f"{where}: no token left to train on after truncation to train.max_length={max_length}")
         rows.append({"input_ids": item.input_ids, "labels": item.labels})
     return rows
+
+
+def packed(dataset: Any, max_length: int, strategy: str = "bfd") -> Any:
+    """Conversations packed into rows of at most max_length tokens by TRL's pack_dataset
+    (train.packing_strategy; bfd = best-fit-decreasing, whole conversations); with bfd each row
+    keeps the lengths of its sequences in `seq_lengths`."""
+    from trl.data_utils import pack_dataset
+
+    return pack_dataset(dataset, max_length, strategy)
+
+
+@dataclass
+class PackedRows:
+    """Collates packed rows as a [rows, longest row] batch, without an attention mask.
+
+    Position ids restart at 0 with every sequence of a row, and transformers then builds a
+    block-diagonal causal mask from them: no token attends across a sequence boundary. The padding
+    at the end of a row is one more sequence, with label -100. The first token of each sequence gets
+    label -100 too, so no token is predicted from the sequence before it.
+
+    TRL's padding-free collator instead joins the whole batch into one row; without flash-attention
+    varlen kernels (CPUs, most GPUs' sdpa) that costs attention over batch x length tokens at once,
+    8x the work of separate rows at batch 8, which made packing slower than padding (bench/sft.py).
+    """
+
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            length = len(row["input_ids"])
+            input_ids[i, :length] = torch.tensor(row["input_ids"])
+            labels[i, :length] = torch.tensor(row["labels"])
+            start = 0
+            for size in [*row.get("seq_lengths", [length]), width - length]:
+                if size:
+                    position_ids[i, start : start + size] = torch.arange(size)
+                    labels[i, start] = -100
+                    start += size
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def tokens_per_sample(dataset: Any) -> float:
+    """Mean tokens of a training row (a packed row when packing is on), for the progress display."""
+    return sum(len(ids) for ids in dataset["input_ids"]) / max(len(dataset), 1)
 
 
 def load_model_and_tokenizer(config: Config) -> tuple[Any, Any]:
@@ -183,6 +252,7 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
 
     from tunekit.models import count_parameters
     from tunekit.outputs import RunFolder
+    from tunekit.progress import show_progress
     from tunekit.training import MetricsLog, effective_batch_size, fit, once, training_arguments
     from tunekit.upstream import LeanSFTTrainer
 
@@ -199,8 +269,13 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
         eval_rows=len(held_out) if held_out is not None else 0, trainable_params=trainable, total_params=total,
         num_processes=args.world_size, effective_batch_size=effective_batch_size(args), data_format=data.train.kind,
     )
+    collator = None
+    if args.packing:  # packed here, collated as separate rows (PackedRows), not by TRL
+        train, collator = packed(train, args.max_length, args.packing_strategy), PackedRows(tokenizer.pad_token_id)
+        args.packing = args.padding_free = False
     trainer = LeanSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
-                         processing_class=tokenizer, callbacks=[MetricsLog(run)])
+                             processing_class=tokenizer, data_collator=collator, callbacks=[MetricsLog(run)])
+    show_progress(trainer, tokens_per_sample(trainer.train_dataset))
     before = run.logged("eval_loss", step=0) if resume else None  # measured before the interruption
     if before is None and held_out is not None:
         with torch.random.fork_rng():  # the evaluation draws from the RNG; training must not see it

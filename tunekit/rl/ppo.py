@@ -251,14 +251,15 @@ class PPOTrainer:
     def __init__(self, policy: Any, tokenizer: Any, reward: Any, prompts: list[Any], settings: Any, generation: Any,
                  optimizer: dict[str, Any], seed: int = 42, logging_steps: int = 10, log: Any = None,
                  reference: Any = None, shown_samples: int = 3, mixed_precision: str = "no",
-                 save_steps: int | None = None, checkpoints: Any = None) -> None:
+                 save_steps: int | None = None, checkpoints: Any = None, cpu: bool = False) -> None:
         from accelerate import Accelerator
 
         from tunekit.errors import TrainingFailure
         from tunekit.launch import check_world_size
 
-        # cpu=True without CUDA: what makes several CPU processes join one gloo group
-        self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+        # cpu=True without CUDA: what makes several CPU processes join one gloo group (and
+        # train.use_cpu keeps a run on the CPU of a GPU machine)
+        self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu or not torch.cuda.is_available())
         problem = check_world_size(self.accelerator.num_processes)
         if problem:
             raise TrainingFailure(problem)
@@ -281,27 +282,61 @@ class PPOTrainer:
         return self.accelerator.unwrap_model(self.model).policy
 
     def train(self) -> None:
+        """The PPO steps, with the progress display; on Ctrl-C the current step finishes, a
+        checkpoint is saved and Interrupted is raised."""
+        from tunekit.progress import GracefulStop, Progress
+        from tunekit.training import inject_fault, interrupted
+
         batches = prompt_batches(len(self.prompts), self.settings.rollout_batch_size, self.seed,
                                  self.accelerator.process_index, self.accelerator.num_processes)
         for _ in range(self.step):  # resumed: the prompt batches already trained on
             next(batches)
+        progress = None
+        if self.accelerator.is_main_process:
+            progress = Progress(self.settings.steps, self.settings.rollout_batch_size * self.accelerator.num_processes,
+                                label="ppo")
+            progress.start_at(self.step)
         window: list[dict[str, float]] = []
-        start = time.time()
-        for step in range(self.step + 1, self.settings.steps + 1):
-            self.step = step
-            chunk = [self.prompts[i] for i in next(batches)]
-            batch, stats, shown = self.rollout(chunk)
-            stats.update(minibatch_epochs(self.model, self.optimizer, self.accelerator, batch, self.settings,
-                                          self.generation.temperature, self.seed + step))
-            self.kl.update(stats["kl"], self.settings.rollout_batch_size * self.accelerator.num_processes)
-            window.append(self.reduce(stats))
-            if step % self.logging_steps == 0 or step == self.settings.steps:
-                record = {key: sum(w[key] for w in window) / len(window) for key in window[0]}
-                self.log({"step": step, **record, "kl_coef": self.kl.value, "elapsed_s": round(time.time() - start, 1),
-                          "samples": shown})
-                window = []
-            if self.checkpoints is not None and self.save_steps and step % self.save_steps == 0 and step < self.settings.steps:
-                self.save_checkpoint(self.checkpoints.path / f"checkpoint-{step}")
+        self.started = time.time()
+        try:
+            with GracefulStop() as stop:
+                for step in range(self.step + 1, self.settings.steps + 1):
+                    self.step = step
+                    stats, shown = self.ppo_step([self.prompts[i] for i in next(batches)])
+                    window.append(stats)
+                    last = step == self.settings.steps
+                    if step % self.logging_steps == 0 or last:
+                        self.log_window(window, shown, progress)
+                        window = []
+                    if progress:
+                        progress.update(step)
+                    inject_fault(f"interrupt-rank-{self.accelerator.process_index}", step)
+                    stopping = stop.agreed(self.accelerator.device, self.accelerator.num_processes)
+                    if self.checkpoints and not last and (stopping or (self.save_steps and step % self.save_steps == 0)):
+                        self.save_checkpoint(self.checkpoints.path / f"checkpoint-{step}")
+                    if stopping and not last:
+                        raise interrupted(self.checkpoints, step)
+        finally:
+            if progress:
+                progress.close()
+
+    def ppo_step(self, prompts: list[Any]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Roll out, score, update; the step's statistics (averaged over processes) and samples."""
+        batch, stats, shown = self.rollout(prompts)
+        stats.update(minibatch_epochs(self.model, self.optimizer, self.accelerator, batch, self.settings,
+                                      self.generation.temperature, self.seed + self.step))
+        self.kl.update(stats["kl"], self.settings.rollout_batch_size * self.accelerator.num_processes)
+        return self.reduce(stats), shown
+
+    def log_window(self, window: list[dict[str, float]], shown: list[dict[str, Any]], progress: Any) -> None:
+        """One metrics.jsonl record: the means over the steps since the last one."""
+        record = {key: sum(w[key] for w in window) / len(window) for key in window[0]}
+        self.log({"step": self.step, **record, "kl_coef": self.kl.value,
+                  "elapsed_s": round(time.time() - self.started, 1), "samples": shown})
+        if progress:
+            progress.note(record.get("reward"), "reward")
+            progress.update(self.step)
+            progress.report()
 
     def save_checkpoint(self, folder: Path) -> None:
         """Policy and value head (safetensors), optimizer, step, KL coefficient and RNG states,

@@ -104,7 +104,7 @@ def train_with_trl(config: Any, policy: Any, tokenizer: Any, reward: Any, prompt
     from trl import GRPOTrainer, RLOOTrainer
 
     from tunekit.outputs import checkpoint_step
-    from tunekit.training import CheckpointMarks
+    from tunekit.training import CheckpointMarks, train_interruptibly
 
     args = trl_arguments(config, run)
     if config.rlhf.chat_template:  # conversations: TRL renders them with the same chat template
@@ -121,6 +121,6 @@ def train_with_trl(config: Any, policy: Any, tokenizer: Any, reward: Any, prompt
     reward.to(trainer.accelerator.device)
     if resume:
         run.forget_after(checkpoint_step(resume) // per_step)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_interruptibly(trainer, run, resume)
     tokenizer.padding_side = "left"  # TRL may have changed it; tunekit's sampling pads on the left
     return trainer.accelerator.unwrap_model(trainer.model)
