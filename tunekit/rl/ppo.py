@@ -253,12 +253,15 @@ class PPOTrainer:
                  reference: Any = None, shown_samples: int = 3, mixed_precision: str = "no",
                  save_steps: int | None = None, checkpoints: Any = None, cpu: bool = False) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
         from tunekit.errors import TrainingFailure
         from tunekit.launch import check_world_size
 
         # cpu=True without CUDA: what makes several CPU processes join one gloo group (and
-        # train.use_cpu keeps a run on the CPU of a GPU machine)
+        # train.use_cpu keeps a run on the CPU of a GPU machine). An Accelerator made earlier in the
+        # same process (another run) must not decide the device: TrainingArguments resets it too.
+        AcceleratorState._reset_state(reset_partial_state=True)
         self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu or not torch.cuda.is_available())
         problem = check_world_size(self.accelerator.num_processes)
         if problem:
