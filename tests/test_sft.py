@@ -172,3 +172,23 @@ def test_chat_repl_answers_and_exits(tmp_path, cli, tiny_gpt, monkeypatch):
     result = cli("chat", tiny_gpt)
     assert result.code == 0, result.err
     assert result.out.count("model>") == 2
+
+
+def test_hh_rlhf_dialogues_are_multi_turn_conversations(tiny_gpt):
+    from transformers import AutoTokenizer
+
+    from tunekit.data import Table
+    from tunekit.masking import detect_format
+
+    text = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: Blue."
+    table = Table("hh.jsonl", [{"chosen": text, "rejected": text.replace("Blue", "No")}], [1])
+    assert detect_format(table, None) == "hh"
+    messages = to_messages(table.rows[0], "hh", "hh.jsonl: line 1")
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[-1]["content"] == "Blue."
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt)
+    item = tokenize_conversation(tokenizer, messages, 256)
+    trained = tokenizer.decode([t for t, label in zip(item.input_ids, item.labels) if label != -100])
+    assert trained.replace(" ", "") == "Hello!<|end|>Blue.<|end|>"  # both assistant turns, no human one
+    with pytest.raises(UserError, match="not an HH-RLHF dialogue"):
+        to_messages({"chosen": "just text"}, "hh", "hh.jsonl: line 2")

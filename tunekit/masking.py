@@ -36,6 +36,8 @@ def detect_format(table: Table, wanted: str | None) -> str:
         return wanted
     if "messages" in columns:
         return "messages"
+    if "chosen" in columns and table.rows and str(table.rows[0].get("chosen", "")).lstrip().startswith("Human:"):
+        return "hh"  # HH-RLHF preference rows: SFT on the preferred dialogue
     if {"instruction", "output"} <= columns:
         return "alpaca"
     if {"prompt", "completion"} <= columns:
@@ -44,7 +46,8 @@ def detect_format(table: Table, wanted: str | None) -> str:
         return "text"
     raise UserError(
         f"{table.source}: cannot tell the data format from the columns ({', '.join(sorted(columns))}); expected "
-        "messages, instruction+output (Alpaca), prompt+completion or text; set data.format or map with data.columns"
+        "messages, instruction+output (Alpaca), prompt+completion, text or HH-RLHF chosen dialogues; set "
+        "data.format or map with data.columns"
     )
 
 
@@ -63,6 +66,11 @@ def to_messages(row: dict[str, Any], kind: str, where: str) -> list[dict[str, st
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     if kind == "messages":
         return check_messages(row.get("messages"), where)
+    if kind == "hh":  # "\n\nHuman: ... \n\nAssistant: ..." in `chosen`: every assistant turn is trained
+        from tunekit.preference import parse_hh
+
+        _require_text(where, chosen=row.get("chosen"))
+        return check_messages(parse_hh(row["chosen"], "chosen", where), where)
     raise UserError(f"{where}: format {kind!r} has no conversation")
 
 

@@ -34,7 +34,7 @@ class SftData(Section):
     train: str | list[str] = Field(description="training file(s): Alpaca, prompt/completion, messages or text")
     eval: str | list[str] | None = Field(None, description="held-out file(s); default: the last data.eval_size rows")
     eval_size: int = Field(0, ge=0, description="rows held out from the end of the training data when no eval file")
-    format: Literal["alpaca", "prompt_completion", "messages", "text"] | None = Field(
+    format: Literal["alpaca", "prompt_completion", "messages", "hh", "text"] | None = Field(
         None, description="data format; default: detected from the columns")
     columns: dict[str, str] = Field(default_factory=dict, description="standard name -> your column, e.g. {output: answer}")
     train_limit: int | None = Field(None, gt=0, description="use the first N training rows")
