@@ -31,12 +31,14 @@ class Tokenized:
 
 
 def detect_format(table: Table, wanted: str | None) -> str:
+    from tunekit.preference import is_hh_dialogue
+
     columns = set(table.columns)
     if wanted is not None:
         return wanted
     if "messages" in columns:
         return "messages"
-    if "chosen" in columns and table.rows and str(table.rows[0].get("chosen", "")).lstrip().startswith("Human:"):
+    if "chosen" in columns and table.rows and is_hh_dialogue(table.rows[0]["chosen"]):
         return "hh"  # HH-RLHF preference rows: SFT on the preferred dialogue
     if {"instruction", "output"} <= columns:
         return "alpaca"

@@ -154,12 +154,14 @@ class RunFolder:
         write_atomic(self.path / "README.md", model_card(self.info, metrics))
 
     def fail(self, reason: str) -> None:
-        if self.enabled and self.path.is_dir():
-            self.update(status="failed", reason=reason, wall_time_s=round(time.time() - self.started, 1))
+        self._stopped("failed", reason)
 
     def interrupt(self, reason: str) -> None:
+        self._stopped("interrupted", reason)
+
+    def _stopped(self, status: str, reason: str) -> None:
         if self.enabled and self.path.is_dir():
-            self.update(status="interrupted", reason=reason, wall_time_s=round(time.time() - self.started, 1))
+            self.update(status=status, reason=reason, wall_time_s=round(time.time() - self.started, 1))
 
     def _write_info(self) -> None:
         if self.enabled:

@@ -112,7 +112,7 @@ def detect_format(table: Table, wanted: str | None) -> str:
     first = table.rows[0]["chosen"]
     if isinstance(first, list):
         return "conversation"
-    if isinstance(first, str) and first.lstrip().startswith("Human:"):
+    if is_hh_dialogue(first):
         return "hh"
     return "prompt_pairs" if "prompt" in columns else "pairs"
 
@@ -177,6 +177,11 @@ def message_side(row: dict[str, Any], name: str, where: str, need_answer: bool =
     if not any(m["content"].strip() for m in messages):
         raise UserError(f"{where}: {name!r} is empty")
     return messages
+
+
+def is_hh_dialogue(value: Any) -> bool:
+    """Whether a cell holds an HH-RLHF dialogue ("\\n\\nHuman: ... \\n\\nAssistant: ...")."""
+    return isinstance(value, str) and value.lstrip().startswith("Human:")
 
 
 def parse_hh(text: str, name: str, where: str) -> list[dict[str, str]]:

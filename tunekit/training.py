@@ -3,6 +3,7 @@ the training-health check, and the train -> evaluate -> save sequence."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -15,7 +16,7 @@ from transformers import TrainerCallback
 
 from tunekit.config import Recipe
 from tunekit.errors import Interrupted, TrainingFailure, UserError
-from tunekit.outputs import RunFolder
+from tunekit.outputs import RunFolder, checkpoint_step
 
 
 def training_arguments(config: Recipe, run: RunFolder) -> Any:
@@ -165,7 +166,7 @@ def fit(trainer: Any, run: RunFolder, resume: Path | None = None, tokens_per_sam
     """Train (from a checkpoint, if given) with tunekit's progress display. A crash becomes a
     `failed` status with the reason; Ctrl-C saves a checkpoint first, then raises Interrupted."""
     if resume:
-        run.forget_after(int(Path(resume).name.rsplit("-", 1)[-1]))
+        run.forget_after(checkpoint_step(Path(resume)))
     train_interruptibly(trainer, run, resume, tokens_per_sample)
 
 
@@ -175,19 +176,28 @@ def train_interruptibly(trainer: Any, run: RunFolder, resume: Path | None = None
     from tunekit.progress import GracefulStop, StopOnSignal, show_progress
 
     show_progress(trainer, tokens_per_sample)
+    with status_on_error(run), GracefulStop() as stop:
+        stopper = StopOnSignal(stop)
+        trainer.add_callback(stopper)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.requested:
+        raise interrupted(run, stopper.step)
+
+
+@contextlib.contextmanager
+def status_on_error(run: RunFolder) -> Any:
+    """run.json says why a run ended early: `interrupted` for a second Ctrl-C (mid-step), `failed`
+    with the reason for anything else. A clean stop (Interrupted) has already said so."""
     try:
-        with GracefulStop() as stop:
-            stopper = StopOnSignal(stop)
-            trainer.add_callback(stopper)
-            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        yield
+    except Interrupted:
+        raise
     except KeyboardInterrupt:
         run.interrupt("stopped at once, mid-step (the last marked checkpoint, if any, is kept)")
         raise
     except BaseException as err:
         run.fail(f"{type(err).__name__}: {err}")
         raise
-    if stop.requested:
-        raise interrupted(run, stopper.step)
 
 
 def interrupted(run: RunFolder, step: int | None) -> BaseException:

@@ -214,11 +214,11 @@ def frozen_reference(config: Config, policy: Any) -> Any:
 
 
 def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
-    from tunekit.errors import Interrupted
     from tunekit.launch import is_first_rank
     from tunekit.models import count_parameters
     from tunekit.outputs import RunFolder
     from tunekit.rl.rollout import RewardModel, evaluate, make_prompts
+    from tunekit.training import status_on_error
 
     run = RunFolder(run_dir, enabled=is_first_rank())
     policy, tokenizer = load_policy(config)
@@ -235,18 +235,10 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
               eval_rows=len(held_out), trainable_params=trainable, total_params=total, num_processes=world,
               effective_batch_size=config.ppo.rollout_batch_size * world, algo=config.rlhf.algo,
               reward_model=config.rlhf.reward_model)
-    try:
+    with status_on_error(run):
         before = evaluate(policy, policy, tokenizer, reward, held_out, config.generation, config.generation.seed)
         trained, reference = train_policy(config, policy, tokenizer, reward, train, run, resume)
         after = evaluate(trained, reference, tokenizer, reward, held_out, config.generation, config.generation.seed)
-    except Interrupted:  # stopped cleanly after a checkpoint; the run folder already says so
-        raise
-    except KeyboardInterrupt:
-        run.interrupt("stopped at once (the last marked checkpoint, if any, is kept)")
-        raise
-    except BaseException as err:
-        run.fail(f"{type(err).__name__}: {err}")
-        raise
     metrics = {"reward_before": before["reward"], "reward_after": after["reward"], "kl": after["kl"],
                "response_length_before": before["response_length"], "response_length_after": after["response_length"]}
     run.write_eval(metrics)

@@ -308,11 +308,11 @@ class PPOTrainer:
                     stats, shown = self.ppo_step([self.prompts[i] for i in next(batches)])
                     window.append(stats)
                     last = step == self.settings.steps
+                    if progress:
+                        progress.update(step)
                     if step % self.logging_steps == 0 or last:
                         self.log_window(window, shown, progress)
                         window = []
-                    if progress:
-                        progress.update(step)
                     inject_fault(f"interrupt-rank-{self.accelerator.process_index}", step)
                     stopping = stop.agreed(self.accelerator.device, self.accelerator.num_processes)
                     if self.checkpoints and not last and (stopping or (self.save_steps and step % self.save_steps == 0)):
@@ -338,7 +338,6 @@ class PPOTrainer:
                   "elapsed_s": round(time.time() - self.started, 1), "samples": shown})
         if progress:
             progress.note(record.get("reward"), "reward")
-            progress.update(self.step)
             progress.report()
 
     def save_checkpoint(self, folder: Path) -> None:

@@ -156,8 +156,6 @@ def evaluate(lm: Any, reference: Any, tokenizer: Any, reward: RewardModel, promp
     """Mean reward of sampled responses on held-out prompts and the mean per-sequence KL to the
     reference (sum over response tokens of log pi - log pi_ref), with a fixed sampling seed."""
     torch.manual_seed(seed)
-    if reference is not None:  # a trainer may have moved the policy (to the GPU) but not the frozen copy
-        reference.to(next(lm.parameters()).device)
     rewards, kls, lengths = [], [], []
     was_training = lm.training
     lm.eval()

@@ -42,7 +42,7 @@ def trl_arguments(config: Any, run: Any) -> Any:
         "epsilon": ppo.clip_range,
         "max_grad_norm": ppo.max_grad_norm or 0.0,
         "save_strategy": "steps",  # every train.save_steps rounds, in the trainer's optimizer steps
-        "save_steps": train.get("save_steps", 25) * per_round * ppo.epochs,
+        "save_steps": train["save_steps"] * per_round * ppo.epochs,
         "save_total_limit": 1,
         "disable_dropout": True,
     }
