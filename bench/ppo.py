@@ -133,6 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--reward", help="another reward run than the recipe's")
+    parser.add_argument("--policy", help="another policy model folder than the recipe's")
     parser.add_argument("--child", choices=["tunekit", "trl"])
     parser.add_argument("--spec")
     options = parser.parse_args()
@@ -148,6 +149,7 @@ def main() -> None:
     # no checkpoints (TRL runs with save_strategy "no"): training time only
     steps = [f"ppo.steps={options.steps}", "train.save_steps=1000000"]
     steps += [f"rlhf.reward_model={options.reward}"] * bool(options.reward)
+    steps += [f"model.name={options.policy}"] * bool(options.policy)
     config = load_config(rlhf.Config, str(RECIPE), steps)
     data = rlhf.check(config)
     settings = {**config.ppo.model_dump(), **config.generation.model_dump(), "learning_rate": config.train["learning_rate"]}
@@ -175,7 +177,8 @@ def report(config, data, results) -> None:
     reference = AutoModelForCausalLM.from_pretrained(config.model.name).eval()
     reward = RewardModel(config.rlhf.reward_model)
     held_out = make_prompts(data.eval, tokenizer, config.rlhf.chat_template)
-    before = evaluate(reference, reference, tokenizer, reward, held_out, config.generation, config.generation.seed)
+    before = evaluate(reference, None, tokenizer, reward, held_out, config.generation, config.generation.seed,
+                      with_kl=False)
     print(f"{config.ppo.steps} PPO steps of {config.ppo.rollout_batch_size} responses; reward on {len(held_out)} "
           f"held-out prompts before: {before['reward']:.3f}")
     print(f"{'trainer':<14} {'reward after':>12} {'KL':>6} {'train s':>8} {'gain/min':>9} {'peak RSS MB':>12}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import SHARED, write
 
-from tunekit.rl.ppo import (
+from tunekit.rl.ppo_math import (
     AdaptiveKLController,
     entropy,
     gae,
@@ -138,7 +138,7 @@ def test_recipe_checks_are_exit_2(tmp_path, cli, tiny_gpt, reward_run):
     cases = {
         "rlhf.reward_model=": "ppo needs a reward model; set rlhf.reward_model",
         "ppo.minibatch_size=64": "lower ppo.minibatch_size",
-        "train.warmup_steps=10": "train.warmup_steps: not used by tunekit's PPO",
+        "train.label_smoothing_factor=0.1": "train.label_smoothing_factor: not used by tunekit's PPO",
         "train.max_steps=10": "train.max_steps: set by tunekit; use ppo.steps",
         "data.prompt_words=1000": "no prompts left with more than data.prompt_words=1000 words",
         "ppo.kl_coeff=0.1": "ppo.kl_coeff: unknown key; did you mean kl_coef?",

@@ -310,7 +310,7 @@ def generate(
             conversations = [[{"role": "user", "content": p}] for p in prompt]
         model, tokenizer, settings = load_chat_model(run)
         chosen = settings_with(settings, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        results = sample(model, tokenizer, conversations, **chosen)
+        results = sample(model, tokenizer, conversations, chosen)
     if not data and not heldout:
         for result in results:
             typer.echo(result["response"])
@@ -349,7 +349,7 @@ def chat(
         if not line:
             continue
         history.append({"role": "user", "content": line})
-        reply = sample(model, tokenizer, [history], **settings_with(settings))[0]["response"]
+        reply = sample(model, tokenizer, [history], settings_with(settings))[0]["response"]
         history.append({"role": "assistant", "content": reply})
         typer.echo(f"model> {reply}")
 

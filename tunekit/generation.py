@@ -6,6 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
+from tunekit.config import Section, validate_section
 from tunekit.errors import UserError
 
 
@@ -35,24 +38,46 @@ def load_chat_model(target: str) -> tuple[Any, Any, dict[str, Any]]:
     return model.eval(), tokenizer, settings
 
 
-def generate(
-    model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int = 128,
-    temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, batch_size: int = 16,
-) -> list[dict[str, Any]]:
+class GenerationSection(Section):
+    max_new_tokens: int = Field(128, gt=0, description="longest response")
+    temperature: float = Field(0.7, ge=0, description="sampling temperature; 0 = greedy")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling mass")
+    seed: int = Field(0, description="sampling seed")
+
+
+def sampling_options(settings: GenerationSection) -> dict[str, Any]:
+    """generate()'s keywords for sampling exactly `temperature` and `top_p`, nothing else: top_k=0
+    and neutral penalties are stated, so neither transformers' default (top_k=50) nor a model's
+    generation_config reshapes the distribution (PPO's log-probs must measure the one sampled)."""
+    if settings.temperature <= 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0,
+            "typical_p": 1.0, "repetition_penalty": 1.0}
+
+
+def generate_ids(model: Any, tokenizer: Any, ids: Any, mask: Any, settings: GenerationSection) -> Any:
+    """The new token ids after each left-padded row of `ids` (the one place tunekit calls generate)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             **sampling_options(settings))
+    return out[:, ids.shape[1] :]
+
+
+def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], settings: GenerationSection,
+             batch_size: int = 16) -> list[dict[str, Any]]:
     """One response per conversation: text, whether it ended by itself (EOS), and its length."""
     import torch
 
-    torch.manual_seed(seed)
+    torch.manual_seed(settings.seed)
     results = []
     for start in range(0, len(conversations), batch_size):
         chunk = conversations[start : start + batch_size]
         texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chunk]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-        with torch.inference_mode():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id, **sampling)
-        for row in out[:, batch["input_ids"].shape[1] :].tolist():
+        for row in generate_ids(model, tokenizer, batch["input_ids"], batch["attention_mask"], settings).tolist():
             stopped = tokenizer.eos_token_id in row
             tokens = row[: row.index(tokenizer.eos_token_id)] if stopped else row
             results.append({
@@ -63,8 +88,8 @@ def generate(
     return results
 
 
-def settings_with(settings: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+def settings_with(settings: dict[str, Any], **overrides: Any) -> GenerationSection:
     """The run's generation settings with the command-line values that were given."""
-    merged = {k: v for k, v in settings.items() if k in ("max_new_tokens", "temperature", "top_p", "seed")}
+    merged = {k: v for k, v in settings.items() if k in GenerationSection.model_fields}
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    return merged
+    return validate_section(GenerationSection, merged, "generation")

@@ -15,6 +15,7 @@ import sys
 
 EXPECTED = "TUNEKIT_EXPECTED_PROCESSES"  # set by the parent for its workers
 LAUNCHED = "TUNEKIT_LAUNCHED"
+ENGINE = "TUNEKIT_DISTRIBUTED_TYPE"  # the --accelerate-config's distributed_type, for the method's check
 
 
 def is_worker() -> bool:
@@ -84,3 +85,14 @@ def check_accelerate_config(path: str) -> None:
     processes = data.get("num_processes", 1)
     if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
         raise UserError(f"{path}: num_processes: expected a positive integer, got {processes!r}")
+    os.environ[ENGINE] = kind  # the method's check runs next, in this process, and its workers inherit it
+
+
+def sharded_engine() -> str | None:
+    """"FSDP" or "DeepSpeed" when this run shards the model (an --accelerate-config, or `accelerate
+    launch` with such a config, which sets ACCELERATE_USE_*), else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or os.environ.get(ENGINE) == "FSDP":
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" or os.environ.get(ENGINE) == "DEEPSPEED":
+        return "DeepSpeed"
+    return None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunekit.chat import ROLES
-from tunekit.data import Table
+from tunekit.data import Table, read_table
 from tunekit.errors import UserError
 
 FORMATS = ("alpaca", "prompt_completion", "messages", "text")
@@ -151,12 +151,17 @@ def prompt_part(messages: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def prompts_of_file(path: str) -> list[list[dict[str, str]]]:
-    """The prompt of each row of an SFT-style file (Alpaca, prompt/completion, messages, or a
-    `prompt` column alone)."""
-    from tunekit.data import read_table
+    """The prompt of each row of an SFT-style file (`tunekit generate --data`)."""
+    return prompts_of_table(read_table(path, "--data"))
 
-    table = read_table(path, "--data")
-    if "prompt" in table.columns and "completion" not in table.columns:
+
+def prompts_of_table(table: Table, format: str | None = None, key: str = "--data") -> list[list[dict[str, str]]]:
+    """The prompt conversation of every row: the prompt part of an SFT-style row (Alpaca,
+    prompt/completion, messages), a `prompt` column alone, or a text column as a user message."""
+    if format is None and "prompt" in table.columns and "completion" not in table.columns:
         return [[{"role": "user", "content": str(row["prompt"])}] for row in table.rows]
-    kind = detect_format(table, None)
+    kind = detect_format(table, format)
+    if kind == "text":
+        table.require("text", key=key)
+        return [[{"role": "user", "content": str(row["text"])}] for row in table.rows]
     return [prompt_part(to_messages(row, kind, table.where(i))) for i, row in enumerate(table.rows)]

@@ -222,8 +222,10 @@ The resolved recipe is in `config.yaml`; training curves in `loss.png` and `metr
 """
 
 
-def plot_curves(metrics_path: Path, out: Path) -> None:
-    """Training (and evaluation) loss against step, from metrics.jsonl."""
+def plot_curves(metrics_path: Path, out: Path, keys: tuple[str, ...] = ("loss", "eval_loss"), ylabel: str = "loss",
+                twin: str | None = None) -> None:
+    """`keys` against step from metrics.jsonl (evaluation points marked), and `twin` (rlhf: the KL
+    to the reference) on a second axis."""
     if not metrics_path.exists():
         return
     import matplotlib
@@ -233,13 +235,18 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
 
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("loss", "eval_loss"):
+    for key in keys:
         points = [(r["step"], r[key]) for r in records if key in r and "step" in r]
         if points:
-            ax.plot(*zip(*points), label=key, marker="." if key == "eval_loss" else None)
+            ax.plot(*zip(*points), label=key, marker="." if key.startswith("eval_") else None)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
+    ax.set_ylabel(ylabel)
+    twin_points = [(r["step"], r[twin]) for r in records if twin and twin in r and "step" in r]
+    if twin_points:
+        second = ax.twinx()
+        second.plot(*zip(*twin_points), label=twin, color="tab:orange", alpha=0.7)
+        second.set_ylabel(twin)
+    fig.legend(loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -290,8 +297,12 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
-    """The resolved config, flattened, without the keys a resume may change."""
-    return {k: v for k, v in flatten(config).items() if not k.startswith(RESUME_MAY_CHANGE)}
+    """The resolved config, flattened, without the keys a resume may change. An rlhf run samples its
+    own training data with `generation.*`, so there those keys change the computation."""
+    may_change = RESUME_MAY_CHANGE
+    if "rlhf" in config:
+        may_change = tuple(k for k in RESUME_MAY_CHANGE if k != "generation.")
+    return {k: v for k, v in flatten(config).items() if not k.startswith(may_change)}
 
 
 def config_hash(config: dict[str, Any]) -> str:

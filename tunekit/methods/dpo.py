@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import Field
 
 from tunekit.config import Recipe, Section, to_yaml
-from tunekit.methods.sft import GenerationSection
+from tunekit.generation import GenerationSection
 from tunekit.preference import PreferenceData, Preferences, Side, load_preferences, longer_wins
 
 RESERVED = {

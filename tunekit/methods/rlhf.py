@@ -21,16 +21,27 @@ from pydantic import Field, model_validator
 from tunekit.config import Recipe, Section, to_yaml
 from tunekit.data import read_table
 from tunekit.errors import UserError
-from tunekit.masking import detect_format, prompt_part, to_messages
+from tunekit.generation import GenerationSection
+from tunekit.masking import prompts_of_table
+from tunekit.outputs import plot_curves
 
-# TrainingArguments keys that tunekit's PPO reads; the `ppo:` section holds the rest.
+# TrainingArguments keys that tunekit's PPO reads; the `ppo:` section holds the rest. Any other key
+# is refused unless it keeps its device default (tunekit.config.device_defaults).
 PPO_TRAIN_KEYS = ("learning_rate", "seed", "logging_steps", "weight_decay", "adam_beta1", "adam_beta2",
-                  "adam_epsilon", "bf16", "fp16", "save_steps")
+                  "adam_epsilon", "bf16", "fp16", "save_steps", "use_cpu", "report_to", "lr_scheduler_type",
+                  "warmup_steps")
+NOT_FOR_PPO = {
+    "activation_checkpointing": "PPO keeps the policy in eval mode (no dropout), where transformers skips "
+                                "checkpointing; lower ppo.forward_batch_size to save memory",
+}
+# rlhf samples its own training data: the full distribution at temperature 1, short responses.
+GENERATION_DEFAULTS = {"max_new_tokens": 24, "temperature": 1.0, "top_p": 1.0}
 RESERVED = {
     "max_steps": "use ppo.steps (rollout batches)",
     "num_train_epochs": "use ppo.steps (rollout batches)",
     "per_device_train_batch_size": "use ppo.rollout_batch_size and ppo.minibatch_size",
-    "gradient_accumulation_steps": "use ppo.minibatch_size",
+    "gradient_accumulation_steps": "use ppo.forward_batch_size (a minibatch goes through the model in forward "
+                                   "batches of that many rows, their gradients accumulated)",
     "max_grad_norm": "use ppo.max_grad_norm",
 }
 
@@ -84,6 +95,9 @@ class PpoSection(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
     missing_eos_penalty: float | None = Field(
         None, ge=0, description="subtracted from the score of a response that never ended (EOS); null = off")
+    forward_batch_size: int | None = Field(
+        None, gt=0, description="rows per forward pass in rollouts and updates (gradients accumulated over a "
+                                "minibatch): memory, apart from the PPO settings; null = a whole batch at once")
 
     @model_validator(mode="after")
     def _minibatch_fits(self) -> PpoSection:
@@ -93,19 +107,19 @@ class PpoSection(Section):
         return self
 
 
-class GenerationSection(Section):
-    max_new_tokens: int = Field(24, gt=0, description="longest response")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature (PPO's log-probs use the same one)")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
-    seed: int = Field(0, description="sampling seed of the held-out evaluation")
-
-
 class Config(Recipe):
     command = "rlhf"
     data: PromptData
     rlhf: RlhfSection
     ppo: PpoSection = PpoSection()
     generation: GenerationSection = GenerationSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _generation_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("generation", {}), dict):
+            data = {**data, "generation": {**GENERATION_DEFAULTS, **data.get("generation", {})}}
+        return data
 
     @classmethod
     def reserved_train_keys(cls) -> dict[str, str]:
@@ -131,22 +145,12 @@ class Data:
 
 
 def read_prompts(specs: str | list[str], config: Config, key: str) -> list[list[dict[str, str]]]:
-    """The prompt conversation of every row: the prompt part of an SFT-style row, a `prompt` column
-    alone, or a text column (as a user message), cut to data.prompt_words."""
+    """The prompt conversation of every row (tunekit.masking.prompts_of_table), cut to data.prompt_words."""
     from tunekit.methods.sft import renamed
 
     prompts = []
     for spec in [specs] if isinstance(specs, str) else specs:
-        table = renamed(read_table(spec, key), config.data.columns)
-        if config.data.format is None and "prompt" in table.columns and "completion" not in table.columns:
-            prompts += [[{"role": "user", "content": str(row["prompt"])}] for row in table.rows]
-            continue
-        kind = detect_format(table, config.data.format)
-        if kind == "text":
-            table.require("text", key=key)
-            prompts += [[{"role": "user", "content": str(row["text"])}] for row in table.rows]
-        else:
-            prompts += [prompt_part(to_messages(row, kind, table.where(i))) for i, row in enumerate(table.rows)]
+        prompts += prompts_of_table(renamed(read_table(spec, key), config.data.columns), config.data.format, key)
     words = config.data.prompt_words
     if words:
         prompts = [[*p[:-1], {**p[-1], "content": " ".join(p[-1]["content"].split()[:words])}]
@@ -157,15 +161,34 @@ def read_prompts(specs: str | list[str], config: Config, key: str) -> list[list[
     return prompts
 
 
+def check_ppo(config: Config) -> None:
+    """What tunekit's PPO cannot honour, refused in one line before any model is loaded."""
+    from tunekit.config import device_defaults
+    from tunekit.launch import sharded_engine
+
+    defaults = device_defaults(on_gpu=not config.train.get("use_cpu"))
+    for key, value in config.train.items():
+        if key not in PPO_TRAIN_KEYS and not (key in defaults and value == defaults[key]):
+            why = NOT_FOR_PPO.get(key, f"it reads {', '.join(PPO_TRAIN_KEYS)}; the `ppo:` section holds the rest")
+            raise UserError(f"{config.source}: train.{key}: not used by tunekit's PPO ({why})")
+    if config.generation.top_p < 1:
+        # PPO's ratio and KL measure the full tempered softmax (for the policy and the reference
+        # alike); a nucleus would sample from another distribution than the one measured.
+        raise UserError(f"{config.source}: generation.top_p: {config.generation.top_p} is not supported by PPO (its "
+                        "log-probs measure the full distribution); set generation.top_p: 1, or lower "
+                        "generation.temperature to sharpen sampling")
+    engine = sharded_engine()
+    if engine:
+        raise UserError(f"{config.source}: rlhf.algo: ppo does not run on {engine} (generation and the reference "
+                        "use the unwrapped model); use a DDP config (recipes/accelerate/ddp.yaml) or --nproc")
+
+
 def check(config: Config) -> Data:
     """Read the prompts and check the `train:` keys; no model is loaded (the reward run may not exist yet)."""
+    if config.generation.temperature <= 0:
+        raise UserError(f"{config.source}: generation.temperature: rlhf samples its training data; set it above 0")
     if config.rlhf.algo == "ppo":
-        from tunekit.config import device_defaults
-
-        unused = [k for k in config.train if k not in PPO_TRAIN_KEYS and k not in device_defaults()]
-        if unused:
-            raise UserError(f"{config.source}: train.{unused[0]}: not used by tunekit's PPO (it reads "
-                            f"{', '.join(PPO_TRAIN_KEYS)}); the `ppo:` section holds the rest")
+        check_ppo(config)
     train = read_prompts(config.data.train, config, "data.train")
     if config.data.train_limit:
         train = train[: config.data.train_limit]
@@ -236,7 +259,8 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
               effective_batch_size=config.ppo.rollout_batch_size * world, algo=config.rlhf.algo,
               reward_model=config.rlhf.reward_model)
     with status_on_error(run):
-        before = evaluate(policy, policy, tokenizer, reward, held_out, config.generation, config.generation.seed)
+        before = evaluate(policy, None, tokenizer, reward, held_out, config.generation, config.generation.seed,
+                          with_kl=False)  # the policy is its own reference here
         trained, reference = train_policy(config, policy, tokenizer, reward, train, run, resume)
         after = evaluate(trained, reference, tokenizer, reward, held_out, config.generation, config.generation.seed)
     metrics = {"reward_before": before["reward"], "reward_after": after["reward"], "kl": after["kl"],
@@ -244,7 +268,7 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
     run.write_eval(metrics)
     run.save_model(trained, tokenizer)
     run.finish(metrics)
-    plot_rewards(run.path / "metrics.jsonl", run.path / "reward.png")
+    plot_curves(run.path / "metrics.jsonl", run.path / "reward.png", ("reward",), "mean reward", twin="kl")
     return metrics
 
 
@@ -256,49 +280,22 @@ def train_policy(config: Config, policy: Any, tokenizer: Any, reward: Any, promp
         from tunekit.rl.trl_algos import train_with_trl
 
         return train_with_trl(config, policy, tokenizer, reward, prompts, run, resume), reference
-    from tunekit.rl.ppo import PPOTrainer
+    from tunekit.rl.ppo import OptimizerSettings, PPOTrainer
 
     train = config.train
-    optimizer = {"lr": train["learning_rate"], "weight_decay": train.get("weight_decay", 0.0),
-                 "betas": (train.get("adam_beta1", 0.9), train.get("adam_beta2", 0.999)),
-                 "eps": train.get("adam_epsilon", 1e-8)}
+    optimizer = OptimizerSettings(lr=train["learning_rate"], weight_decay=train.get("weight_decay", 0.0),
+                                  betas=(train.get("adam_beta1", 0.9), train.get("adam_beta2", 0.999)),
+                                  eps=train.get("adam_epsilon", 1e-8),
+                                  scheduler=train.get("lr_scheduler_type", "constant"),
+                                  warmup_steps=train.get("warmup_steps", 0))
     precision = "bf16" if train.get("bf16") else "fp16" if train.get("fp16") else "no"
     trainer = PPOTrainer(policy, tokenizer, reward, prompts, config.ppo, config.generation, optimizer,
                          seed=train.get("seed", 42), logging_steps=train["logging_steps"], log=run.log,
                          reference=reference, shown_samples=config.rlhf.shown_samples, mixed_precision=precision,
-                         save_steps=train.get("save_steps"), checkpoints=run, cpu=bool(train.get("use_cpu")))
+                         save_steps=train.get("save_steps"), checkpoints=run, cpu=bool(train.get("use_cpu")),
+                         report_to=train.get("report_to"))
     if resume:
         trainer.load_checkpoint(Path(resume))
         run.forget_after(trainer.step)
     trainer.train()
     return trainer.policy, reference
-
-
-def plot_rewards(metrics_path: Path, out: Path) -> None:
-    """Mean reward (and KL to the reference, on a second axis) against step."""
-    import json
-
-    if not metrics_path.exists():
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    points = [(r["step"], r["reward"]) for r in records if "reward" in r]
-    if points:
-        ax.plot(*zip(*points), label="reward", color="tab:blue")
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean reward")
-    kl = [(r["step"], r["kl"]) for r in records if "kl" in r]
-    if kl:
-        twin = ax.twinx()
-        twin.plot(*zip(*kl), label="KL to reference", color="tab:orange", alpha=0.7)
-        twin.set_ylabel("KL")
-        fig.legend(loc="upper left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)

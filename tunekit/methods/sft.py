@@ -20,6 +20,7 @@ from pydantic import Field
 from tunekit.config import Recipe, Section, to_yaml
 from tunekit.data import Table, read_table
 from tunekit.errors import UserError
+from tunekit.generation import GenerationSection
 from tunekit.masking import detect_format, to_messages
 
 # SFTTrainer options that tunekit decides itself (the labels come from tunekit.masking).
@@ -42,13 +43,6 @@ class SftData(Section):
 
 class SftTask(Section):
     completion_only_loss: bool = Field(True, description="loss on responses (assistant turns) only; false = every token")
-
-
-class GenerationSection(Section):
-    max_new_tokens: int = Field(128, gt=0, description="longest response")
-    temperature: float = Field(0.7, ge=0, description="sampling temperature; 0 = greedy")
-    top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling mass")
-    seed: int = Field(0, description="sampling seed")
 
 
 class Config(Recipe):

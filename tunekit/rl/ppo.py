@@ -16,11 +16,13 @@ descendants in TRL <= 0.11), not a separate critic initialised from the reward m
 extra vector-sized layer instead of a second network, and with LoRA the reference policy is the same
 network with its adapter switched off, so PPO holds one language model in memory, plus the reward model.
 
-The math is in small pure functions (pinned against hand-computed values in tests/test_ppo.py).
+The math is in small pure functions in tunekit.rl.ppo_math (pinned against hand-computed values in
+tests/test_ppo.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -33,96 +35,17 @@ from typing import Any
 import torch
 from torch import nn
 
-# ---------------------------------------------------------------------------------------------
-# The math
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the entries where mask is 1."""
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Unbiased variance of the entries where mask is 1 (as numpy's var(ddof=1))."""
-    mean = masked_mean(values, mask)
-    count = mask.sum()
-    return ((values - mean) ** 2 * mask).sum() / (count - 1).clamp(min=1)
-
-
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; masked-out entries come back as 0."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
-    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
-
-
-def kl_penalized_rewards(
-    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards (-kl_coef * KL on each response token, the score added on the last one) and
-    the per-token KL estimate log pi - log pi_ref (the k1 estimator InstructGPT uses)."""
-    kl = (logprobs - ref_logprobs) * mask
-    rewards = -kl_coef * kl
-    last = (mask.sum(dim=1).long() - 1).clamp(min=0)
-    rewards[torch.arange(len(scores)), last] += scores
-    return rewards * mask, kl
-
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over response tokens; (advantages, returns).
-
-    Padding after a response's end has reward 0 and value 0, so the last real token's next value is 0
-    (the episode ends there) and padding contributes nothing."""
-    rewards, values = rewards * mask, values * mask
-    advantages = torch.zeros_like(rewards)
-    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
-    length = rewards.shape[1]
-    for t in reversed(range(length)):
-        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(running)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * running
-        advantages[:, t] = running
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask
-
-
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate loss; (loss, clip fraction, approximate KL to the rollout policy)."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clip_fraction = masked_mean((clipped > unclipped).float(), mask)
-    approx_kl = 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)
-    return loss, clip_fraction, approx_kl
-
-
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss 0.5 * max((v - R)^2, (v_clipped - R)^2); (loss, clip fraction)."""
-    clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
-    unclipped_error, clipped_error = (values - returns) ** 2, (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
-    return loss, masked_mean((clipped_error > unclipped_error).float(), mask)
-
-
-class AdaptiveKLController:
-    """Ziegler et al. (2019): move the KL coefficient towards `target` KL per sequence, by at most 20%
-    of the error per `horizon` samples. With target None the coefficient stays fixed."""
-
-    def __init__(self, value: float, target: float | None, horizon: int) -> None:
-        self.value, self.target, self.horizon = value, target, horizon
-
-    def update(self, current_kl: float, n_samples: int) -> None:
-        if self.target is None:
-            return
-        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_samples / self.horizon
-
+from tunekit.rl.ppo_math import (
+    AdaptiveKLController,
+    entropy,
+    gae,
+    kl_penalized_rewards,
+    masked_mean,
+    policy_loss,
+    value_loss,
+    whiten,
+)
+from tunekit.rl.rollout import in_chunks, position_ids, reference_of, response_logprobs
 
 # ---------------------------------------------------------------------------------------------
 # The model: policy + value head
@@ -146,24 +69,6 @@ class PolicyWithValue(nn.Module):
         return out.logits, self.value_head(hidden).squeeze(-1)
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as generate() uses them (so log-probs match the sampling)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log pi(y_t) of each response token under the tempered distribution it was sampled from;
-    `logits` are those of the positions that predict the response tokens."""
-    logits = logits / max(temperature, 1e-6)
-    return torch.gather(logits.log_softmax(-1), 2, responses.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy of the softmax over `logits`."""
-    probs = logits.softmax(-1)
-    return torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
-
-
 # ---------------------------------------------------------------------------------------------
 # The update
 
@@ -181,7 +86,7 @@ class Batch:
     advantages: torch.Tensor  # (B, R)
     returns: torch.Tensor  # (B, R)
 
-    def rows(self, index: list[int]) -> Batch:
+    def rows(self, index: list[int] | slice) -> Batch:
         return Batch(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
 
@@ -190,13 +95,42 @@ def forward_responses(model: Any, batch_ids: torch.Tensor, mask: torch.Tensor, c
     """Tempered logits and values at the positions that predict the response tokens, and the
     response tokens' log-probs."""
     logits, values = model(batch_ids, mask)
-    logits = logits[:, context - 1 : -1] / max(temperature, 1e-6)
+    logits = logits[:, context - 1 : -1].float() / max(temperature, 1e-6)
     return logits, values[:, context - 1 : -1], response_logprobs(logits, batch_ids[:, context:], 1.0)
 
 
+def rollout_forward(model: Any, samples: Any, temperature: float, forward_batch_size: int | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Values, log-probs and per-token entropies of the sampled responses under the policy with its
+    value head, without gradients, `forward_batch_size` rows per forward pass."""
+    parts = []
+    with torch.no_grad():
+        for rows in in_chunks(forward_batch_size, len(samples.responses)):
+            logits, values, logprobs = forward_responses(model, samples.query_responses[rows],
+                                                         samples.attention_mask[rows], samples.context, temperature)
+            parts.append((values, logprobs, entropy(logits)))
+    values, logprobs, entropies = (torch.cat(part) for part in zip(*parts))
+    return values, logprobs, entropies
+
+
+def ppo_loss(model: Any, mini: Batch, settings: Any, context: int, temperature: float
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy loss + vf_coef * clipped value loss of a minibatch (or a forward batch of one)."""
+    _, values, logprobs = forward_responses(model, mini.query_responses, mini.attention_mask, context, temperature)
+    pg, clip_fraction, approx_kl = policy_loss(logprobs, mini.logprobs, mini.advantages, mini.response_mask,
+                                               settings.clip_range)
+    vf, vf_clip = value_loss(values, mini.values, mini.returns, mini.response_mask, settings.value_clip_range)
+    loss = pg + settings.vf_coef * vf
+    return loss, {"loss": loss, "policy_loss": pg, "value_loss": vf, "clip_fraction": clip_fraction,
+                  "value_clip_fraction": vf_clip, "approx_kl": approx_kl}
+
+
 def minibatch_epochs(model: Any, optimizer: Any, accelerator: Any, batch: Batch, settings: Any, temperature: float,
-                     seed: int) -> dict[str, float]:
-    """PPO's inner loop: `settings.epochs` passes over the batch in shuffled minibatches."""
+                     seed: int, scheduler: Any = None) -> dict[str, float]:
+    """PPO's inner loop: `settings.epochs` passes over the batch in shuffled minibatches, one
+    optimizer step each. A minibatch goes through the model `settings.forward_batch_size` rows at a
+    time, gradients accumulated: each forward batch's loss is weighted by its share of the
+    minibatch's response tokens, so the step is the one of the whole minibatch at once."""
     context = batch.query_responses.shape[1] - batch.responses.shape[1]
     order = list(range(len(batch.responses)))
     totals: dict[str, float] = {}
@@ -206,20 +140,24 @@ def minibatch_epochs(model: Any, optimizer: Any, accelerator: Any, batch: Batch,
         rng.shuffle(order)
         for start in range(0, len(order), settings.minibatch_size):
             mini = batch.rows(order[start : start + settings.minibatch_size])
-            _, values, logprobs = forward_responses(model, mini.query_responses, mini.attention_mask, context, temperature)
-            pg, clip_fraction, approx_kl = policy_loss(logprobs, mini.logprobs, mini.advantages, mini.response_mask,
-                                                       settings.clip_range)
-            vf, vf_clip = value_loss(values, mini.values, mini.returns, mini.response_mask, settings.value_clip_range)
-            loss = pg + settings.vf_coef * vf
-            accelerator.backward(loss)
+            tokens = mini.response_mask.sum().clamp(min=1)
+            chunks = in_chunks(settings.forward_batch_size, len(mini.responses))
+            for number, rows in enumerate(chunks):
+                part = mini.rows(rows)
+                weight = part.response_mask.sum() / tokens
+                loss, stats = ppo_loss(model, part, settings, context, temperature)
+                # DDP: gradients are all-reduced once, with the minibatch's last backward
+                syncing = contextlib.nullcontext() if number == len(chunks) - 1 else accelerator.no_sync(model)
+                with syncing:
+                    accelerator.backward(loss * weight)
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + float(value.detach() * weight)
             if settings.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             optimizer.zero_grad()
-            stats = {"loss": loss, "policy_loss": pg, "value_loss": vf, "clip_fraction": clip_fraction,
-                     "value_clip_fraction": vf_clip, "approx_kl": approx_kl}
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach())
             updates += 1
     return {key: value / max(updates, 1) for key, value in totals.items()}
 
@@ -240,6 +178,25 @@ def prompt_batches(count: int, batch_size: int, seed: int, rank: int = 0, world:
         yield take[rank * batch_size : (rank + 1) * batch_size]
 
 
+@dataclass
+class OptimizerSettings:
+    """AdamW and its learning-rate schedule, from the recipe's `train:` section."""
+
+    lr: float
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    scheduler: str = "constant"  # train.lr_scheduler_type
+    warmup_steps: float = 0  # train.warmup_steps: optimizer steps, or a fraction of them below 1
+
+
+def trackers(report_to: str | list[str] | None) -> str | list[str] | None:
+    """train.report_to as accelerate's log_with (TensorBoard, W&B, ...); None for "none"."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    names = [n for n in names if n != "none"]
+    return names or None
+
+
 class PPOTrainer:
     """PPO with a KL penalty against a frozen reference, on accelerate.
 
@@ -249,9 +206,10 @@ class PPOTrainer:
     processes."""
 
     def __init__(self, policy: Any, tokenizer: Any, reward: Any, prompts: list[Any], settings: Any, generation: Any,
-                 optimizer: dict[str, Any], seed: int = 42, logging_steps: int = 10, log: Any = None,
+                 optimizer: OptimizerSettings, seed: int = 42, logging_steps: int = 10, log: Any = None,
                  reference: Any = None, shown_samples: int = 3, mixed_precision: str = "no",
-                 save_steps: int | None = None, checkpoints: Any = None, cpu: bool = False) -> None:
+                 save_steps: int | None = None, checkpoints: Any = None, cpu: bool = False,
+                 report_to: str | list[str] | None = None) -> None:
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
@@ -262,16 +220,23 @@ class PPOTrainer:
         # train.use_cpu keeps a run on the CPU of a GPU machine). An Accelerator made earlier in the
         # same process (another run) must not decide the device: TrainingArguments resets it too.
         AcceleratorState._reset_state(reset_partial_state=True)
-        self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu or not torch.cuda.is_available())
+        log_with = trackers(report_to) if checkpoints else None
+        self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu or not torch.cuda.is_available(),
+                                       log_with=log_with, project_dir=checkpoints.path / "runs" if log_with else None)
         problem = check_world_size(self.accelerator.num_processes)
         if problem:
             raise TrainingFailure(problem)
+        if log_with:
+            self.accelerator.init_trackers("ppo")
         torch.manual_seed(seed + self.accelerator.process_index)  # each process samples differently
         model = PolicyWithValue(policy)
         # Dropout off (eval mode) throughout: the rollout's log-probs and the update's must agree.
         model.eval()
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.model, self.optimizer = self.accelerator.prepare(model, torch.optim.AdamW(trainable, **optimizer))
+        adamw = torch.optim.AdamW(trainable, lr=optimizer.lr, weight_decay=optimizer.weight_decay,
+                                  betas=optimizer.betas, eps=optimizer.eps)
+        self.model, self.optimizer = self.accelerator.prepare(model, adamw)
+        self.scheduler = learning_rate_schedule(self.optimizer, optimizer, settings)
         self.reward = reward.to(self.accelerator.device)
         self.reference = reference.to(self.accelerator.device).eval() if reference is not None else None
         self.tokenizer, self.prompts, self.settings, self.generation = tokenizer, prompts, settings, generation
@@ -322,40 +287,49 @@ class PPOTrainer:
         finally:
             if progress:
                 progress.close()
+            for tracker in self.accelerator.trackers:  # not end_training(): it ends the process group
+                tracker.finish()
 
     def ppo_step(self, prompts: list[Any]) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Roll out, score, update; the step's statistics (averaged over processes) and samples."""
         batch, stats, shown = self.rollout(prompts)
         stats.update(minibatch_epochs(self.model, self.optimizer, self.accelerator, batch, self.settings,
-                                      self.generation.temperature, self.seed + self.step))
+                                      self.generation.temperature, self.seed + self.step, self.scheduler))
+        stats = self.reduce(stats)
+        # Every process moves its coefficient with the same all-process mean KL, so all stay equal.
         self.kl.update(stats["kl"], self.settings.rollout_batch_size * self.accelerator.num_processes)
-        return self.reduce(stats), shown
+        return stats, shown
 
     def log_window(self, window: list[dict[str, float]], shown: list[dict[str, Any]], progress: Any) -> None:
-        """One metrics.jsonl record: the means over the steps since the last one."""
+        """One metrics.jsonl record (and tracker entry): the means over the steps since the last one."""
         record = {key: sum(w[key] for w in window) / len(window) for key in window[0]}
-        self.log({"step": self.step, **record, "kl_coef": self.kl.value,
-                  "elapsed_s": round(time.time() - self.started, 1), "samples": shown})
+        record.update(kl_coef=self.kl.value, learning_rate=self.scheduler.get_last_lr()[0])
+        self.log({"step": self.step, **record, "elapsed_s": round(time.time() - self.started, 1), "samples": shown})
+        self.accelerator.log(record, step=self.step)
         if progress:
             progress.note(record.get("reward"), "reward")
             progress.report()
 
     def save_checkpoint(self, folder: Path) -> None:
-        """Policy and value head (safetensors), optimizer, step, KL coefficient and RNG states,
-        written to a temporary folder and renamed into place, then marked complete."""
+        """Policy and value head (safetensors), optimizer, schedule, step, KL coefficient, and each
+        process's RNG states, written to a temporary folder and renamed into place, then marked complete."""
         from safetensors.torch import save_model
 
         from tunekit.outputs import write_json
         from tunekit.training import inject_fault
 
+        tmp = folder.with_name(f".{folder.name}.tmp")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            tmp = folder.with_name(f".{folder.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        torch.save(self.rank_state(), tmp / f"rank-{self.accelerator.process_index}.pt")
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
             save_model(self.accelerator.unwrap_model(self.model), str(tmp / "model.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "kl_coef": self.kl.value,
-                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "ppo_state.pt")
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "kl_coef": self.kl.value}, tmp / "ppo_state.pt")
             write_json(tmp / "trainer_state.json", {"global_step": self.step})
             os.replace(tmp, folder)
             inject_fault("kill-before-mark", self.step)
@@ -365,33 +339,50 @@ class PPOTrainer:
                     shutil.rmtree(older, ignore_errors=True)
             inject_fault("kill-after-save", self.step)
 
+    def rank_state(self) -> dict[str, Any]:
+        """What differs between processes: the RNG states (each samples its own responses), and
+        the KL coefficient (equal on all; kept to show it)."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"cpu_rng": torch.get_rng_state(), "cuda_rng": cuda, "python_rng": random.getstate(),
+                "kl_coef": self.kl.value}
+
     def load_checkpoint(self, folder: Path) -> None:
         """Continue from a checkpoint written by save_checkpoint (tensors and plain values only:
         loaded with weights_only, so no arbitrary pickle runs)."""
         from safetensors.torch import load_model
 
+        from tunekit.errors import UserError
+
+        mine = folder / f"rank-{self.accelerator.process_index}.pt"
+        if not mine.is_file():
+            raise UserError(f"--resume {folder}: no state for process {self.accelerator.process_index}; resume with "
+                            "the number of processes that wrote the checkpoint")
         load_model(self.accelerator.unwrap_model(self.model), str(folder / "model.safetensors"))
         state = torch.load(folder / "ppo_state.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         self.kl.value = state["kl_coef"]
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
+        rank = torch.load(mine, weights_only=True)
+        torch.set_rng_state(rank["cpu_rng"])
+        if rank["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rank["cuda_rng"])
+        random.setstate(rank["python_rng"])
         self.step = int(json.loads((folder / "trainer_state.json").read_text())["global_step"])
 
     def rollout(self, prompts: list[Any]) -> tuple[Batch, dict[str, float], list[dict[str, Any]]]:
-        """Generate, score, and turn the scores into whitened per-token advantages."""
-        from tunekit.rl.rollout import lm_logprobs, reference_of, sample, scores_of
+        """Generate, score, and turn the scores into whitened per-token advantages. Sampling and the
+        reference run under the prepared model's autocast (bf16 on a GPU): one precision for every
+        log-prob, so the sampled distribution is the measured one and the KL starts at 0."""
+        from tunekit.rl.rollout import lm_logprobs, sample, scores_of
 
         settings, temperature = self.settings, self.generation.temperature
-        samples = sample(self.policy, self.tokenizer, [p.policy_text for p in prompts], self.generation)
+        with self.accelerator.autocast():
+            samples = sample(self.policy, self.tokenizer, [p.policy_text for p in prompts], self.generation)
         raw, scores = scores_of(self.reward, prompts, samples, settings.missing_eos_penalty)
         mask = samples.response_mask.float()
-        with torch.no_grad():
-            logits, values, logprobs = forward_responses(self.model, samples.query_responses, samples.attention_mask,
-                                                         samples.context, temperature)
-            token_entropy = masked_mean(entropy(logits), mask)
-            with reference_of(self.policy, self.reference) as reference:
-                ref_logprobs = lm_logprobs(reference, samples, temperature)
+        values, logprobs, entropies = rollout_forward(self.model, samples, temperature, settings.forward_batch_size)
+        with self.accelerator.autocast(), reference_of(self.policy, self.reference) as reference:
+            ref_logprobs = lm_logprobs(reference, samples, temperature, settings.forward_batch_size)
         rewards, kl = kl_penalized_rewards(logprobs, ref_logprobs, scores, mask, self.kl.value)
         values = values * mask
         advantages, returns = gae(rewards, values, mask, settings.gamma, settings.lam)
@@ -400,7 +391,7 @@ class PPOTrainer:
         batch = Batch(samples.query_responses, samples.attention_mask, samples.responses, mask, logprobs, values,
                       advantages, returns)
         stats = {"reward": float(raw.mean()), "score": float(scores.mean()), "kl": float(kl.sum(1).mean()),
-                 "entropy": float(token_entropy), "response_length": float(mask.sum(1).mean()),
+                 "entropy": float(masked_mean(entropies, mask)), "response_length": float(mask.sum(1).mean()),
                  "ended_fraction": float(samples.ended.float().mean()), "value": float(masked_mean(values, mask))}
         shown = [{"prompt": p.shown, "response": text, "reward": round(float(r), 4)}
                  for p, text, r in list(zip(prompts, samples.texts, raw))[: self.shown]]
@@ -412,3 +403,12 @@ class PPOTrainer:
             return stats
         values = torch.tensor(list(stats.values()), device=self.accelerator.device)
         return dict(zip(stats, self.accelerator.reduce(values, reduction="mean").tolist()))
+
+
+def learning_rate_schedule(optimizer: Any, settings: OptimizerSettings, ppo: Any) -> Any:
+    """train.lr_scheduler_type over all of PPO's optimizer steps (steps x epochs x minibatches)."""
+    from transformers import get_scheduler
+
+    total = ppo.steps * ppo.epochs * -(-ppo.rollout_batch_size // ppo.minibatch_size)
+    warmup = int(settings.warmup_steps * total) if settings.warmup_steps < 1 else int(settings.warmup_steps)
+    return get_scheduler(settings.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)

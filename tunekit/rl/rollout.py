@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from tunekit.errors import UserError
+from tunekit.generation import GenerationSection, generate_ids
 
 
 @dataclass
@@ -61,6 +62,8 @@ class RewardModel:
         self.model, self.tokenizer = load_run_model(path, AutoModelForSequenceClassification)
         self.model.eval().requires_grad_(False)
         self.batch_size = batch_size
+        # Texts are cut where the reward run cut them in training (as `predict` does).
+        self.max_length = int(resolved_train(path).get("max_length", 512))
 
     def to(self, device: Any) -> RewardModel:
         self.model.to(device)
@@ -70,7 +73,16 @@ class RewardModel:
         from tunekit.methods.reward import score_texts
 
         texts = [p.reward_text(self.tokenizer, r) for p, r in zip(prompts, responses)]
-        return torch.tensor(score_texts(self.model, self.tokenizer, texts, self.batch_size), dtype=torch.float32)
+        scores = score_texts(self.model, self.tokenizer, texts, self.batch_size, self.max_length)
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+def resolved_train(run_dir: Path) -> dict[str, Any]:
+    """A reward run's `train:` section as it ran: its saved values over the reward command's defaults."""
+    from tunekit.methods.reward import Config
+    from tunekit.outputs import read_run_config
+
+    return {**Config.train_defaults(), **(read_run_config(run_dir).get("train") or {})}
 
 
 def encode(tokenizer: Any, texts: list[str], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,15 +106,10 @@ class Samples:
         return self.query_responses.shape[1] - self.responses.shape[1]
 
 
-def sample(lm: Any, tokenizer: Any, texts: list[str], generation: Any) -> Samples:
+def sample(lm: Any, tokenizer: Any, texts: list[str], generation: GenerationSection) -> Samples:
     """Generate one response per prompt text, cut after the first EOS."""
     ids, mask = encode(tokenizer, texts, lm.device)
-    sampling = ({"do_sample": True, "temperature": generation.temperature, "top_p": generation.top_p}
-                if generation.temperature > 0 else {"do_sample": False})
-    with torch.no_grad():
-        out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=generation.max_new_tokens,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
-    responses = out[:, ids.shape[1]:]
+    responses = generate_ids(lm, tokenizer, ids, mask, generation)
     is_eos = responses == tokenizer.eos_token_id
     ended = is_eos.any(dim=1)
     first_eos = torch.where(ended, is_eos.float().argmax(dim=1), torch.full_like(ended, responses.shape[1], dtype=torch.long))
@@ -123,16 +130,35 @@ def scores_of(reward: RewardModel, prompts: list[Prompt], samples: Samples, miss
     return raw, raw - missing_eos_penalty * (~samples.ended).float()
 
 
-def lm_logprobs(lm: Any, samples: Samples, temperature: float) -> torch.Tensor:
-    """Log-probs of the response tokens under a causal LM (no value head)."""
-    from tunekit.rl.ppo import position_ids, response_logprobs
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as generate() uses them (so log-probs match the sampling)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    mask = samples.attention_mask
-    with torch.no_grad():
-        logits = lm(input_ids=samples.query_responses, attention_mask=mask, position_ids=position_ids(mask),
-                    use_cache=False).logits
-    logits = logits[:, samples.context - 1 : -1]
-    return response_logprobs(logits, samples.responses, temperature)
+
+def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(y_t) of each response token under the tempered distribution it was sampled from;
+    `logits` are those of the positions that predict the response tokens."""
+    logits = logits / max(temperature, 1e-6)
+    return torch.gather(logits.log_softmax(-1), 2, responses.unsqueeze(-1)).squeeze(-1)
+
+
+def in_chunks(size: int | None, rows: int) -> list[slice]:
+    """Row slices of at most `size` rows (all rows at once when size is None)."""
+    size = size or rows
+    return [slice(start, start + size) for start in range(0, rows, size)]
+
+
+def lm_logprobs(lm: Any, samples: Samples, temperature: float, forward_batch_size: int | None = None) -> torch.Tensor:
+    """Log-probs of the response tokens under a causal LM (no value head), `forward_batch_size`
+    rows per forward pass."""
+    parts = []
+    for rows in in_chunks(forward_batch_size, len(samples.responses)):
+        ids, mask = samples.query_responses[rows], samples.attention_mask[rows]
+        with torch.no_grad():
+            logits = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
+        # in float32, as the prepared policy's outputs: one precision for both log-probs
+        parts.append(response_logprobs(logits.float()[:, samples.context - 1 : -1], samples.responses[rows], temperature))
+    return torch.cat(parts)
 
 
 def reference_of(lm: Any, reference: Any) -> Any:
@@ -151,10 +177,11 @@ def reference_of(lm: Any, reference: Any) -> Any:
     return adapter_off()
 
 
-def evaluate(lm: Any, reference: Any, tokenizer: Any, reward: RewardModel, prompts: list[Prompt], generation: Any,
-             seed: int, batch_size: int = 32) -> dict[str, float]:
-    """Mean reward of sampled responses on held-out prompts and the mean per-sequence KL to the
-    reference (sum over response tokens of log pi - log pi_ref), with a fixed sampling seed."""
+def evaluate(lm: Any, reference: Any, tokenizer: Any, reward: RewardModel, prompts: list[Prompt],
+             generation: GenerationSection, seed: int, batch_size: int = 32, with_kl: bool = True) -> dict[str, float]:
+    """Mean reward of sampled responses on held-out prompts and (with_kl) the mean per-sequence KL to
+    the reference (sum over response tokens of log pi - log pi_ref), with a fixed sampling seed.
+    Before training the policy is the reference: with_kl=False skips two forwards that give 0."""
     torch.manual_seed(seed)
     rewards, kls, lengths = [], [], []
     was_training = lm.training
@@ -163,12 +190,14 @@ def evaluate(lm: Any, reference: Any, tokenizer: Any, reward: RewardModel, promp
         chunk = prompts[start : start + batch_size]
         samples = sample(lm, tokenizer, [p.policy_text for p in chunk], generation)
         raw, _ = scores_of(reward, chunk, samples, None)
-        logprobs = lm_logprobs(lm, samples, generation.temperature)
-        with reference_of(lm, reference) as ref:
-            ref_logprobs = lm_logprobs(ref, samples, generation.temperature)
         rewards += raw.tolist()
-        kls += ((logprobs - ref_logprobs) * samples.response_mask).sum(1).tolist()
         lengths += samples.response_mask.sum(1).tolist()
+        if with_kl:
+            logprobs = lm_logprobs(lm, samples, generation.temperature)
+            with reference_of(lm, reference) as ref:
+                ref_logprobs = lm_logprobs(ref, samples, generation.temperature)
+            kls += ((logprobs - ref_logprobs) * samples.response_mask).sum(1).tolist()
     lm.train(was_training)
     count = max(len(rewards), 1)
-    return {"reward": sum(rewards) / count, "kl": sum(kls) / count, "response_length": sum(lengths) / count}
+    result = {"reward": sum(rewards) / count, "response_length": sum(lengths) / count}
+    return {**result, "kl": sum(kls) / count} if with_kl else result
