@@ -70,7 +70,7 @@ import torch
 from accelerate import Accelerator
 
 from tunekit.rl import ppo
-from tunekit.rl.ppo_math import AdaptiveKLController
+from tunekit.rl.ppo import AdaptiveKLController
 
 accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
@@ -260,15 +260,14 @@ def test_forward_batches_bound_memory_and_keep_the_update(tiny_gpt):
 
 
 def test_sharded_engines_are_refused_for_ppo(tmp_path, cli, tiny_gpt, reward_run, monkeypatch):
-    from tunekit.launch import ENGINE
-
-    monkeypatch.setenv(ENGINE, "NO")  # restored after the test (--accelerate-config sets it)
+    engine = "TUNEKIT_DISTRIBUTED_TYPE"  # tunekit.launch.ENGINE, which --accelerate-config sets
+    monkeypatch.setenv(engine, "NO")  # so it is restored after the test
     recipe = rlhf_recipe(tmp_path, tiny_gpt, reward_run, rlhf={"reward_model": reward_run})
     for name in ("fsdp", "deepspeed-zero2"):
         result = cli("rlhf", recipe, "--dry-run", "--accelerate-config", ROOT / "recipes" / "accelerate" / f"{name}.yaml")
         assert result.code == 2 and "rlhf.algo: ppo does not run on" in result.err, result.err
         assert result.err.count("\n") == 1
-    monkeypatch.setenv(ENGINE, "NO")
+    monkeypatch.setenv(engine, "NO")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # `accelerate launch` with a DeepSpeed config
     result = cli("rlhf", recipe, "--dry-run")
     assert result.code == 2 and "ppo does not run on DeepSpeed" in result.err, result.err
