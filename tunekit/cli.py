@@ -147,7 +147,7 @@ def eval_(
     if bool(data) == bool(task):
         raise UserError("give --data FILE (the run's own task) or --task TASK.yaml (LM tasks), not both or neither")
     if data:
-        from tunekit.runs import eval_on_data
+        from tunekit.scoring import eval_on_data
 
         if len(targets) != 1:
             raise UserError("--data evaluates one run at a time")
@@ -164,23 +164,21 @@ def predict(
     out: Annotated[Path | None, typer.Option("--out", help="output file (default RUN/predictions.jsonl; .json for QA)")] = None,
 ) -> None:
     """Predictions of a finished run for every row of a data file, as JSON lines ({id: answer} for QA)."""
-    from tunekit.runs import predict_to_file
+    from tunekit.scoring import predict_to_file
 
     typer.echo(str(predict_to_file(run, data, out)))
 
 
 @app.command()
 def preview(
-    recipe: RecipeArg, set_: SetOpt = None,
+    recipe: Annotated[str, typer.Argument(help="SFT recipe YAML, shipped recipe name, or an sft run folder")],
+    set_: SetOpt = None,
     examples: Annotated[int, typer.Option("--examples", "-n", help="how many examples to print")] = 3,
 ) -> None:
     """Show which tokens of an SFT recipe's data carry loss ([[trained]] vs plain); exit 2 if one carries none."""
-    from tunekit.config import load_config
-    from tunekit.methods import sft as method
-    from tunekit.preview import preview_data
+    from tunekit.preview import preview_recipe
 
-    config = load_config(method.Config, recipe, list(set_ or []))
-    preview_data(config, method.check(config), examples)
+    preview_recipe(recipe, list(set_ or []), examples)
 
 
 @app.command()
