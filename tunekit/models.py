@@ -8,7 +8,7 @@ from typing import Any
 
 from tunekit.config import ModelSection, PeftSection
 from tunekit.errors import UserError
-from tunekit.runs import open_run, task_of
+from tunekit.runs import open_run
 
 
 def resolve_model_path(name: str) -> str:
@@ -185,7 +185,7 @@ def task_auto_class(run_dir: Path) -> Any:
     """The transformers Auto class of a finished run's task (an explicit choice per method)."""
     import transformers
 
-    from tunekit.outputs import run_method
+    from tunekit.outputs import run_method, task_of
 
     task = task_of(run_dir, run_method(run_dir))
     if task == "sequence-classification":

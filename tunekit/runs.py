@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from tunekit.errors import UserError
-from tunekit.outputs import read_json, read_run_config
+from tunekit.outputs import Task, read_json, task_of
 
 # What a command needs of the folder:
 #   causal_lm  a causal LM to sample from (generate, chat, serve, eval --task): a run, or a model folder
@@ -21,7 +21,6 @@ from tunekit.outputs import read_json, read_run_config
 #   adapter    a run that saved an adapter (merge)
 #   sft        an SFT run's resolved recipe (preview), finished or not
 Want = Literal["causal_lm", "own_task", "adapter", "sft"]
-Task = Literal["causal-lm", "masked-lm", "sequence-classification", "question-answering"]
 
 OWN_TASK_METHODS = ("classify", "qa", "reward", "dpo")  # the methods with eval_run / predict_run
 CAUSAL_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
@@ -50,7 +49,7 @@ def open_run(target: str | Path, command: str, want: Want) -> RunInfo | None:
     if not path.is_dir():
         raise UserError(f"{target}: is a file, not a run folder; give the folder a training command printed last")
     if not any(path.iterdir()):
-        raise UserError(f"{target}: the folder is empty, not a tunekit run; give the folder a training command printed last")
+        raise UserError(f"{target}: the folder is empty: not a tunekit run folder; give the folder a training command printed last")
     if not (path / "run.json").is_file():
         if models_ok and (path / "config.json").is_file():
             return model_folder(path, command)
@@ -93,17 +92,6 @@ def check_kind(run: RunInfo, command: str, want: Want) -> None:
                         "its model/ already loads with transformers as it is")
     if want == "sft" and run.method != "sft":
         raise UserError(f"{what}; `tunekit {command}` shows the data of sft runs and recipes")
-
-
-def task_of(path: Path, method: str | None) -> Task:
-    """The model head a run trained (an explicit choice per method)."""
-    if method in ("classify", "reward"):
-        return "sequence-classification"
-    if method == "qa":
-        return "question-answering"
-    if method == "pretrain" and (read_run_config(path).get("pretrain") or {}).get("objective") == "mlm":
-        return "masked-lm"
-    return "causal-lm"
 
 
 def model_folder(path: Path, command: str) -> RunInfo:
