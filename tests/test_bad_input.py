@@ -191,7 +191,7 @@ def test_run_commands_on_what_is_not_a_finished_run(command, state, tmp_path, cl
 
 
 WRONG_KINDS = [
-    (["generate", "{classify}", "--prompt", "hi"], "a `classify` run (sequence-classification); `tunekit generate` needs a causal LM"),
+    (["generate", "{classify}", "--prompt", "hi"], "a run of `tunekit classify` (sequence-classification); `tunekit generate` needs a causal LM"),
     (["chat", "{classify}"], "`tunekit chat` needs a causal LM"),
     (["eval", "{reward}", "--task", str(ROOT / "recipes" / "eval" / "sst2-sentiment.yaml")], "`tunekit eval --task` needs a causal LM"),
     (["generate", "{bert_folder}", "--prompt", "hi"], "a BertForSequenceClassification model folder"),
@@ -199,7 +199,7 @@ WRONG_KINDS = [
     (["generate", "{dpo}", "--heldout", "2"], "--heldout reads the held-out split of an sft run"),
     (["merge", "{sft}"], "a full fine-tuning run (model/, no adapter/): nothing to merge"),
     (["eval", "{sft}", "--data", "{tmp}/d.tsv"], "reads data files of classify, qa, reward, dpo runs; for a causal LM use"),
-    (["predict", "{mlm}", "--data", "{tmp}/d.tsv"], "a `pretrain` run (masked-lm)"),
+    (["predict", "{mlm}", "--data", "{tmp}/d.tsv"], "a run of `tunekit pretrain` (masked-lm)"),
     (["preview", "{classify}"], "`tunekit preview` shows the data of sft runs"),
 ]
 

@@ -86,7 +86,7 @@ def generate_for(
         raise UserError("give --prompt TEXT, --data FILE or --heldout N")
     run_info = open_run(run, "generate", "causal_lm")
     if heldout and (run_info is None or run_info.method != "sft"):
-        kind = f"a `{run_info.method}` run" if run_info and run_info.method else "not a tunekit run"
+        kind = f"a run of `tunekit {run_info.method}`" if run_info and run_info.method else "not a tunekit run"
         raise UserError(f"{run}: {kind}; --heldout reads the held-out split of an sft run; use --prompt or --data")
     with library_output_to_stderr():
         if heldout:

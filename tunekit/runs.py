@@ -81,7 +81,7 @@ def check_finished(path: Path, status: str | None, reason: str | None) -> None:
 
 
 def check_kind(run: RunInfo, command: str, want: Want) -> None:
-    what = f"{run.path}: a `{run.method}` run ({run.task})"
+    what = f"{run.path}: a run of `tunekit {run.method}` ({run.task})"
     if want == "causal_lm" and run.task != "causal-lm":
         raise UserError(f"{what}; `tunekit {command}` needs a causal LM: an sft, dpo, rlhf or causal pretrain run")
     if want == "own_task" and run.method not in OWN_TASK_METHODS:
