@@ -81,5 +81,6 @@ Fine-tuned with tunekit `{info.get("method")}`{f" ({peft_method} adapter)" if pe
 {info.get("command")}
 ```
 
-The resolved recipe is in `config.yaml`; training curves in `loss.png` and `metrics.jsonl`.
+The resolved recipe is in `config.yaml`; training curves in `loss.png`{" and `reward.png`" if info.get("method") == "rlhf" else ""}
+and `metrics.jsonl`.
 """
