@@ -30,25 +30,31 @@ def fetch(
     names: list[str], mirror: Path | None = None, dest: Path = DATA_DIR, timeout: float = 60.0,
     overwrite: bool = False, say: Callable[[str], None] = print,
 ) -> None:
-    """Fetch the named datasets ("all" for every one) into `dest`; `say` gets one line per file."""
+    """Fetch the named datasets ("all" for every one) into `dest`; `say` gets a line per file fetched
+    and a last one with the counts."""
     if mirror is not None and not mirror.is_dir():
         raise UserError(f"{mirror}: no such folder (--from); give a mirror folder with the layout of data/")
+    checked = fetched = 0
     for dataset in selected(names):
         downloads: dict[str, bytes] = {}  # one download per URL (SST-2's two files share a zip)
         for file in dataset.files:
             target = dest / file.path
+            checked += 1
             if present(target, file, overwrite):
-                say(f"{target}: ok (already there)")
-            elif mirror is not None:
+                continue
+            if mirror is not None:
                 source = mirror / file.path
-                write_checked(read_mirror(source, dataset), target, file, str(source), "the mirror's copy is damaged or another version")
-                say(f"{target}: ok (copied from {mirror / file.path})")
+                write_checked(read_mirror(source, dataset), target, file, str(source),
+                              "the mirror's copy is damaged or another version")
+                say(f"{target}: ok (copied from {source})")
             else:
                 if file.url not in downloads:
                     downloads[file.url] = download(file.url, dataset, timeout)
                 write_checked(extract(downloads[file.url], file, dataset), target, file, file.url,
                               "the source changed; " + MIRROR_HINT.format(name=dataset.name))
                 say(f"{target}: ok (downloaded from {file.url})")
+            fetched += 1
+    say(f"{dest}: {checked} files match their sha256 ({fetched} fetched now)")
 
 
 def selected(names: list[str]) -> list[Dataset]:
