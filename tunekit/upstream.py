@@ -98,3 +98,17 @@ def allow_cpu_4bit_shapes(model: Any) -> Any:
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model
+
+
+def forward_with_cache(model: Any, cache: Any, **inputs: Any) -> tuple[Any, Any]:
+    """One decoding forward pass: (logits, the KV cache to pass next time).
+
+    transformers 5.24 names the KV cache `cache` (argument and output); `past_key_values`, the name
+    before it, still works there but warns that it goes in 5.40. Which one a model takes is read
+    from its forward signature (the base model's, under a PEFT adapter)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    out = model(**inputs, **{name: cache})
+    return out.logits, out[name]
