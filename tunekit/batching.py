@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunekit.upstream import forward_with_cache
+from tunekit.upstream import can_join, forward_with_cache, join_caches
 
 log = logging.getLogger("tunekit.serve")
 
@@ -61,6 +61,17 @@ class Job:
     def cancel(self) -> None:
         """The client is gone: the worker drops this job's rows at its next step."""
         self.cancelled.set()
+
+
+@dataclass
+class Batch:
+    """The rows being decoded, their KV cache and attention mask (both as long as the sequence so
+    far), and each row's newest token, the next input."""
+
+    rows: list[Row]
+    cache: Any
+    mask: Any
+    tokens: list[int]
 
 
 @dataclass
@@ -121,7 +132,8 @@ class Engine:
         self.max_batch = max_batch
         self.wait_s = wait_s
         self.eos_ids = {tokenizer.eos_token_id, *self._config_eos(model)} - {None}
-        self.stats = {"batches": 0, "rows": 0, "rows_cancelled": 0, "tokens": 0, "largest_batch": 0}
+        # batches: groups of jobs prefilled together; joins: groups that joined a running batch
+        self.stats = {"batches": 0, "joins": 0, "rows": 0, "rows_cancelled": 0, "tokens": 0, "largest_batch": 0}
         self._queue: deque[Job] = deque()
         self._ready = threading.Condition()
         self._closed = False
@@ -198,36 +210,74 @@ class Engine:
         return rows
 
     def _decode(self, jobs: list[Job]) -> None:
-        """One batch from prefill to its last row, a forward pass per token."""
+        """Decode a batch until its last row ends, a forward pass per token. Jobs that arrive
+        meanwhile join it between two steps (prefilled on their own, then their cache rows
+        appended), so a long generation does not hold up the requests behind it."""
+        import torch
+
+        batch = self._prefill(jobs)
+        while batch is not None:
+            waiting = self._take(self.max_batch - len(batch.rows)) if can_join(batch.cache) else []
+            jobs.extend(waiting)  # so that a failure reaches them too
+            newcomers = self._prefill(waiting) if waiting else None
+            if newcomers is not None:
+                batch = self._join(batch, newcomers)
+            ids = torch.tensor([[t] for t in batch.tokens], device=self.model.device)
+            mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=-1)
+            batch = self._step(batch.rows, ids, mask, batch.cache)
+
+    def _take(self, room: int) -> list[Job]:
+        """The waiting jobs that fit in `room` rows, without waiting."""
+        taken: list[Job] = []
+        with self._ready:
+            while self._queue and self._queue[0].n <= room:
+                job = self._queue.popleft()
+                if not job.cancelled.is_set():
+                    taken.append(job)
+                    room -= job.n
+        return taken
+
+    def _prefill(self, jobs: list[Job]) -> Batch | None:
+        """The prompts, padded on the left, through the model: the batch after its first token."""
         import torch
 
         rows = self._rows(jobs)
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
         width = max(len(row.job.prompt_ids) for row in rows)
-        pad = self.tokenizer.pad_token_id
+        pads = [width - len(row.job.prompt_ids) for row in rows]
         device = self.model.device
-        ids = torch.tensor([[pad] * (width - len(r.job.prompt_ids)) + r.job.prompt_ids for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r.job.prompt_ids)) + [1] * len(r.job.prompt_ids) for r in rows],
-                            device=device)
-        cache = None
+        ids = torch.tensor([[self.tokenizer.pad_token_id] * p + r.job.prompt_ids for p, r in zip(pads, rows)], device=device)
+        mask = torch.tensor([[0] * p + [1] * (width - p) for p in pads], device=device)
+        return self._step(rows, ids, mask, None)
+
+    def _step(self, rows: list[Row], ids: Any, mask: Any, cache: Any) -> Batch | None:
+        """One forward pass: every row gets its next token; the rows that end leave the batch."""
+        import torch
+
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # padding does not count
         with torch.inference_mode():
-            while True:
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-                logits, cache = forward_with_cache(self.model, cache, input_ids=ids, attention_mask=mask,
-                                                   position_ids=positions, use_cache=True, logits_to_keep=1)
-                tokens = choose_tokens(logits[:, -1, :], rows)
-                keep = [i for i, (row, token) in enumerate(zip(rows, tokens)) if self._advance(row, token)]
-                if not keep:
-                    return
-                if len(keep) < len(rows):
-                    index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(index)
-                    mask = mask[index]
-                rows = [rows[i] for i in keep]
-                ids = torch.tensor([[tokens[i]] for i in keep], device=device)
-                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
+            logits, cache = forward_with_cache(self.model, cache, input_ids=ids, attention_mask=mask,
+                                               position_ids=positions, use_cache=True, logits_to_keep=1)
+            tokens = choose_tokens(logits[:, -1, :], rows)
+        keep = [i for i, (row, token) in enumerate(zip(rows, tokens)) if self._advance(row, token)]
+        if not keep:
+            return None
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(index)
+            mask = mask[index]
+        return Batch([rows[i] for i in keep], cache, mask, [tokens[i] for i in keep])
+
+    def _join(self, batch: Batch, newcomers: Batch) -> Batch:
+        import torch
+
+        self.stats["joins"] += 1
+        join_caches(batch.cache, newcomers.cache)
+        width = max(batch.mask.shape[1], newcomers.mask.shape[1])
+        masks = [torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in (batch.mask, newcomers.mask)]
+        return Batch(batch.rows + newcomers.rows, batch.cache, torch.cat(masks), batch.tokens + newcomers.tokens)
 
     def _advance(self, row: Row, token: int) -> bool:
         """Give a row its new token and emit the text that is safe to show; False when it ends."""

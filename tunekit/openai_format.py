@@ -73,8 +73,13 @@ class Common(BaseModel):
     stream_options: StreamOptions | None = None
 
     def unsupported(self) -> str | None:
+        """The first field set that tunekit would otherwise ignore (its neutral value is fine)."""
         extra = self.model_extra or {}
-        return next((k for k in UNSUPPORTED if extra.get(k) not in (None, False, 0, 1 if k == "best_of" else 0)), None)
+        for key in UNSUPPORTED:
+            value = extra.get(key)
+            if value not in (None, False, 0, [], {}) and not (key == "best_of" and value == 1):
+                return key
+        return None
 
 
 class TextPart(BaseModel):
@@ -107,6 +112,8 @@ class CompletionRequest(Common):
 def sampling_of(body: Common, prompt_tokens: int, options: ServeOptions) -> Sampling:
     """The request's settings over the run's defaults; a prompt that leaves no room is refused."""
     asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    if prompt_tokens == 0:
+        raise ApiError(400, "the prompt is empty; give some text", param="prompt")
     room = options.context_length - prompt_tokens
     if room < 1 or (asked is not None and asked > room):
         raise ApiError(400, f"this model's context is {options.context_length} tokens; the prompt has {prompt_tokens}"

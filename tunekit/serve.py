@@ -79,19 +79,21 @@ def create_app(engine: Engine, options: ServeOptions) -> Any:
         log.exception("request failed")
         return JSONResponse(error_body(f"internal error: {type(err).__name__}", "server_error"), status_code=500)
 
-    def check(body: Common, prompts: list[list[int]]) -> None:
+    def check(body: Common) -> None:
         if body.model != options.model_id:
             raise ApiError(404, f"model {body.model!r} does not exist; this server has {options.model_id!r}",
                            param="model", code="model_not_found")
         bad = body.unsupported()
         if bad:
             raise ApiError(400, f"{bad} is not supported by tunekit serve; leave it out", param=bad)
+
+    async def reply(body: Common, prompts: list[list[int]], request: Request) -> Any:
         if len(prompts) * body.n > engine.max_batch:
             raise ApiError(400, f"{len(prompts)} prompt(s) x n={body.n} choices exceed the batch of {engine.max_batch}",
                            param="n")
-        log.info("%s: %d prompt(s), %s prompt tokens, n=%d%s", type(body).__name__, len(prompts),
-                 "+".join(str(len(p)) for p in prompts), body.n, "" if not options.log_prompts else
-                 f", prompt {json.dumps(body.model_dump(include={'messages', 'prompt'}))}")
+        shown = f", {json.dumps(body.model_dump(include={'messages', 'prompt'}))}" if options.log_prompts else ""
+        log.info("%s: %s prompt tokens, n=%d%s", request.url.path, "+".join(str(len(p)) for p in prompts), body.n, shown)
+        return await answer(request, engine, options, body, prompts)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -99,16 +101,14 @@ def create_app(engine: Engine, options: ServeOptions) -> Any:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
-        prompts = [chat_prompt(engine.tokenizer, body)]
-        check(body, prompts)
-        return await answer(request, engine, options, body, prompts)
+        check(body)
+        return await reply(body, [chat_prompt(engine.tokenizer, body)], request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        check(body)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        prompts = [engine.tokenizer(t)["input_ids"] for t in texts]
-        check(body, prompts)
-        return await answer(request, engine, options, body, prompts)
+        return await reply(body, [engine.tokenizer(t)["input_ids"] for t in texts], request)
 
     return app
 

@@ -112,3 +112,30 @@ def forward_with_cache(model: Any, cache: Any, **inputs: Any) -> tuple[Any, Any]
     name = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
     out = model(**inputs, **{name: cache})
     return out.logits, out[name]
+
+
+def can_join(cache: Any) -> bool:
+    """Whether `join_caches` can add rows to this KV cache: only when every layer is a plain
+    `DynamicLayer` (transformers 5.24), whose state is its key and value tensors alone; sliding-window
+    and other layer kinds keep offsets that left padding would break."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def join_caches(first: Any, second: Any) -> None:
+    """Append the rows of `second` to `first` (both `can_join`), padding the shorter on the left
+    with zeros along the sequence; the caller's attention mask hides the padding."""
+    import torch
+
+    def padded(tensor: Any, length: int) -> Any:
+        missing = length - tensor.shape[-2]
+        if not missing:
+            return tensor
+        return torch.cat([tensor.new_zeros((*tensor.shape[:-2], missing, tensor.shape[-1])), tensor], dim=-2)
+
+    for a, b in zip(first.layers, second.layers):
+        length = max(a.keys.shape[-2], b.keys.shape[-2])
+        a.keys = torch.cat([padded(a.keys, length), padded(b.keys, length)], dim=0)
+        a.values = torch.cat([padded(a.values, length), padded(b.values, length)], dim=0)
