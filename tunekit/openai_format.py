@@ -37,10 +37,16 @@ class ServeOptions:
 
 
 class ApiError(Exception):
+    """A request the server refuses: an HTTP status and OpenAI's error fields."""
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  kind: str = "invalid_request_error") -> None:
         super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.status = status
+        self.message = message
+        self.param = param  # the request field at fault
+        self.code = code  # OpenAI's machine-readable reason, e.g. context_length_exceeded
+        self.kind = kind  # OpenAI's error "type"
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
