@@ -279,6 +279,27 @@ def recipes_cp(
     typer.echo(str(copy_recipe(name, dest)))
 
 
+data_app = typer.Typer(help="The recipes' datasets: fetch them into data/.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("fetch")
+def data_fetch(
+    names: Annotated[list[str], typer.Argument(help="datasets (see data/README.md), or all")],
+    mirror: Annotated[Path | None, typer.Option("--from", help="copy from this mirror folder instead of downloading")] = None,
+    to: Annotated[Path | None, typer.Option("--to", help="folder to fill (default: the project's data/)")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="seconds to wait on the network")] = 60.0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace files whose sha256 differs")] = False,
+) -> None:
+    """Get datasets from their public source (or a mirror) into data/, checked by sha256."""
+    from tunekit.catalog import DATA_DIR
+    from tunekit.fetch import fetch
+
+    dest = to or DATA_DIR
+    fetch(names, mirror, dest, timeout, overwrite, say=lambda line: typer.echo(line, err=True))
+    typer.echo(str(dest))
+
+
 @app.command()
 def runs(
     folder: Annotated[Path, typer.Argument(help="folder holding run folders")] = Path("runs"), as_json: JsonOpt = False,
