@@ -182,7 +182,6 @@ def serve(target: str, host: str = "127.0.0.1", port: int = 8000, api_key: str |
         engine.close()
 
 
-
 @contextlib.contextmanager
 def background(target: str, **options: Any) -> Iterator[tuple[str, Engine]]:
     """A server in a thread on a free loopback port, for tests, benchmarks and notebooks:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 from transformers import Trainer
@@ -106,12 +108,15 @@ def forward_with_cache(model: Any, cache: Any, **inputs: Any) -> tuple[Any, Any]
     transformers 5.24 names the KV cache `cache` (argument and output); `past_key_values`, the name
     before it, still works there but warns that it goes in 5.40. Which one a model takes is read
     from its forward signature (the base model's, under a PEFT adapter)."""
-    import inspect
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    name = cache_argument(type(base))
     out = model(**inputs, **{name: cache})
     return out.logits, out[name]
+
+
+@functools.cache
+def cache_argument(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def can_join(cache: Any) -> bool:
