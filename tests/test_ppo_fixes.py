@@ -298,7 +298,7 @@ def imported_modules(path: Path) -> set[str]:
 def test_shared_pieces_exist_once():
     """One sampling call, one prompt reader, one generation section, one plot, no import circle
     between the PPO trainer and the rollout."""
-    from tunekit import outputs
+    from tunekit import plots
     from tunekit.methods import dpo, rlhf, sft
 
     package = ROOT / "tunekit"
@@ -309,5 +309,5 @@ def test_shared_pieces_exist_once():
     # lmeval's greedy answers aside, one function calls generate()
     callers = [p.name for p, text in sources.items() if ".generate(" in text and p.name != "lmeval.py"]
     assert callers == ["generation.py"], callers
-    assert not hasattr(rlhf, "plot_rewards") and "plot_curves" in vars(outputs)
+    assert rlhf.plot_rewards.__module__ == plots.__name__  # the one module of charts
     assert "table.require(\"text\"" not in sources[package / "methods" / "rlhf.py"]  # read by masking.prompts_of_table

@@ -23,7 +23,7 @@ from tunekit.data import read_table
 from tunekit.errors import UserError
 from tunekit.generation import GenerationSection
 from tunekit.masking import prompts_of_table
-from tunekit.outputs import plot_curves
+from tunekit.plots import plot_rewards
 
 # TrainingArguments keys that tunekit's PPO reads; the `ppo:` section holds the rest. Any other key
 # is refused unless it keeps its device default (tunekit.config.device_defaults).
@@ -268,7 +268,7 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
     run.write_eval(metrics)
     run.save_model(trained, tokenizer)
     run.finish(metrics)
-    plot_curves(run.path / "metrics.jsonl", run.path / "reward.png", ("reward",), "mean reward", twin="kl")
+    plot_rewards(run.path / "metrics.jsonl", run.path / "reward.png", kl_per_token=config.rlhf.algo != "ppo")
     return metrics
 
 
