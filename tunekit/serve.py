@@ -133,10 +133,10 @@ def build(target: str, api_key: str | None = None, model_id: str | None = None, 
 
     from tunekit.generation import load_chat_model, settings_with
 
-    model, tokenizer, settings = load_chat_model(target)
+    model, tokenizer, settings = load_chat_model(target, "serve")
     if torch.cuda.is_available() and model.device.type == "cpu" and not getattr(model, "is_quantized", False):
         model.to("cuda")
-    defaults = settings_with(settings)
+    defaults = settings_with(settings).model_dump(include=set(settings))  # the run's own settings only
     options = ServeOptions(
         model_id=model_id or Path(target.rstrip("/")).name, context_length=context_length(model, tokenizer),
         api_key=api_key, log_prompts=log_prompts,
