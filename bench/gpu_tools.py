@@ -30,6 +30,10 @@ class SectionTimeout(Exception):
     pass
 
 
+class Refused(Exception):
+    """A kernel forced on an input it does not take: a finding for the table, not a failure."""
+
+
 @contextlib.contextmanager
 def time_budget(seconds: float) -> Any:
     """Raise SectionTimeout in this (main) thread once `seconds` have passed."""
@@ -206,6 +210,27 @@ def attention_call(q: Any, mask: Any, backends: Any) -> float:
     with sdpa_kernel(backends) if backends else contextlib.nullcontext():
         once()
         return statistics.median(once() for _ in range(5))
+
+
+def sdpa_inputs(model: Any, batch: dict[str, Any]) -> dict[str, float]:
+    """What torch's scaled_dot_product_attention receives from `model` on `batch`: whether a mask
+    (and of how many dimensions) and is_causal, from a wrapper around it during one forward pass."""
+    import torch.nn.functional as F
+
+    seen: dict[str, float] = {}
+    original = F.scaled_dot_product_attention
+
+    def spy(*args: Any, attn_mask: Any = None, is_causal: bool = False, **kwargs: Any) -> Any:
+        seen.update(mask_dims=float(attn_mask.dim()) if attn_mask is not None else 0.0, is_causal=float(is_causal))
+        return original(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad():
+            model(**batch, use_cache=False)
+    finally:
+        F.scaled_dot_product_attention = original
+    return seen
 
 
 def packed_mask(batch: int, seq: int, device: Any) -> Any:

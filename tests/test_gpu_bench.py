@@ -25,6 +25,7 @@ EXPECTED = {
     ("ppo", "lora"): ("step_s", "rollout_tokens_per_s", "peak_gib"),
     ("attn", "causal"): ("attn_ms",),
     ("attn", "packed-mask"): ("attn_ms",),
+    ("attn", "transformers-mask"): (),
 }
 
 
