@@ -369,9 +369,10 @@ class Bench:
 SECTIONS = ("sft", "loss", "peft", "ppo", "attn")
 
 
-def run_sections(bench: Bench, sections: list[str]) -> dict[str, float]:
-    """Each section under its time budget; returns the seconds each took."""
-    seconds = {}
+def run_sections(bench: Bench, sections: list[str], save: Any) -> dict[str, float]:
+    """Each section under its time budget, the result saved after each (`save(seconds)`), so that
+    a run stopped from outside keeps what it measured; returns the seconds each section took."""
+    seconds: dict[str, float] = {}
     for section in sections:
         budget, started = bench.plan.budgets[section], time.perf_counter()
         try:
@@ -386,6 +387,7 @@ def run_sections(bench: Bench, sections: list[str]) -> dict[str, float]:
             torch.cuda.empty_cache()
         seconds[section] = round(time.perf_counter() - started, 1)
         print(f"bench/gpu.py: section {section} took {seconds[section]} s (budget {budget} s)", flush=True)
+        save(seconds)
     return seconds
 
 
@@ -405,18 +407,23 @@ def main(argv: list[str] | None = None) -> int:
     if options.tiny:
         torch.set_num_threads(min(torch.get_num_threads(), 2))
     peak, source = peak_tflops(options.peak_tflops)
+    env = environment(peak, source, options.tiny)
+
+    def result(seconds: dict[str, float]) -> dict[str, Any]:
+        timing = {"section_seconds": seconds, "total_seconds": round(time.perf_counter() - started, 1)}
+        return {"env": {**env, **timing}, "rows": bench.rows, "ratios": ratios(bench.rows)}
+
+    def save(seconds: dict[str, float]) -> None:
+        if options.out:
+            options.out.parent.mkdir(parents=True, exist_ok=True)
+            options.out.write_text(json.dumps(result(seconds), indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data, tokenizer_dir, conversations = synthetic(work, plan)
         bench = Bench(plan, work, data, tokenizer_dir, conversations, peak)
-        seconds = run_sections(bench, sections)
-    env = {**environment(peak, source, options.tiny), "section_seconds": seconds,
-           "total_seconds": round(time.perf_counter() - started, 1)}
-    result = {"env": env, "rows": bench.rows, "ratios": ratios(bench.rows)}
-    print(table(result), flush=True)
-    if options.out:
-        options.out.parent.mkdir(parents=True, exist_ok=True)
-        options.out.write_text(json.dumps(result, indent=1))
+        seconds = run_sections(bench, sections, save)
+    print(table(result(seconds)), flush=True)
     return 0
 
 

@@ -19,7 +19,7 @@ mkdir -p "$DEST/whl" "$DEST/site" "$DEST/shared-data"
 version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 pins=()
 for package in transformers trl peft datasets dill multiprocess pydantic pydantic_core annotated-types \
-               typing-inspection regex bitsandbytes; do
+               typing-inspection typing_extensions regex bitsandbytes; do
     pins+=("$package==$(version "$package")")
 done
 pins+=("liger-kernel==${LIGER_VERSION:-0.8.5}")  # not installed here (it needs triton): the version to carry
