@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from tunekit.errors import UserError
+from tunekit.masking import prompts_of_file
+from tunekit.outputs import write_atomic
+from tunekit.runner import library_output_to_stderr
 
 
 def load_chat_model(target: str) -> tuple[Any, Any, dict[str, Any]]:
@@ -68,3 +73,55 @@ def settings_with(settings: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     merged = {k: v for k, v in settings.items() if k in ("max_new_tokens", "temperature", "top_p", "seed")}
     merged.update({k: v for k, v in overrides.items() if v is not None})
     return merged
+
+
+def generate_for(
+    run: str, prompts: list[str] | None, data: str | None, heldout: int | None, out: Path | None, **overrides: Any,
+) -> Path | list[str]:
+    """`tunekit generate`: the responses to --prompt messages (returned), or to every prompt of a
+    file / the run's held-out split (written as JSON lines to `out`, whose path is returned)."""
+    if not prompts and not data and not heldout:
+        raise UserError("give --prompt TEXT, --data FILE or --heldout N")
+    with library_output_to_stderr():
+        if heldout:
+            from tunekit.methods.sft import heldout_prompts
+
+            conversations = heldout_prompts(Path(run), heldout)
+        elif data:
+            conversations = prompts_of_file(data)
+        else:
+            conversations = [[{"role": "user", "content": p}] for p in prompts or []]
+        model, tokenizer, settings = load_chat_model(run)
+        results = generate(model, tokenizer, conversations, **settings_with(settings, **overrides))
+    if not data and not heldout:
+        return [result["response"] for result in results]
+    out = out or Path(run) / "generations.jsonl"
+    rows = [{"prompt": c[-1]["content"], **r} for c, r in zip(conversations, results)]
+    write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+    stopped = sum(r["stopped"] for r in results)
+    print(f"{stopped} of {len(results)} responses ended by themselves (EOS)", file=sys.stderr, flush=True)
+    return out
+
+
+def chat_loop(run: str, system: str | None) -> None:
+    """`tunekit chat`: a terminal REPL (/reset clears the history, /exit or Ctrl-D quits)."""
+    with library_output_to_stderr():
+        model, tokenizer, settings = load_chat_model(run)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if line == "/exit":
+            break
+        if line == "/reset":
+            history = list(start)
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        reply = generate(model, tokenizer, [history], **settings_with(settings))[0]["response"]
+        history.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}", flush=True)

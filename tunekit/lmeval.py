@@ -211,6 +211,22 @@ def compare(targets: list[str], task_paths: list[str]) -> dict[str, dict[str, di
     return results
 
 
+def evaluate_tasks(targets: list[str], task_paths: list[str], out: Path | None) -> dict[str, dict[str, dict[str, float]]]:
+    """`tunekit eval --task`: every model on every task; the table goes to stderr, every result
+    to `out` (one JSON file) when given."""
+    import sys
+
+    from tunekit.outputs import write_json
+    from tunekit.runner import library_output_to_stderr
+
+    with library_output_to_stderr():
+        results = compare(targets, task_paths)
+    print(table_of(results), file=sys.stderr, flush=True)
+    if out:
+        write_json(out, results)
+    return results
+
+
 def table_of(results: dict[str, dict[str, dict[str, float]]]) -> str:
     """Models as rows, each task's headline metric as a column."""
     from tunekit.inventory import table
