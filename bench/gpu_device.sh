@@ -13,6 +13,7 @@
 set -uo pipefail
 mode=${1:-all}
 OUT=${OUT:-/tmp/tunekit-gpu-out}
+SITE=${SITE:-/tmp/site}  # where the wheels are installed (first on PYTHONPATH)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TRANSFORMERS_VERBOSITY=error HF_DATASETS_DISABLE_PROGRESS_BARS=1
@@ -21,11 +22,12 @@ if [ ! -d .gpu/whl ]; then
     echo "no .gpu/whl: run bench/gpu_prepare.sh on the CPU machine and carry .gpu" >&2
     exit 2
 fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+mkdir -p "$SITE"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     .gpu/whl/*.whl || exit 3
-cp -r .gpu/site/* /tmp/site/
-export PYTHONPATH=/tmp/site:$PWD
-# tests/conftest.py reads ../shared/data (the shared datasets beside the checkout).
+cp -r .gpu/site/* "$SITE"/
+export PYTHONPATH=$SITE:$PWD
+# tests/conftest.py fills data/ from ../shared/data, the datasets mirror beside the checkout.
 if [ ! -e ../shared/data ]; then
     mkdir -p ../shared && ln -s "$PWD/.gpu/shared-data" ../shared/data
 fi
