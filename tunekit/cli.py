@@ -147,7 +147,7 @@ def eval_(
     if bool(data) == bool(task):
         raise UserError("give --data FILE (the run's own task) or --task TASK.yaml (LM tasks), not both or neither")
     if data:
-        from tunekit.runs import eval_on_data
+        from tunekit.scoring import eval_on_data
 
         if len(targets) != 1:
             raise UserError("--data evaluates one run at a time")
@@ -164,23 +164,21 @@ def predict(
     out: Annotated[Path | None, typer.Option("--out", help="output file (default RUN/predictions.jsonl; .json for QA)")] = None,
 ) -> None:
     """Predictions of a finished run for every row of a data file, as JSON lines ({id: answer} for QA)."""
-    from tunekit.runs import predict_to_file
+    from tunekit.scoring import predict_to_file
 
     typer.echo(str(predict_to_file(run, data, out)))
 
 
 @app.command()
 def preview(
-    recipe: RecipeArg, set_: SetOpt = None,
+    recipe: Annotated[str, typer.Argument(help="SFT recipe YAML, shipped recipe name, or an sft run folder")],
+    set_: SetOpt = None,
     examples: Annotated[int, typer.Option("--examples", "-n", help="how many examples to print")] = 3,
 ) -> None:
     """Show which tokens of an SFT recipe's data carry loss ([[trained]] vs plain); exit 2 if one carries none."""
-    from tunekit.config import load_config
-    from tunekit.methods import sft as method
-    from tunekit.preview import preview_data
+    from tunekit.preview import preview_recipe
 
-    config = load_config(method.Config, recipe, list(set_ or []))
-    preview_data(config, method.check(config), examples)
+    preview_recipe(recipe, list(set_ or []), examples)
 
 
 @app.command()
@@ -212,6 +210,24 @@ def chat(
     from tunekit.generation import chat_loop
 
     chat_loop(run, system)
+
+
+@app.command()
+def serve(
+    run: Annotated[str, typer.Argument(help="a run folder, or any causal LM id/folder")],
+    host: Annotated[str, typer.Option(help="address to listen on (loopback only by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port (0 = any free one; the address is printed)")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="TUNEKIT_API_KEY", help="require `Authorization: Bearer KEY` (or set TUNEKIT_API_KEY)")] = None,
+    model_name: Annotated[str | None, typer.Option(help="the model id clients ask for (default: the folder's name)")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="most sequences decoded together")] = 64,
+    wait_ms: Annotated[float, typer.Option(min=0, help="how long a request waits for others to join its batch")] = 10.0,
+    log_prompts: Annotated[bool, typer.Option(help="log prompts and responses (off: only their token counts)")] = False,
+) -> None:
+    """An OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) for a causal LM run."""
+    from tunekit.serve import serve as run_server
+
+    with library_output_to_stderr():
+        run_server(run, host, port, api_key or None, model_name, max_batch, wait_ms, log_prompts)
 
 
 @app.command()

@@ -85,6 +85,14 @@ def read_table(spec: str, key: str = "data.train", split: str = "train") -> Tabl
     return table
 
 
+def hub_dataset_name(spec: str) -> str | None:
+    """The Hub dataset a data spec names (without its `:split`), or None for a local file: the same
+    rule `read_table` follows."""
+    if Path(spec).exists() or (PROJECT_ROOT / spec).exists() or _looks_like_a_path(spec):
+        return None
+    return spec.partition(":")[0]
+
+
 def _looks_like_a_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.lower().endswith(SUFFIXES + (".gz",)) or "\\" in spec
 

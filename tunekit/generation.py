@@ -12,11 +12,12 @@ from tunekit.errors import UserError
 from tunekit.masking import prompts_of_file
 from tunekit.outputs import write_atomic
 from tunekit.runner import library_output_to_stderr
+from tunekit.runs import open_run
 
 
-def load_chat_model(target: str) -> tuple[Any, Any, dict[str, Any]]:
+def load_chat_model(target: str, command: str) -> tuple[Any, Any, dict[str, Any]]:
     """Model, tokenizer and the run's `generation:` settings, from a run folder (model/ or adapter/)
-    or from any model id/folder (with default settings)."""
+    or from any model id/folder (with default settings). `command` names the caller in errors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunekit.chat import ensure_chat_template
@@ -25,7 +26,8 @@ def load_chat_model(target: str) -> tuple[Any, Any, dict[str, Any]]:
 
     path = Path(target)
     settings: dict[str, Any] = {}
-    if (path / "run.json").is_file():
+    run = open_run(target, command, "causal_lm")
+    if run is not None and run.method is not None:
         settings = dict(read_run_config(path).get("generation") or {})
         model, tokenizer = load_run_model(path, AutoModelForCausalLM)
     else:
@@ -33,7 +35,7 @@ def load_chat_model(target: str) -> tuple[Any, Any, dict[str, Any]]:
         try:
             model = AutoModelForCausalLM.from_pretrained(name, use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(name)
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise UserError(f"{target}: not a tunekit run and not a loadable model ({str(err).splitlines()[0]})") from None
     ensure_chat_template(tokenizer)
     tokenizer.padding_side = "left"  # generation continues from the right end of each row
@@ -82,6 +84,10 @@ def generate_for(
     file / the run's held-out split (written as JSON lines to `out`, whose path is returned)."""
     if not prompts and not data and not heldout:
         raise UserError("give --prompt TEXT, --data FILE or --heldout N")
+    run_info = open_run(run, "generate", "causal_lm")
+    if heldout and (run_info is None or run_info.method != "sft"):
+        kind = f"a run of `tunekit {run_info.method}`" if run_info and run_info.method else "not a tunekit run"
+        raise UserError(f"{run}: {kind}; --heldout reads the held-out split of an sft run; use --prompt or --data")
     with library_output_to_stderr():
         if heldout:
             from tunekit.methods.sft import heldout_prompts
@@ -91,7 +97,7 @@ def generate_for(
             conversations = prompts_of_file(data)
         else:
             conversations = [[{"role": "user", "content": p}] for p in prompts or []]
-        model, tokenizer, settings = load_chat_model(run)
+        model, tokenizer, settings = load_chat_model(run, "generate")
         results = generate(model, tokenizer, conversations, **settings_with(settings, **overrides))
     if not data and not heldout:
         return [result["response"] for result in results]
@@ -106,7 +112,7 @@ def generate_for(
 def chat_loop(run: str, system: str | None) -> None:
     """`tunekit chat`: a terminal REPL (/reset clears the history, /exit or Ctrl-D quits)."""
     with library_output_to_stderr():
-        model, tokenizer, settings = load_chat_model(run)
+        model, tokenizer, settings = load_chat_model(run, "chat")
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     while True:

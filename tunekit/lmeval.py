@@ -205,7 +205,7 @@ def compare(targets: list[str], task_paths: list[str]) -> dict[str, dict[str, di
     tasks = {Path(p).stem: load_task(p) for p in task_paths}
     results: dict[str, dict[str, dict[str, float]]] = {}
     for target in targets:
-        model, tokenizer, _ = load_chat_model(target)
+        model, tokenizer, _ = load_chat_model(target, "eval --task")
         tokenizer.padding_side = "right"
         results[target] = {name: run_task(model, tokenizer, task) for name, task in tasks.items()}
     return results
