@@ -1,6 +1,6 @@
 """GPU throughput, MFU and peak memory at real model sizes, in one process, one table (issue 18).
 
-    python bench/gpu.py [--out gpu.json] [--peak-tflops 989] [--sections sft,loss,peft,ppo] [--tiny]
+    python bench/gpu.py [--out gpu.json] [--peak-tflops 989] [--sections sft,loss,peft,ppo,attn] [--tiny]
 
 Models are built from configs with the published shapes (random init: speed and memory are those
 of trained weights; nothing is downloaded), trained on synthetic conversations (random words, a BPE
@@ -14,6 +14,8 @@ tokenizer trained on them), sequence 2048, batch 8, packing on, bf16 mixed preci
   ppo   tunekit's PPO (rlhf.ppo_trainer) on the 0.5B-shaped policy, full and LoRA: rollout
         (generation) tokens/s and seconds per PPO step (tunekit's default ppo: settings, 128 new
         tokens). The reward is a text statistic, not a model, so its cost is left out.
+  attn  one attention call of the 0.5B shape: causal against the block-diagonal mask of packed rows
+        (torch's kernel choice, each kernel forced), and what SDPA receives for tunekit's packed rows.
 Each section runs under a time budget and a try/except: a failure or an overrun becomes a row with
 the reason, and the other sections still run. The first steps of each row (warm-up: kernel choice,
 allocator growth) are not timed. --tiny runs every section on the CPU with tiny shapes (tests/).
