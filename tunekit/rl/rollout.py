@@ -130,6 +130,15 @@ def scores_of(reward: RewardModel, prompts: list[Prompt], samples: Samples, miss
     return raw, raw - missing_eos_penalty * (~samples.ended).float()
 
 
+def last_logits(logits: torch.Tensor, responses: int) -> torch.Tensor:
+    """The logits that predict the `responses` last tokens, from a forward pass given
+    logits_to_keep=responses + 1. The LM head then runs on those positions only, not on the
+    (left-padded) query: with a large vocabulary it is a large part of a forward pass, and its
+    [batch, positions, vocabulary] output the largest tensor. Counted from the end, so a model that
+    ignores logits_to_keep (returns every position) gives the same result."""
+    return logits[:, -(responses + 1) : -1]
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as generate() uses them (so log-probs match the sampling)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -153,11 +162,12 @@ def lm_logprobs(lm: Any, samples: Samples, temperature: float, forward_batch_siz
     rows per forward pass."""
     parts = []
     for rows in in_chunks(forward_batch_size, len(samples.responses)):
-        ids, mask = samples.query_responses[rows], samples.attention_mask[rows]
+        ids, mask, responses = samples.query_responses[rows], samples.attention_mask[rows], samples.responses[rows]
         with torch.no_grad():
-            logits = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
+            logits = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
+                        logits_to_keep=responses.shape[1] + 1).logits
         # in float32, as the prepared policy's outputs: one precision for both log-probs
-        parts.append(response_logprobs(logits.float()[:, samples.context - 1 : -1], samples.responses[rows], temperature))
+        parts.append(response_logprobs(last_logits(logits, responses.shape[1]).float(), responses, temperature))
     return torch.cat(parts)
 
 
