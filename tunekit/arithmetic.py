@@ -2,8 +2,9 @@
 (examples/arith.mk): pre-train the tiny GPT on worked problems, SFT it on problem -> worked answer,
 then GRPO / PPO with the `exact_answer` reward.
 
-Addition and subtraction of two-digit numbers (sums up to 198) in a handful of sentence templates:
-the tiny GPT learns the format and many of the sums, not all of them, which leaves room for RL.
+A two-digit number plus or minus a one-digit number, in a handful of sentence templates: the tiny
+GPT learns the format and many of the sums, not all of them, which leaves room for RL (with two
+two-digit numbers, it learnt to copy the operands but no better than chance at the digits).
 Every problem is a (template, name, item, a, b) draw from one seeded generator; the held-out set's
 (operation, a, b) never occurs in the training or pre-training sets, so a held-out answer cannot be
 recalled, only computed.
@@ -47,11 +48,9 @@ class Problem:
         return {"prompt": self.question, "completion": self.worked, "answer": self.answer}
 
 
-def draw(rng: random.Random, low: int = 10, high: int = 99) -> Problem:
+def draw(rng: random.Random) -> Problem:
     op, template = rng.choice(TEMPLATES)
-    a, b = rng.randint(low, high), rng.randint(low, high)
-    if op == "-" and a < b:
-        a, b = b, a
+    a, b = rng.randint(10, 99), rng.randint(1, 9)
     result = a + b if op == "+" else a - b
     question = template.format(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b)
     worked = f"{a} {op} {b} = {result}. {MARKER} {result}."
