@@ -188,6 +188,26 @@ def score(prompts, responses, rows):
     assert resumed.code == 1 and "flaky.py:score" in resumed.err  # the file is loaded afresh: fails again later
 
 
+def test_a_failing_reward_fn_stops_grpo_in_one_line(tmp_path, cli, tiny_gpt):
+    """TRL's trainer calls the same checked function: the held-out evaluation passes, training's
+    first call raises."""
+    write(tmp_path / "flaky.py", """\
+CALLS = []
+def score(prompts, responses, rows):
+    CALLS.append(1)
+    if len(CALLS) > 1:
+        raise RuntimeError("grader offline\\nsecond line")
+    return [0.0] * len(responses)
+""")
+    out = tmp_path / "run"
+    recipe = arith_recipe(tmp_path, tiny_gpt, "grpo", f"{tmp_path}/flaky.py:score",
+                          ppo={"steps": 2, "rollout_batch_size": 4, "minibatch_size": 2, "epochs": 1})
+    result = cli("rlhf", recipe, "-o", out)
+    assert result.code == 1, result.err
+    assert result.err.strip().splitlines()[-1].endswith("flaky.py:score raised RuntimeError: grader offline")
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
 # ---------------------------------------------------------------------------------------------
 # The arithmetic problems
 

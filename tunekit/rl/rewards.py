@@ -134,6 +134,8 @@ def load_callable(spec: str, where: str) -> Callable[..., Any]:
                 raise UserError(f"{where}: {spec!r}: loading {target} raised {type(err).__name__}: {err}") from None
             sys.modules[name] = module
     else:
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))  # as `python -m` does: a module beside the recipe's user
         try:
             module = importlib.import_module(target)
         except ImportError as err:
@@ -178,12 +180,15 @@ class RewardFunction:
         try:
             values = self.function(prompts, responses, rows)
         except Exception as err:  # noqa: BLE001 - the user's code: one line that says what it raised
-            raise RewardFunctionError(f"rlhf.reward_fn {s.name} raised {type(err).__name__}: {err}") from None
+            first = (str(err).splitlines() or [""])[0]
+            raise RewardFunctionError(f"rlhf.reward_fn {s.name} raised {type(err).__name__}: {first}") from None
         return self.checked(values, len(responses))
 
     def checked(self, values: Any, count: int) -> list[float]:
         name = self.section.name
         try:
+            if isinstance(values, (str, bytes, dict)):
+                raise TypeError
             values = list(values)
         except TypeError:
             raise RewardFunctionError(f"rlhf.reward_fn {name} returned {type(values).__name__}, expected a list of "
@@ -199,7 +204,7 @@ class RewardFunction:
                 except (ValueError, RuntimeError):
                     pass
             if not isinstance(value, numbers.Real):
-                raise RewardFunctionError(f"rlhf.reward_fn {name} returned {value!r} ({type(value).__name__}) for "
+                raise RewardFunctionError(f"rlhf.reward_fn {name} returned {repr(value)[:40]} ({type(value).__name__}) for "
                                           f"response {i}; expected a float")
             if not math.isfinite(float(value)):
                 raise RewardFunctionError(f"rlhf.reward_fn {name} returned {float(value)} for response {i}; "
