@@ -94,7 +94,7 @@ def test_a_bad_reward_function_is_one_line(tmp_path, body, expected):
 
 
 def arith_recipe(tmp_path, policy, algo="ppo", reward_fn="[{name: exact_answer}]", **sections):
-    arithmetic.write(tmp_path / "arith", seed=1, train=64, heldout=8, pretrain=0)
+    arithmetic.write(tmp_path / "arith", seed=1, train=64, heldout=8, pretrain=0, equations=0)
     extra = "".join(f"{name}:\n" + "".join(f"  {k}: {v}\n" for k, v in keys.items()) for name, keys in sections.items())
     return write(tmp_path / "rlhf.yaml", f"""\
 method: rlhf
@@ -213,17 +213,19 @@ def score(prompts, responses, rows):
 
 
 def test_arithmetic_problems_are_seeded_and_held_out_sums_never_trained(tmp_path):
-    first = arithmetic.make(seed=3, train=300, heldout=100, pretrain=300)
-    again = arithmetic.make(seed=3, train=300, heldout=100, pretrain=300)
-    other = arithmetic.make(seed=4, train=300, heldout=100, pretrain=300)
+    first = arithmetic.make(seed=3, train=300, heldout=100, pretrain=300, equations=300)
+    again = arithmetic.make(seed=3, train=300, heldout=100, pretrain=300, equations=300)
+    other = arithmetic.make(seed=4, train=300, heldout=100, pretrain=300, equations=300)
     assert first == again and first != other
     held = {p.key for p in first["heldout"]}
     assert len(held) == 100
-    assert not held & {p.key for p in first["train"] + first["pretrain"]}
+    assert not held & {p.key for p in first["train"] + first["pretrain"] + first["equations"]}
     for problem in first["train"]:
         op, a, b = problem.key
         assert int(problem.answer) == (a + b if op == "+" else a - b) >= 0
         assert exact_answer([problem.worked], [problem.row()], "answer", arithmetic.MARKER) == [1.0]
-    paths = arithmetic.write(tmp_path, seed=3, train=300, heldout=100, pretrain=300)
+    paths = arithmetic.write(tmp_path, seed=3, train=300, heldout=100, pretrain=300, equations=300)
     rows = [json.loads(line) for line in paths[0].read_text().splitlines()]
     assert rows == [p.row() for p in first["heldout"]]
+    texts = [json.loads(line)["text"] for line in paths[2].read_text().splitlines()]
+    assert len(texts) == 600 and sum(t.endswith("?") or "The answer is" in t for t in texts) == 300

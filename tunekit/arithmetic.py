@@ -57,7 +57,7 @@ def draw(rng: random.Random) -> Problem:
     return Problem(question, worked, str(result), (op, a, b))
 
 
-def make(seed: int, train: int, heldout: int, pretrain: int) -> dict[str, list[Problem]]:
+def make(seed: int, train: int, heldout: int, pretrain: int, equations: int = 0) -> dict[str, list[Problem]]:
     """Held-out problems first (distinct sums), then training and pre-training problems whose sums are
     not held out. The same seed and sizes give the same problems."""
     rng = random.Random(seed)
@@ -65,8 +65,8 @@ def make(seed: int, train: int, heldout: int, pretrain: int) -> dict[str, list[P
     while len(held) < heldout:
         problem = draw(rng)
         held.setdefault(problem.key, problem)
-    sets: dict[str, list[Problem]] = {"heldout": list(held.values()), "train": [], "pretrain": []}
-    for name, count in (("train", train), ("pretrain", pretrain)):
+    sets: dict[str, list[Problem]] = {"heldout": list(held.values()), "train": [], "pretrain": [], "equations": []}
+    for name, count in (("train", train), ("pretrain", pretrain), ("equations", equations)):
         while len(sets[name]) < count:
             problem = draw(rng)
             if problem.key not in held:
@@ -74,14 +74,19 @@ def make(seed: int, train: int, heldout: int, pretrain: int) -> dict[str, list[P
     return sets
 
 
-def write(folder: Path, seed: int = 0, train: int = 4000, heldout: int = 500, pretrain: int = 40000) -> list[Path]:
-    """train.jsonl and heldout.jsonl (prompt, completion, answer) and pretrain.jsonl (text: question
-    and worked answer), each written to a temporary file and renamed into place."""
+def write(folder: Path, seed: int = 0, train: int = 4000, heldout: int = 500, pretrain: int = 20000,
+          equations: int = 100000) -> list[Path]:
+    """train.jsonl and heldout.jsonl (prompt, completion, answer) and pretrain.jsonl (text: worked
+    problems, and bare equations `63 - 5 = 58.` that give the small model many more sums to learn
+    from per token, shuffled together), each written to a temporary file and renamed into place."""
     folder.mkdir(parents=True, exist_ok=True)
+    sets = make(seed, train, heldout, pretrain, equations)
+    texts = [f"{p.question} {p.worked}" for p in sets.pop("pretrain")]
+    texts += [p.worked.split(". ")[0] + "." for p in sets.pop("equations")]
+    random.Random(seed).shuffle(texts)
     written = []
-    for name, problems in make(seed, train, heldout, pretrain).items():
-        rows = ([{"text": f"{p.question} {p.worked}"} for p in problems] if name == "pretrain"
-                else [p.row() for p in problems])
+    for name, rows in (("heldout", [p.row() for p in sets["heldout"]]), ("train", [p.row() for p in sets["train"]]),
+                       ("pretrain", [{"text": t} for t in texts])):
         path = folder / f"{name}.jsonl"
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -108,14 +113,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=4000, help="problems for SFT and RL")
     parser.add_argument("--heldout", type=int, default=500, help="held-out problems (sums never in training)")
-    parser.add_argument("--pretrain", type=int, default=40000, help="worked problems as pre-training text")
+    parser.add_argument("--pretrain", type=int, default=20000, help="worked problems as pre-training text")
+    parser.add_argument("--equations", type=int, default=100000, help="bare equations as pre-training text")
     parser.add_argument("--report", type=Path, nargs="+", help="instead: print RL runs' accuracy before / after")
     args = parser.parse_args(argv)
     if args.report:
         for run in args.report:
             print(report(run))
         return
-    for path in write(args.folder, args.seed, args.train, args.heldout, args.pretrain):
+    for path in write(args.folder, args.seed, args.train, args.heldout, args.pretrain, args.equations):
         print(path)
 
 
