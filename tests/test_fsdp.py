@@ -194,7 +194,7 @@ def test_an_fsdp_adapter_run_evaluates_again_with_tunekit_eval(trained, tmp_path
     assert again["accuracy"] == saved["accuracy"]
 
 
-def test_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(trained, tmp_path, tiny_gpt):
+def test_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(trained, tmp_path, tiny_gpt, cli):
     """Rank 1 is killed (SIGKILL) while the step-6 checkpoint is being saved, after the step-3 one:
     checkpoint-6 is never marked complete (rank 0 marks only once every rank has written its part),
     and the resume continues from checkpoint-3 to the same weights, bit for bit (CPU, gloo: the
@@ -209,6 +209,8 @@ def test_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(traine
         assert {p.name for p in (out / "checkpoint-3" / part).glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
     assert (out / "checkpoint-3" / "tunekit-checkpoint.json").is_file()
     assert not (out / "checkpoint-6" / "tunekit-checkpoint.json").exists()
+    unsharded = cli("sft", recipe, "-o", out, "--resume")  # one process cannot read the shards
+    assert unsharded.code == 2 and "the checkpoint is sharded by FSDP and this run would use single" in unsharded.err
     resumed = tunekit("sft", recipe, "--accelerate-config", FSDP, "-o", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (out / ".incomplete-checkpoint-6").is_dir()
@@ -242,3 +244,22 @@ def test_engine_of_names_what_a_launch_asks_for():
     assert engine_of(str(accelerate / "ddp.yaml")) == "ddp" and engine_of(str(accelerate / "ddp.yaml"), 1) == "single"
     assert engine_of(str(accelerate / "fsdp.yaml")) == "fsdp"
     assert engine_of(str(accelerate / "deepspeed-zero3.yaml")) == "deepspeed"
+
+
+def test_a_run_stops_when_accelerate_did_not_set_up_the_engine_asked_for(monkeypatch):
+    """What the issue saw: an FSDP config that accelerate turned into DDP. The worker now stops
+    before the first step instead of training with the wrong engine."""
+    from types import SimpleNamespace
+
+    from tunekit.engine import check_started, running
+    from tunekit.errors import TrainingFailure
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert running().name == "fsdp"
+    ddp = SimpleNamespace(accelerator=SimpleNamespace(distributed_type="DistributedType.MULTI_CPU", num_processes=2))
+    with pytest.raises(TrainingFailure, match="asks for fsdp, but accelerate set up ddp"):
+        check_started(ddp)
+    fsdp = SimpleNamespace(accelerator=SimpleNamespace(distributed_type="DistributedType.FSDP", num_processes=2))
+    check_started(fsdp)

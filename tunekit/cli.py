@@ -62,7 +62,7 @@ def train_command(
         check_run_dir(run_dir, overwrite)
     if accelerate_config:
         check_accelerate_config(accelerate_config)
-    check_engine(config, accelerate_config, nproc)
+    check_engine(config, accelerate_config, nproc, checkpoint)
     check_model_reference(config.model)
     data = method.check(config)
     if dry_run:

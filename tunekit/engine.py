@@ -13,17 +13,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tunekit.errors import TrainingFailure
 
-ENGINES = ("single", "ddp", "fsdp", "deepspeed")
+EngineName = Literal["single", "ddp", "fsdp", "deepspeed"]
 INSPECT = "TUNEKIT_INSPECT"  # tests only: a folder where each rank describes its model as training starts
 
 
 @dataclass(frozen=True)
 class Engine:
-    name: str  # one of ENGINES
+    name: EngineName
     sharding: str  # what is split over the processes, in words, for run.json and the banner
 
 
@@ -59,7 +59,7 @@ def zero_sharding(stage: str, processes: int) -> str:
     return f"{parts} over {processes} processes (ZeRO stage {stage})"
 
 
-def engine_of_accelerator(accelerator: Any) -> str:
+def engine_of_accelerator(accelerator: Any) -> EngineName:
     """The engine an Accelerator actually set up."""
     kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
     if kind == "FSDP":

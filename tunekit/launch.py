@@ -13,10 +13,12 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tunekit.config import Recipe
+    from tunekit.engine import EngineName
 
 EXPECTED = "TUNEKIT_EXPECTED_PROCESSES"  # set by the parent for its workers
 LAUNCHED = "TUNEKIT_LAUNCHED"
@@ -77,8 +79,6 @@ DISTRIBUTED_TYPES = ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "
 
 def check_accelerate_config(path: str) -> None:
     """A readable accelerate config with a known distributed_type (checked before launching)."""
-    from pathlib import Path
-
     from tunekit.config import read_yaml_mapping
     from tunekit.errors import UserError
 
@@ -91,11 +91,9 @@ def check_accelerate_config(path: str) -> None:
         raise UserError(f"{path}: num_processes: expected a positive integer, got {processes!r}")
 
 
-def engine_of(accelerate_config: str | None, nproc: int | None = None) -> str:
+def engine_of(accelerate_config: str | None, nproc: int | None = None) -> EngineName:
     """The engine a launch asks for: 'single', 'ddp', 'fsdp' or 'deepspeed' (see tunekit.engine),
     from the accelerate config's distributed_type and the process count. Cheap: reads YAML only."""
-    from pathlib import Path
-
     from tunekit.config import read_yaml_mapping
 
     data = read_yaml_mapping(Path(accelerate_config)) if accelerate_config else {}
@@ -108,15 +106,21 @@ def engine_of(accelerate_config: str | None, nproc: int | None = None) -> str:
     return "ddp" if processes > 1 and kind != "NO" else "single"
 
 
-def check_engine(config: Recipe, accelerate_config: str | None, nproc: int | None) -> None:
-    """Refuse, before any process starts, an engine that cannot run this recipe on this machine.
-    Inside processes that `accelerate launch` started with a config of its own, the engine is the
-    one it exported."""
+def check_engine(config: Recipe, accelerate_config: str | None, nproc: int | None,
+                 checkpoint: Path | None = None) -> None:
+    """Refuse, before any process starts, an engine that cannot run this recipe on this machine, or
+    that cannot read the checkpoint to resume from. Inside processes that `accelerate launch` started
+    with a config of its own, the engine is the one it exported."""
     from tunekit.engine import running
     from tunekit.errors import UserError
 
     engine = engine_of(accelerate_config, nproc) if accelerate_config else running().name
     where = f"--accelerate-config {accelerate_config}" if accelerate_config else f"accelerate launch ({engine})"
+    sharded = checkpoint is not None and (checkpoint / "pytorch_model_fsdp_0").is_dir()
+    if checkpoint is not None and sharded != (engine == "fsdp"):
+        saved = "sharded by FSDP" if sharded else "unsharded"
+        raise UserError(f"--resume {checkpoint}: the checkpoint is {saved} and this run would use {engine}; "
+                        "resume with the --accelerate-config it was saved with")
     if engine == "deepspeed":
         if not cuda_available():
             raise UserError(f"{where}: DeepSpeed needs CUDA GPUs and this machine has none; on CPUs use "

@@ -107,14 +107,17 @@ def fsdp_on_cpu() -> None:
     ACCELERATE_USE_FSDP) only when the processes are GPU-like (MULTI_GPU, MULTI_XPU, ...). With
     processes on CPU it stays MULTI_CPU and trains with DDP, silently. PyTorch's `fully_shard`
     (FSDP2) itself trains on CPU with gloo (checked with torch 2.13), so after accelerate's own
-    set-up the state is switched to FSDP with the plugin it was given. Does nothing where accelerate
-    already chose FSDP (a GPU, or a later accelerate that fixes this)."""
+    set-up the state is switched to FSDP with the plugin it was given (checked with accelerate 1.15.0,
+    torch 2.13.0, transformers 5.24.0). Does nothing where accelerate already chose FSDP (GPUs, or a
+    later accelerate that fixes this)."""
+    import inspect
+
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
     original = AcceleratorState.__init__
-    if getattr(original, "tunekit_fsdp_on_cpu", False):
-        return
+    if getattr(original, "tunekit_fsdp_on_cpu", False) or "fsdp_plugin" not in inspect.signature(original).parameters:
+        return  # already switched, or an accelerate whose set-up differs (tunekit.engine.check_started then says so)
 
     def init(self: Any, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) -> None:
         original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
