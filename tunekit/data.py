@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunekit.catalog import missing_file_message
 from tunekit.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +60,7 @@ def read_table(spec: str, key: str = "data.train", split: str = "train") -> Tabl
     """Read a data file, or a Hub dataset when `spec` is not a path that exists.
 
     Relative paths start at the current folder; failing that, at the project root, so that the
-    shipped recipes (which read ../shared/data) work from anywhere."""
+    shipped recipes (which read data/) work from anywhere."""
     path = Path(spec)
     if not path.exists() and not path.is_absolute() and (PROJECT_ROOT / spec).exists():
         path = PROJECT_ROOT / spec
@@ -67,7 +68,7 @@ def read_table(spec: str, key: str = "data.train", split: str = "train") -> Tabl
         raise UserError(f"{spec}: is a directory ({key}); give a data file ({', '.join(SUFFIXES)})")
     if not path.exists():
         if _looks_like_a_path(spec):
-            raise UserError(f"{spec}: no such file ({key}); check the path (relative paths start at the current folder)")
+            raise UserError(missing_file_message(spec, key))
         return read_hub_dataset(spec, key, split)
     suffix = path.suffix.lower() if path.suffix.lower() != ".gz" else Path(path.stem).suffix.lower()
     if suffix not in SUFFIXES:
@@ -82,6 +83,14 @@ def read_table(spec: str, key: str = "data.train", split: str = "train") -> Tabl
     if not table.rows:
         raise UserError(f"{spec}: no rows ({key})")
     return table
+
+
+def hub_dataset_name(spec: str) -> str | None:
+    """The Hub dataset a data spec names (without its `:split`), or None for a local file: the same
+    rule `read_table` follows."""
+    if Path(spec).exists() or (PROJECT_ROOT / spec).exists() or _looks_like_a_path(spec):
+        return None
+    return spec.partition(":")[0]
 
 
 def _looks_like_a_path(spec: str) -> bool:

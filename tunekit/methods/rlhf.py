@@ -22,6 +22,7 @@ from tunekit.config import Recipe, Section, to_yaml
 from tunekit.data import read_table
 from tunekit.errors import UserError
 from tunekit.masking import detect_format, prompt_part, to_messages
+from tunekit.plots import plot_rewards
 
 # TrainingArguments keys that tunekit's PPO reads; the `ppo:` section holds the rest.
 PPO_TRAIN_KEYS = ("learning_rate", "seed", "logging_steps", "weight_decay", "adam_beta1", "adam_beta2",
@@ -244,7 +245,7 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
     run.write_eval(metrics)
     run.save_model(trained, tokenizer)
     run.finish(metrics)
-    plot_rewards(run.path / "metrics.jsonl", run.path / "reward.png")
+    plot_rewards(run.path / "metrics.jsonl", run.path / "reward.png", kl_per_token=config.rlhf.algo != "ppo")
     return metrics
 
 
@@ -272,33 +273,3 @@ def train_policy(config: Config, policy: Any, tokenizer: Any, reward: Any, promp
         run.forget_after(trainer.step)
     trainer.train()
     return trainer.policy, reference
-
-
-def plot_rewards(metrics_path: Path, out: Path) -> None:
-    """Mean reward (and KL to the reference, on a second axis) against step."""
-    import json
-
-    if not metrics_path.exists():
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    points = [(r["step"], r["reward"]) for r in records if "reward" in r]
-    if points:
-        ax.plot(*zip(*points), label="reward", color="tab:blue")
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean reward")
-    kl = [(r["step"], r["kl"]) for r in records if "kl" in r]
-    if kl:
-        twin = ax.twinx()
-        twin.plot(*zip(*kl), label="KL to reference", color="tab:orange", alpha=0.7)
-        twin.set_ylabel("KL")
-        fig.legend(loc="upper left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
