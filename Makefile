@@ -47,3 +47,9 @@ bench: data
 bench-ppo:
 	test -d /tmp/trl112/trl || $(BIN)/pip install --no-deps --target /tmp/trl112 trl==1.12.0
 	OMP_NUM_THREADS=1 $(BIN)/python bench/ppo.py
+
+# Wheels, data and the MiniLM tokenizer that bench/gpu_device.sh needs on a GPU machine, into .gpu/
+# (git-ignored; carry it). bench/README.md, section GPU, says the rest.
+.PHONY: gpu-prepare
+gpu-prepare:
+	PY=$(BIN)/python bash bench/gpu_prepare.sh

@@ -213,6 +213,24 @@ def chat(
 
 
 @app.command()
+def serve(
+    run: Annotated[str, typer.Argument(help="a run folder, or any causal LM id/folder")],
+    host: Annotated[str, typer.Option(help="address to listen on (loopback only by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port (0 = any free one; the address is printed)")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="TUNEKIT_API_KEY", help="require `Authorization: Bearer KEY` (or set TUNEKIT_API_KEY)")] = None,
+    model_name: Annotated[str | None, typer.Option(help="the model id clients ask for (default: the folder's name)")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="most sequences decoded together")] = 64,
+    wait_ms: Annotated[float, typer.Option(min=0, help="how long a request waits for others to join its batch")] = 10.0,
+    log_prompts: Annotated[bool, typer.Option(help="log prompts and responses (off: only their token counts)")] = False,
+) -> None:
+    """An OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) for a causal LM run."""
+    from tunekit.serve import serve as run_server
+
+    with library_output_to_stderr():
+        run_server(run, host, port, api_key or None, model_name, max_batch, wait_ms, log_prompts)
+
+
+@app.command()
 def merge(
     run: RunArg,
     out: Annotated[Path | None, typer.Option("--out", help="output folder (default RUN/merged)")] = None,

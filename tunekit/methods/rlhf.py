@@ -294,6 +294,17 @@ def train_policy(config: Config, policy: Any, tokenizer: Any, reward: Any, promp
         from tunekit.rl.trl_algos import train_with_trl
 
         return train_with_trl(config, policy, tokenizer, reward, prompts, run, resume), reference
+    trainer = ppo_trainer(config, policy, tokenizer, reward, prompts, run, reference)
+    if resume:
+        trainer.load_checkpoint(Path(resume))
+        run.forget_after(trainer.step)
+    trainer.train()
+    return trainer.policy, reference
+
+
+def ppo_trainer(config: Config, policy: Any, tokenizer: Any, reward: Any, prompts: list[Any], run: Any,
+                reference: Any) -> Any:
+    """tunekit's PPO trainer with the recipe's settings (bench/gpu.py times this same trainer)."""
     from tunekit.rl.ppo import PPOTrainer
 
     train = config.train
@@ -301,12 +312,8 @@ def train_policy(config: Config, policy: Any, tokenizer: Any, reward: Any, promp
                  "betas": (train.get("adam_beta1", 0.9), train.get("adam_beta2", 0.999)),
                  "eps": train.get("adam_epsilon", 1e-8)}
     precision = "bf16" if train.get("bf16") else "fp16" if train.get("fp16") else "no"
-    trainer = PPOTrainer(policy, tokenizer, reward, prompts, config.ppo, config.generation, optimizer,
-                         seed=train.get("seed", 42), logging_steps=train["logging_steps"], log=run.log,
-                         reference=reference, shown_samples=config.rlhf.shown_samples, mixed_precision=precision,
-                         save_steps=train.get("save_steps"), checkpoints=run, cpu=bool(train.get("use_cpu")))
-    if resume:
-        trainer.load_checkpoint(Path(resume))
-        run.forget_after(trainer.step)
-    trainer.train()
-    return trainer.policy, reference
+    return PPOTrainer(policy, tokenizer, reward, prompts, config.ppo, config.generation, optimizer,
+                      seed=train.get("seed", 42), logging_steps=train["logging_steps"], log=run.log,
+                      reference=reference, shown_samples=config.rlhf.shown_samples, mixed_precision=precision,
+                      save_steps=train.get("save_steps"), checkpoints=run, cpu=bool(train.get("use_cpu")))
+
