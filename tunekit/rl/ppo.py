@@ -377,6 +377,7 @@ class PPOTrainer:
         """Generate, score, and turn the scores into whitened per-token advantages. Sampling and the
         reference run under the prepared model's autocast (bf16 on a GPU): one precision for every
         log-prob, so the sampled distribution is the measured one and the KL starts at 0."""
+        from tunekit.rl.rewards import component_means
         from tunekit.rl.rollout import lm_logprobs, sample, scores_of
 
         settings, temperature = self.settings, self.generation.temperature
@@ -396,7 +397,8 @@ class PPOTrainer:
                       advantages, returns)
         stats = {"reward": float(raw.mean()), "score": float(scores.mean()), "kl": float(kl.sum(1).mean()),
                  "entropy": float(masked_mean(entropies, mask)), "response_length": float(mask.sum(1).mean()),
-                 "ended_fraction": float(samples.ended.float().mean()), "value": float(masked_mean(values, mask))}
+                 "ended_fraction": float(samples.ended.float().mean()), "value": float(masked_mean(values, mask)),
+                 **component_means(self.reward)}
         shown = [{"prompt": p.shown, "response": text, "reward": round(float(r), 4)}
                  for p, text, r in list(zip(prompts, samples.texts, raw))[: self.shown]]
         return batch, stats, shown

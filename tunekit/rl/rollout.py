@@ -5,7 +5,7 @@ reference, and the held-out evaluation (mean reward, KL to the reference) that e
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ class Prompt:
 
     policy_text: str
     reward_prompt: str | list[dict[str, str]]
+    row: dict[str, Any] = field(default_factory=dict)  # the prompt's data row, for rlhf.reward_fn
 
     def reward_text(self, tokenizer: Any, response: str) -> str:
         """Prompt and response as the reward model scores them (tunekit reward's own layout)."""
@@ -36,13 +37,15 @@ class Prompt:
         return self.reward_prompt if isinstance(self.reward_prompt, str) else self.reward_prompt[-1]["content"]
 
 
-def make_prompts(conversations: list[list[dict[str, str]]], tokenizer: Any, chat_template: bool) -> list[Prompt]:
+def make_prompts(conversations: list[list[dict[str, str]]], tokenizer: Any, chat_template: bool,
+                 rows: list[dict[str, Any]] | None = None) -> list[Prompt]:
     """Chat: the conversation rendered with the generation prompt. Raw: the last message's text, to be
-    continued as plain text (a review's first words, say)."""
+    continued as plain text (a review's first words, say). `rows`: each prompt's data row."""
+    rows = rows or [{} for _ in conversations]
     if not chat_template:
-        return [Prompt(messages[-1]["content"], messages[-1]["content"]) for messages in conversations]
-    return [Prompt(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), messages)
-            for messages in conversations]
+        return [Prompt(messages[-1]["content"], messages[-1]["content"], row) for messages, row in zip(conversations, rows)]
+    return [Prompt(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), messages, row)
+            for messages, row in zip(conversations, rows)]
 
 
 class RewardModel:
@@ -194,6 +197,7 @@ def evaluate(lm: Any, reference: Any, tokenizer: Any, reward: RewardModel, promp
     Before training the policy is the reference: with_kl=False skips two forwards that give 0."""
     torch.manual_seed(seed)
     rewards, kls, lengths = [], [], []
+    parts: dict[str, list[float]] = {}  # the reward's components (rlhf.reward_fn beside a reward model)
     was_training = lm.training
     lm.eval()
     for start in range(0, len(prompts), batch_size):
@@ -201,6 +205,8 @@ def evaluate(lm: Any, reference: Any, tokenizer: Any, reward: RewardModel, promp
         samples = sample(lm, tokenizer, [p.policy_text for p in chunk], generation)
         raw, _ = scores_of(reward, chunk, samples, None)
         rewards += raw.tolist()
+        for key, values in getattr(reward, "parts", {}).items():
+            parts.setdefault(key, []).extend(values)
         lengths += samples.response_mask.sum(1).tolist()
         if with_kl:
             logprobs = lm_logprobs(lm, samples, generation.temperature)
@@ -209,5 +215,6 @@ def evaluate(lm: Any, reference: Any, tokenizer: Any, reward: RewardModel, promp
             kls += ((logprobs - ref_logprobs) * samples.response_mask).sum(1).tolist()
     lm.train(was_training)
     count = max(len(rewards), 1)
-    result = {"reward": sum(rewards) / count, "response_length": sum(lengths) / count}
+    result = {"reward": sum(rewards) / count, "response_length": sum(lengths) / count,
+              **{key: sum(values) / count for key, values in parts.items()}}
     return {**result, "kl": sum(kls) / count} if with_kl else result
