@@ -406,6 +406,21 @@ def recipes_cp(
     typer.echo(str(target))
 
 
+data_app = typer.Typer(help="The recipes' data: prepare (check, tokenise and cache) it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Check, tokenise and cache an sft or pretrain recipe's data, train nothing (then every run,
+    resume and rank reuses it); prints rows, tokens, trained tokens and the cache path."""
+    from tunekit.prepare import prepare_command, summary
+
+    with library_output_to_stderr():
+        prepared = prepare_command(recipe, set_ or [])
+    typer.echo(summary(prepared))
+
+
 @app.command()
 def runs(
     folder: Annotated[Path, typer.Argument(help="folder holding run folders")] = Path("runs"), as_json: JsonOpt = False,

@@ -134,7 +134,18 @@ def inject_fault(point: str, step: int) -> None:
     raise RuntimeError(f"injected failure at step {step} ({wanted})")
 
 
-def once(args: Any, name: str, build: Any) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def first_on_each_machine(args: Any, desc: str) -> Any:
+    """Local rank 0 runs the block first (building a cached result), the other ranks of the machine
+    after it (finding the result in the cache); one process just runs it."""
+    if args.world_size == 1:
+        yield
+        return
+    with args.main_process_first(local=True, desc=desc):
+        yield
+
+
+def once(args: Any, name: str, build: Any) -> Any:
     """Tokenise once per machine, not once per process: local rank 0 builds the examples and caches
     them (Arrow, safe to load), the other ranks wait for it and load the cache."""
     if args.world_size == 1:
@@ -149,7 +160,7 @@ def once(args: Any, name: str, build: Any) -> list[dict[str, Any]]:
     with args.main_process_first(local=True, desc=f"tokenising {name}"):
         if args.local_process_index == 0:
             Dataset.from_list(build()).save_to_disk(str(cache))
-    return load_from_disk(str(cache)).to_list()
+    return load_from_disk(str(cache))  # Arrow, memory-mapped: not turned back into Python rows
 
 
 def effective_batch_size(args: Any) -> int:

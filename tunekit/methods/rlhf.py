@@ -133,11 +133,9 @@ class Data:
 def read_prompts(specs: str | list[str], config: Config, key: str) -> list[list[dict[str, str]]]:
     """The prompt conversation of every row: the prompt part of an SFT-style row, a `prompt` column
     alone, or a text column (as a user message), cut to data.prompt_words."""
-    from tunekit.methods.sft import renamed
-
     prompts = []
     for spec in [specs] if isinstance(specs, str) else specs:
-        table = renamed(read_table(spec, key), config.data.columns)
+        table = read_table(spec, key).renamed(config.data.columns)
         if config.data.format is None and "prompt" in table.columns and "completion" not in table.columns:
             prompts += [[{"role": "user", "content": str(row["prompt"])}] for row in table.rows]
             continue
