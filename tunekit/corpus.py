@@ -22,8 +22,8 @@ from tunekit.data import Table, check_file, file_suffix, read_table
 from tunekit.errors import UserError
 from tunekit.readers import text_chunks
 
-PIECE = 1 << 20  # characters of a text file tokenised at a time
-UNIT = 4 << 20  # characters sent to a worker process at once
+PIECE = 256 << 10  # characters of a text file tokenised at a time
+UNIT = 1 << 20  # characters sent to a worker process at once (a fast tokenizer's output costs ~100x the text)
 WRITE_BLOCKS = 2048  # blocks per Arrow record batch
 
 
@@ -155,7 +155,8 @@ def _set_tokenizer(tokenizer: Any) -> None:
 
 
 def _encode(unit: list[tuple[str, bool]]) -> list[tuple[list[int], bool]]:
-    ids = _TOKENIZER([text for text, _ in unit], add_special_tokens=False)["input_ids"]
+    ids = _TOKENIZER([text for text, _ in unit], add_special_tokens=False, return_attention_mask=False,
+                     return_token_type_ids=False)["input_ids"]
     return [(piece, end) for piece, (_, end) in zip(ids, unit)]
 
 
