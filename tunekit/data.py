@@ -89,7 +89,14 @@ class Table:
         source = self.sources[int(self.origin[index])] if self.sources is not None else self.source
         if self.names is not None:
             return f"{source}: {self.names[index]}"
-        return f"{source}: line {int(self.lines[index]) if self.lines is not None else index + 1}"
+        return f"{source}: line {self.line(index)}"
+
+    def column(self, name: str) -> list[Any]:
+        """One column's values as a list (for the small per-row columns: texts, labels)."""
+        return self.dataset.with_format("arrow")[name].to_pylist()
+
+    def line(self, index: int) -> int:
+        return int(self.lines[index]) if self.lines is not None else index + 1
 
     @property
     def rows(self) -> Rows:

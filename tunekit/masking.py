@@ -128,7 +128,7 @@ def trained_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> 
         if message["role"] != "assistant":
             continue
         before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        through = render(tokenizer, messages[: i + 1])
+        through = text if i + 1 == len(messages) else render(tokenizer, messages[: i + 1])  # the same string
         if not (text.startswith(through) and through.startswith(before)):
             raise UserError(
                 "the model's chat template does not render a conversation prefix by prefix, so the response "

@@ -206,7 +206,7 @@ def label_pairs(table: Table, section: PreferenceData) -> Pairs:
     rng = random.Random(section.pairs_seed)
     rng.shuffle(positive)
     rng.shuffle(negative)
-    texts = table.dataset[text]  # one column of a labelled file
+    texts = table.column(text)
     pairs = [Pair("", texts[p], texts[n]) for p, n in zip(positive, negative)]
     where = [f"{table.where(p)} vs {table.where(n).rsplit(': ', 1)[-1]}" for p, n in zip(positive, negative)]
     return Pairs("label_pairs", pairs, where)
