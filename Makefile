@@ -5,8 +5,10 @@ BIN     := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# The recipes' public datasets are copied from this mirror folder when it exists, else downloaded.
+DATA_MIRROR ?= ../shared/data
 
-.PHONY: install test lint demo bench bench-ppo clean
+.PHONY: install test lint demo bench bench-ppo clean data
 
 install:
 	$(PY) -m venv $(VENV)
@@ -16,8 +18,13 @@ install:
 	$(BIN)/pip install "torch==2.13.0"
 	$(BIN)/pip install -e ".[test]" "torch==2.13.0"
 
-test:
+test: data
 	$(BIN)/python -m pytest -q tests
+
+# data/: every dataset of data/README.md, checked by sha256 (a few checksums when all are there).
+# --from the mirror when it exists, or when it was named (a wrong DATA_MIRROR=DIR is an error, not a download).
+data:
+	$(BIN)/tunekit data fetch all $(if $(or $(wildcard $(DATA_MIRROR)),$(filter-out file,$(origin DATA_MIRROR))),--from $(DATA_MIRROR))
 
 lint:
 	$(BIN)/ruff check tunekit tests bench
@@ -26,13 +33,19 @@ clean:
 	rm -rf runs .pytest_cache
 
 # The whole pipeline offline: pretrain -> SFT -> sentiment reward model -> PPO, then a summary table.
-demo:
+demo: data
 	$(MAKE) -f examples/pipeline.mk TUNEKIT=$(BIN)/tunekit RUNS=runs
 
-bench:
+bench: data
 	$(BIN)/python bench/classify.py
 
 # PPO against TRL 1.12's (deleted in TRL 1.13) PPOTrainer, installed beside tunekit's TRL in /tmp/trl112.
 bench-ppo:
 	test -d /tmp/trl112/trl || $(BIN)/pip install --no-deps --target /tmp/trl112 trl==1.12.0
 	OMP_NUM_THREADS=1 $(BIN)/python bench/ppo.py
+
+# Wheels, data and the MiniLM tokenizer that bench/gpu_device.sh needs on a GPU machine, into .gpu/
+# (git-ignored; carry it). bench/README.md, section GPU, says the rest.
+.PHONY: gpu-prepare
+gpu-prepare:
+	PY=$(BIN)/python bash bench/gpu_prepare.sh

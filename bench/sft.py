@@ -37,14 +37,14 @@ from tunekit.chat import train_tokenizer  # noqa: E402
 from tunekit.config import validate_config  # noqa: E402
 from tunekit.methods import sft  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_data_1k.json"
+DATA = ROOT / "data" / "alpaca" / "alpaca_data_1k.json"
 BATCH, MAX_LEN, LR = 8, 512, 5e-4
 
 
 def build_model(workdir: Path, model: str | None) -> Path:
     if model:
         return Path(model)
-    text = (ROOT.parent / "shared" / "data" / "tiny_shakespeare" / "input.txt").read_text()
+    text = (ROOT / "data" / "tiny_shakespeare" / "input.txt").read_text()
     tokenizer = train_tokenizer([text], vocab_size=8192)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
                          num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=1024,

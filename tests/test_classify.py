@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from conftest import MINILM, SHARED, write
 
 
@@ -60,6 +61,10 @@ def test_tiny_run_writes_the_run_folder(tiny_run):
     assert info["wall_time_s"] > 0 and info["num_processes"] == 1
     card = (tiny_run / "README.md").read_text()
     assert "tunekit classify" in card and "accuracy" in card
+    head, _, body = card.removeprefix("---\n").partition("\n---\n")
+    meta = yaml.safe_load(head)  # the Hub's model-card metadata; a local base model is no Hub id
+    assert meta == {"library_name": "transformers", "tags": ["tunekit", "classify"], "pipeline_tag": "text-classification"}
+    assert "https://github.com/" not in body
     assert not list(tiny_run.glob(".*tmp*")), "a temporary file was left behind"
 
 

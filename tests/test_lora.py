@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import SHARED, write
 
 from tunekit.methods import classify
@@ -63,6 +64,8 @@ def test_merge_gives_the_adapter_run_logits(tmp_path, tiny_bert, cli):
 
     out = tmp_path / "run"
     assert cli("lora", classify_recipe(tmp_path, tiny_bert), "-o", out).code == 0
+    meta = yaml.safe_load((out / "README.md").read_text().removeprefix("---\n").partition("\n---\n")[0])
+    assert meta["library_name"] == "peft" and meta["tags"] == ["tunekit", "classify", "lora"]
     merged = cli("merge", out)
     assert merged.code == 0, merged.err
     assert merged.last_line == str(out / "merged")

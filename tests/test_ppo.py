@@ -93,6 +93,41 @@ def test_entropy_of_uniform_and_certain():
     assert close(entropy(torch.tensor([[100.0, 0.0, 0.0]])), [0.0], tol=1e-4)
 
 
+def test_lm_head_runs_on_the_response_positions_only():
+    """PPO's forward passes ask for the logits of the response positions only (logits_to_keep): the
+    LM head sees R + 1 positions, not the query's, and the log-probs equal a full forward pass's,
+    also for a model that ignores logits_to_keep."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunekit.rl.ppo import PolicyWithValue, forward_responses, position_ids, response_logprobs
+    from tunekit.rl.rollout import Samples, lm_logprobs
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)).eval()
+    ids, context = torch.randint(0, 50, (3, 9)), 5
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded query
+    with torch.no_grad():
+        full = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    expected = response_logprobs(full[:, context - 1 : -1] / 0.7, ids[:, context:], 1.0).tolist()
+    seen = []
+    lm.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        logits, values, logprobs = forward_responses(PolicyWithValue(lm), ids, mask, context, 0.7)
+    assert logits.shape == (3, 4, 50) and values.shape == (3, 4) and close(logprobs, expected)
+    samples = Samples(ids, mask, ids[:, context:], torch.ones(3, 4, dtype=torch.long), torch.ones(3, dtype=torch.bool),
+                      ["", "", ""])
+    assert close(lm_logprobs(lm, samples, 0.7), expected)
+    assert seen == [5, 5]  # R + 1 positions in both passes, not all 9
+
+    class IgnoresLogitsToKeep(torch.nn.Module):
+        def forward(self, logits_to_keep: int = 0, **inputs):
+            return lm(**inputs)
+
+    assert close(lm_logprobs(IgnoresLogitsToKeep(), samples, 0.7), expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # Recipes and runs
 

@@ -157,6 +157,8 @@ def test_few_step_sft_then_generate(tmp_path, cli, tiny_gpt, packing):
     assert generated.code == 0, generated.err
     if packing:
         return
+    shown = cli("preview", out, "-n", "1")  # a run folder: what it trained on
+    assert shown.code == 0 and "trained tokens" in shown.out, shown.err
     batch = cli("generate", out, "--heldout", "3", "--max-new-tokens", "4", "--out", tmp_path / "g.jsonl")
     assert batch.code == 0, batch.err
     rows = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]

@@ -4,16 +4,16 @@ method's `run`; nothing else happens here. Heavy libraries are imported inside t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Annotated, Any
 
 import typer
 
 from tunekit.errors import Interrupted, TrainingFailure, UserError
+from tunekit.methods import method_of
+from tunekit.runner import library_output_to_stderr, recipe_command, train_command
 
 app = typer.Typer(
     name="tunekit",
@@ -39,83 +39,6 @@ ResumeOpt = Annotated[
     str | None, typer.Option("--resume", help="continue from the latest checkpoint of the run folder (or --resume PATH)")]
 RunArg = Annotated[Path, typer.Argument(help="a run folder written by a tunekit training command")]
 DataOpt = Annotated[str, typer.Option("--data", help="data file with the same columns as the run's training data")]
-
-
-def train_command(
-    command: str, method: ModuleType, recipe: str, overrides: list[str] | None,
-    output_dir: str | None, overwrite: bool, dry_run: bool, peft_default: str | None = None,
-    nproc: int | None = None, accelerate_config: str | None = None, resume: str | None = None,
-) -> None:
-    """The shared path of every training command: config -> data check -> run -> print run folder."""
-    from tunekit.config import load_config, to_yaml
-    from tunekit.launch import check_accelerate_config, is_first_rank, is_worker, relaunch
-    from tunekit.models import check_model_reference
-    from tunekit.outputs import check_run_dir, default_run_dir, find_checkpoint, run_status
-
-    overrides = list(overrides or [])
-    if peft_default:  # `tunekit lora`: the adapter is on unless the user chose another method
-        overrides.insert(0, f"peft.method={peft_default}")
-    config = load_config(method.Config, recipe, overrides)
-    run_dir = Path(output_dir or config.output_dir or default_run_dir(command, config.source))
-    checkpoint = find_checkpoint(run_dir, resume, config) if resume else None
-    if not resume and not dry_run and not is_worker() and is_first_rank():
-        check_run_dir(run_dir, overwrite)
-    check_model_reference(config.model)
-    if accelerate_config:
-        check_accelerate_config(accelerate_config)
-    data = method.check(config)
-    if dry_run:
-        typer.echo(to_yaml(config).rstrip())
-        typer.echo(f"# recipe and data OK; a run would write {run_dir}", err=True)
-        return
-    if (nproc and nproc > 1) or accelerate_config:
-        args = [command, config.source, *[a for o in overrides for a in ("--set", o)], "--output-dir", str(run_dir)]
-        args += ["--overwrite"] * overwrite + (["--resume", str(checkpoint)] if checkpoint else [])
-        code = relaunch(nproc, accelerate_config, args)
-        if code != 0 and run_status(run_dir) == "interrupted":
-            raise Interrupted(f"the latest checkpoint in {run_dir} is complete; continue with --resume")
-        if code != 0:
-            raise TrainingFailure(f"a process of the {nproc or 'configured'}-process run failed (exit code {code}); see above")
-        return
-    with library_output_to_stderr():
-        method.run(config, data, run_dir, overwrite=overwrite and not checkpoint, resume=checkpoint)
-    if is_first_rank():
-        typer.echo(str(run_dir))
-
-
-@contextlib.contextmanager
-def library_output_to_stderr() -> Any:
-    """For commands that load models: the libraries' own progress bars off (tunekit shows one
-    display of its own), and what they print goes to stderr, so stdout holds the result alone."""
-    from tunekit.progress import hide_library_bars
-
-    hide_library_bars()
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
-
-
-METHODS = ("classify", "qa", "pretrain", "sft", "reward", "dpo", "rlhf")
-
-
-def method_of(command: str) -> ModuleType:
-    """The module of a training command (an explicit list, no registry); only that one is imported."""
-    if command not in METHODS:
-        raise UserError(f"unknown method {command!r}; one of: {', '.join(METHODS)}")
-    if command == "classify":
-        from tunekit.methods import classify as module
-    elif command == "qa":
-        from tunekit.methods import qa as module
-    elif command == "pretrain":
-        from tunekit.methods import pretrain as module
-    elif command == "sft":
-        from tunekit.methods import sft as module
-    elif command == "reward":
-        from tunekit.methods import reward as module
-    elif command == "dpo":
-        from tunekit.methods import dpo as module
-    else:
-        from tunekit.methods import rlhf as module
-    return module
 
 
 @app.command()
@@ -194,21 +117,20 @@ def lora(
     dry_run: DryRunOpt = False, nproc: NprocOpt = None, accelerate_config: AccelerateOpt = None, resume: ResumeOpt = None,
 ) -> None:
     """Run any recipe with a LoRA adapter switched on (override with --set peft.*)."""
-    from tunekit.config import find_recipe, read_yaml_mapping
+    from tunekit.config import find_recipe
 
     path = find_recipe(recipe)
-    command = read_yaml_mapping(path).get("method") or path.parent.name
-    train_command("lora", method_of(command), str(path), set_, output_dir, overwrite, dry_run, peft_default="lora",
+    train_command("lora", method_of(recipe_command(path)), str(path), set_, output_dir, overwrite, dry_run, peft_default="lora",
                   nproc=nproc, accelerate_config=accelerate_config, resume=resume)
 
 
 @app.command()
 def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe and its data without training (exit code 2 on a problem)."""
-    from tunekit.config import find_recipe, read_yaml_mapping
+    from tunekit.config import find_recipe
 
     path = find_recipe(recipe)
-    command = read_yaml_mapping(path).get("method") or path.parent.name
+    command = recipe_command(path)
     train_command(command, method_of(command), str(path), set_, None, True, True)
 
 
@@ -222,28 +144,18 @@ def eval_(
     """Metrics of finished runs: on another data file (--data), or on LM tasks (--task: perplexity,
     multiple choice, generation; zero- or few-shot), several models side by side. The last stdout
     line is a JSON object."""
-    from tunekit.outputs import run_method
-
     if bool(data) == bool(task):
         raise UserError("give --data FILE (the run's own task) or --task TASK.yaml (LM tasks), not both or neither")
     if data:
+        from tunekit.scoring import eval_on_data
+
         if len(targets) != 1:
             raise UserError("--data evaluates one run at a time")
-        method = method_of(run_method(Path(targets[0])))
-        with library_output_to_stderr():
-            metrics = method.eval_run(Path(targets[0]), data)
-        typer.echo(json.dumps(metrics))
+        typer.echo(json.dumps(eval_on_data(Path(targets[0]), data)))
         return
-    from tunekit.lmeval import compare, table_of
+    from tunekit.lmeval import evaluate_tasks
 
-    with library_output_to_stderr():
-        results = compare(targets, task)
-    typer.echo(table_of(results), err=True)
-    if out:
-        from tunekit.outputs import write_json
-
-        write_json(out, results)
-    typer.echo(json.dumps(results))
+    typer.echo(json.dumps(evaluate_tasks(targets, task, out)))
 
 
 @app.command()
@@ -252,32 +164,21 @@ def predict(
     out: Annotated[Path | None, typer.Option("--out", help="output file (default RUN/predictions.jsonl; .json for QA)")] = None,
 ) -> None:
     """Predictions of a finished run for every row of a data file, as JSON lines ({id: answer} for QA)."""
-    from tunekit.outputs import run_method, write_atomic
+    from tunekit.scoring import predict_to_file
 
-    method = method_of(run_method(run))
-    with library_output_to_stderr():
-        rows = method.predict_run(run, data)
-    if isinstance(rows, dict):  # QA: one {id: answer} object, the official SQuAD evaluation format
-        out = out or run / "predictions.json"
-        write_atomic(out, json.dumps(rows, ensure_ascii=False) + "\n")
-    else:
-        out = out or run / "predictions.jsonl"
-        write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
-    typer.echo(str(out))
+    typer.echo(str(predict_to_file(run, data, out)))
 
 
 @app.command()
 def preview(
-    recipe: RecipeArg, set_: SetOpt = None,
+    recipe: Annotated[str, typer.Argument(help="SFT recipe YAML, shipped recipe name, or an sft run folder")],
+    set_: SetOpt = None,
     examples: Annotated[int, typer.Option("--examples", "-n", help="how many examples to print")] = 3,
 ) -> None:
     """Show which tokens of an SFT recipe's data carry loss ([[trained]] vs plain); exit 2 if one carries none."""
-    from tunekit.config import load_config
-    from tunekit.methods import sft as method
-    from tunekit.preview import preview_data
+    from tunekit.preview import preview_recipe
 
-    config = load_config(method.Config, recipe, list(set_ or []))
-    preview_data(config, method.check(config), examples)
+    preview_recipe(recipe, list(set_ or []), examples)
 
 
 @app.command()
@@ -293,34 +194,11 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
 ) -> None:
     """Sample responses with the run's chat template and generation settings."""
-    from tunekit.generation import generate as sample
-    from tunekit.generation import load_chat_model, settings_with
-    from tunekit.masking import prompts_of_file
-    from tunekit.methods.sft import heldout_prompts
-    from tunekit.outputs import write_atomic
+    from tunekit.generation import generate_for
 
-    if not prompt and not data and not heldout:
-        raise UserError("give --prompt TEXT, --data FILE or --heldout N")
-    with library_output_to_stderr():
-        if heldout:
-            conversations = heldout_prompts(Path(run), heldout)
-        elif data:
-            conversations = prompts_of_file(data)
-        else:
-            conversations = [[{"role": "user", "content": p}] for p in prompt]
-        model, tokenizer, settings = load_chat_model(run)
-        chosen = settings_with(settings, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        results = sample(model, tokenizer, conversations, **chosen)
-    if not data and not heldout:
-        for result in results:
-            typer.echo(result["response"])
-        return
-    out = out or Path(run) / "generations.jsonl"
-    rows = [{"prompt": c[-1]["content"], **r} for c, r in zip(conversations, results)]
-    write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
-    stopped = sum(r["stopped"] for r in results)
-    typer.echo(f"{stopped} of {len(results)} responses ended by themselves (EOS)", err=True)
-    typer.echo(str(out))
+    result = generate_for(run, prompt, data, heldout, out, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p, seed=seed)
+    typer.echo(str(result) if isinstance(result, Path) else "\n".join(result))
 
 
 @app.command()
@@ -329,29 +207,27 @@ def chat(
     system: Annotated[str | None, typer.Option(help="system message")] = None,
 ) -> None:
     """Talk to a model in the terminal (/reset clears the history, /exit or Ctrl-D quits)."""
-    from tunekit.generation import generate as sample
-    from tunekit.generation import load_chat_model, settings_with
+    from tunekit.generation import chat_loop
+
+    chat_loop(run, system)
+
+
+@app.command()
+def serve(
+    run: Annotated[str, typer.Argument(help="a run folder, or any causal LM id/folder")],
+    host: Annotated[str, typer.Option(help="address to listen on (loopback only by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port (0 = any free one; the address is printed)")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="TUNEKIT_API_KEY", help="require `Authorization: Bearer KEY` (or set TUNEKIT_API_KEY)")] = None,
+    model_name: Annotated[str | None, typer.Option(help="the model id clients ask for (default: the folder's name)")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="most sequences decoded together")] = 64,
+    wait_ms: Annotated[float, typer.Option(min=0, help="how long a request waits for others to join its batch")] = 10.0,
+    log_prompts: Annotated[bool, typer.Option(help="log prompts and responses (off: only their token counts)")] = False,
+) -> None:
+    """An OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) for a causal LM run."""
+    from tunekit.serve import serve as run_server
 
     with library_output_to_stderr():
-        model, tokenizer, settings = load_chat_model(run)
-    history = [{"role": "system", "content": system}] if system else []
-    start = list(history)
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            break
-        if line == "/exit":
-            break
-        if line == "/reset":
-            history = list(start)
-            continue
-        if not line:
-            continue
-        history.append({"role": "user", "content": line})
-        reply = sample(model, tokenizer, [history], **settings_with(settings))[0]["response"]
-        history.append({"role": "assistant", "content": reply})
-        typer.echo(f"model> {reply}")
+        run_server(run, host, port, api_key or None, model_name, max_batch, wait_ms, log_prompts)
 
 
 @app.command()
@@ -396,14 +272,30 @@ def recipes_cp(
     dest: Annotated[Path, typer.Argument(help="file (or folder) to copy it to")],
 ) -> None:
     """Copy a shipped recipe to start your own from it (never overwrites a file)."""
-    from tunekit.config import find_recipe
+    from tunekit.inventory import copy_recipe
 
-    source = find_recipe(name)
-    target = dest / source.name if dest.is_dir() else dest
-    if target.exists():
-        raise UserError(f"{target}: exists; choose another destination")
-    target.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
-    typer.echo(str(target))
+    typer.echo(str(copy_recipe(name, dest)))
+
+
+data_app = typer.Typer(help="The recipes' datasets: fetch them into data/.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("fetch")
+def data_fetch(
+    names: Annotated[list[str], typer.Argument(help="datasets (see data/README.md), or all")],
+    mirror: Annotated[Path | None, typer.Option("--from", help="copy from this mirror folder instead of downloading")] = None,
+    to: Annotated[Path | None, typer.Option("--to", help="folder to fill (default: the project's data/)")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="seconds to wait on the network")] = 60.0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace files whose sha256 differs")] = False,
+) -> None:
+    """Get datasets from their public source (or a mirror) into data/, checked by sha256."""
+    from tunekit.catalog import DATA_DIR
+    from tunekit.fetch import fetch
+
+    dest = to or DATA_DIR
+    fetch(names, mirror, dest, timeout, overwrite, say=lambda line: typer.echo(line, err=True))
+    typer.echo(str(dest))
 
 
 data_app = typer.Typer(help="The recipes' data: prepare (check, tokenise and cache) it.", no_args_is_help=True)
@@ -435,16 +327,11 @@ def runs(
 @app.command()
 def doctor(as_json: JsonOpt = False) -> None:
     """Versions, devices, CUDA/bf16 support and whether the Hub is reachable."""
-    from tunekit.inventory import doctor_report
+    from tunekit.inventory import doctor_lines, doctor_report
 
     with library_output_to_stderr():
         report = doctor_report()
-    if as_json:
-        typer.echo(json.dumps(report))
-        return
-    for key, value in report.items():
-        shown = ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else value
-        typer.echo(f"{key:<12} {shown}")
+    typer.echo(json.dumps(report) if as_json else doctor_lines(report))
 
 
 def quiet_library_noise() -> None:

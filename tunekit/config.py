@@ -128,13 +128,6 @@ class Recipe(Section):
 
     _source: str = PrivateAttr("")
 
-    @field_validator("method")
-    @classmethod
-    def _same_command(cls, value: str | None) -> str | None:
-        if value is not None and cls.command and value != cls.command:
-            raise ValueError(f"this recipe is for `tunekit {value}`, not `tunekit {cls.command}`")
-        return value
-
     @property
     def source(self) -> str:
         """The recipe file this config was read from."""
@@ -246,6 +239,12 @@ def load_config(cls: type[Recipe], recipe: str, overrides: list[str] = ()) -> Re
 
 
 def validate_config(cls: type[Recipe], data: dict[str, Any], source: str) -> Recipe:
+    named = data.get("method")
+    if named is not None and cls.command and named != cls.command:  # before the keys, which differ per method
+        if not (isinstance(named, str) and named.isidentifier()):
+            raise UserError(f"{source}: method: expected {cls.command!r} (the command it was given to), got {named!r}")
+        raise UserError(f"{source}: recipe is for `tunekit {named}` (method: {named}), not `tunekit {cls.command}`; "
+                        f"run `tunekit {named} {source}` (`tunekit lora` runs any method's recipe with an adapter)")
     try:
         config = cls.model_validate(data)
     except ValidationError as err:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunekit import cache
+from tunekit.catalog import missing_file_message
 from tunekit.errors import UserError
 from tunekit.readers import (
     csv_rows,
@@ -185,7 +186,7 @@ def join(tables: list[Table]) -> Table:
 
 def resolve_path(spec: str) -> Path:
     """Relative paths start at the current folder; failing that, at the project root, so that the
-    shipped recipes (which read ../shared/data) work from anywhere."""
+    shipped recipes (which read data/) work from anywhere."""
     path = Path(spec)
     if not path.exists() and not path.is_absolute() and (PROJECT_ROOT / spec).exists():
         path = PROJECT_ROOT / spec
@@ -203,7 +204,7 @@ def check_file(spec: str, key: str) -> Path | None:
         raise UserError(f"{spec}: is a directory ({key}); give a data file ({', '.join(SUFFIXES)})")
     if not path.exists():
         if _looks_like_a_path(spec):
-            raise UserError(f"{spec}: no such file ({key}); check the path (relative paths start at the current folder)")
+            raise UserError(missing_file_message(spec, key))
         return None
     suffix = file_suffix(path)
     if suffix not in SUFFIXES:
@@ -273,6 +274,14 @@ def convert_parquet(path: Path, target: Path) -> Any:
     except Exception as err:  # pyarrow raises many types for a corrupt file
         raise UserError(f"{path}: not a readable parquet file ({type(err).__name__})") from None
     return range(1, parquet.metadata.num_rows + 1)
+
+
+def hub_dataset_name(spec: str) -> str | None:
+    """The Hub dataset a data spec names (without its `:split`), or None for a local file: the same
+    rule `read_table` follows."""
+    if Path(spec).exists() or (PROJECT_ROOT / spec).exists() or _looks_like_a_path(spec):
+        return None
+    return spec.partition(":")[0]
 
 
 def _looks_like_a_path(spec: str) -> bool:

@@ -9,6 +9,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from tunekit.errors import UserError
+
 # The metric a run is best summarised by, per method (the first one eval.json has).
 KEY_METRICS = ("accuracy", "f1", "reward_after", "perplexity", "loss")
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "tokenizers")
@@ -85,3 +87,24 @@ def format_cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
+
+
+def copy_recipe(name: str, dest: Path) -> Path:
+    """`tunekit recipes cp`: a shipped recipe copied to start your own from (never overwrites)."""
+    from tunekit.config import find_recipe
+
+    source = find_recipe(name)
+    target = dest / source.name if dest.is_dir() else dest
+    if target.exists():
+        raise UserError(f"{target}: exists; choose another destination")
+    target.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    return target
+
+
+def doctor_lines(report: dict[str, Any]) -> str:
+    """The doctor report as aligned `key  value` lines."""
+    lines = []
+    for key, value in report.items():
+        shown = ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else value
+        lines.append(f"{key:<12} {shown}")
+    return "\n".join(lines)

@@ -206,9 +206,25 @@ def compare(targets: list[str], task_paths: list[str]) -> dict[str, dict[str, di
     tasks = {Path(p).stem: load_task(p) for p in task_paths}
     results: dict[str, dict[str, dict[str, float]]] = {}
     for target in targets:
-        model, tokenizer, _ = load_chat_model(target)
+        model, tokenizer, _ = load_chat_model(target, "eval --task")
         tokenizer.padding_side = "right"
         results[target] = {name: run_task(model, tokenizer, task) for name, task in tasks.items()}
+    return results
+
+
+def evaluate_tasks(targets: list[str], task_paths: list[str], out: Path | None) -> dict[str, dict[str, dict[str, float]]]:
+    """`tunekit eval --task`: every model on every task; the table goes to stderr, every result
+    to `out` (one JSON file) when given."""
+    import sys
+
+    from tunekit.outputs import write_json
+    from tunekit.runner import library_output_to_stderr
+
+    with library_output_to_stderr():
+        results = compare(targets, task_paths)
+    print(table_of(results), file=sys.stderr, flush=True)
+    if out:
+        write_json(out, results)
     return results
 
 

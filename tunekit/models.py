@@ -8,6 +8,7 @@ from typing import Any
 
 from tunekit.config import ModelSection, PeftSection
 from tunekit.errors import UserError
+from tunekit.runs import open_run
 
 
 def resolve_model_path(name: str) -> str:
@@ -184,14 +185,14 @@ def task_auto_class(run_dir: Path) -> Any:
     """The transformers Auto class of a finished run's task (an explicit choice per method)."""
     import transformers
 
-    from tunekit.outputs import read_run_config, run_method
+    from tunekit.outputs import run_method, task_of
 
-    method = run_method(run_dir)
-    if method in ("classify", "reward"):
+    task = task_of(run_dir, run_method(run_dir))
+    if task == "sequence-classification":
         return transformers.AutoModelForSequenceClassification
-    if method == "qa":
+    if task == "question-answering":
         return transformers.AutoModelForQuestionAnswering
-    if method == "pretrain" and (read_run_config(run_dir).get("pretrain") or {}).get("objective") == "mlm":
+    if task == "masked-lm":
         return transformers.AutoModelForMaskedLM
     return transformers.AutoModelForCausalLM
 
@@ -212,9 +213,8 @@ def merge_run(run_dir: Path, out: Path) -> Path:
     A QLoRA run's base is loaded in full precision for this (merging into 4-bit weights would round
     the update away); the merged model then differs from the quantised one by the quantisation error.
     """
-    auto_class = task_auto_class(run_dir)  # also: is it a run folder at all?
-    if not (run_dir / "adapter").is_dir():
-        raise UserError(f"{run_dir}: no adapter/ to merge (a full fine-tuning run's model/ is already plain)")
+    open_run(run_dir, "merge", "adapter")
+    auto_class = task_auto_class(run_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists; choose another --out or remove it")
     model, tokenizer = load_run_model(run_dir, auto_class, quantized=False)

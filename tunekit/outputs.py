@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tunekit.errors import UserError
 
@@ -34,11 +34,11 @@ def check_run_dir(path: Path, overwrite: bool) -> None:
         raise UserError(f"{path}: run folder exists; pass --overwrite to replace it or --output-dir to choose another")
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(text.encode("utf-8") if isinstance(text, str) else text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -149,9 +149,15 @@ class RunFolder:
     def finish(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        from tunekit.modelcard import model_card
+        from tunekit.plots import plot_losses
+
         self.update(status="done", wall_time_s=round(time.time() - self.started, 1))
-        plot_curves(self.path / "metrics.jsonl", self.path / "loss.png")
-        write_atomic(self.path / "README.md", model_card(self.info, metrics))
+        plot_losses(self.path / "metrics.jsonl", self.path / "loss.png", self.info.get("method"))
+        peft = (read_run_config(self.path).get("peft") or {}).get("method", "none")
+        card = model_card(self.info, metrics, task_of(self.path, self.info.get("method")), None if peft == "none" else peft,
+                          adapter=(self.path / "adapter").is_dir())
+        write_atomic(self.path / "README.md", card)
 
     def fail(self, reason: str) -> None:
         self._stopped("failed", reason)
@@ -190,62 +196,6 @@ def banner(info: dict[str, Any], path: Path) -> str:
     )
 
 
-def model_card(info: dict[str, Any], metrics: dict[str, Any]) -> str:
-    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
-    trainable, total = info.get("trainable_params", 0), info.get("total_params", 0)
-    share = f" ({100 * trainable / total:.2f}%)" if total else ""
-    return f"""# {info.get("method", "tunekit")} run
-
-Fine-tuned with [tunekit](https://github.com/) `{info.get("method")}`.
-
-- **Base model:** `{info.get("base_model")}`
-- **Training data:** `{info.get("train_data")}` ({info.get("train_rows", "?")} rows)
-- **Evaluation data:** `{info.get("eval_data")}` ({info.get("eval_rows", "?")} rows)
-- **Parameters:** {trainable:,} trainable of {total:,}{share}
-- **Effective batch size:** {info.get("effective_batch_size")} (per device x processes x accumulation)
-- **Processes:** {info.get("num_processes", 1)}
-- **Wall time:** {info.get("wall_time_s")} s
-
-## Metrics
-
-| metric | value |
-|---|---|
-{rows}
-
-## Reproduce
-
-```
-{info.get("command")}
-```
-
-The resolved recipe is in `config.yaml`; training curves in `loss.png` and `metrics.jsonl`.
-"""
-
-
-def plot_curves(metrics_path: Path, out: Path) -> None:
-    """Training (and evaluation) loss against step, from metrics.jsonl."""
-    if not metrics_path.exists():
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("loss", "eval_loss"):
-        points = [(r["step"], r[key]) for r in records if key in r and "step" in r]
-        if points:
-            ax.plot(*zip(*points), label=key, marker="." if key == "eval_loss" else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-
-
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     """The resolved recipe a run saved, for `tunekit eval` / `predict` / `generate`."""
     from tunekit.config import parse_yaml
@@ -262,6 +212,20 @@ def run_method(run_dir: Path) -> str:
     if not path.is_file():
         raise UserError(f"{run_dir}: not a tunekit run folder (no run.json)")
     return read_json(path)["method"]
+
+
+Task = Literal["causal-lm", "masked-lm", "sequence-classification", "question-answering"]
+
+
+def task_of(run_dir: Path, method: str | None) -> Task:
+    """The model head a run trained (an explicit choice per method)."""
+    if method in ("classify", "reward"):
+        return "sequence-classification"
+    if method == "qa":
+        return "question-answering"
+    if method == "pretrain" and (read_run_config(run_dir).get("pretrain") or {}).get("objective") == "mlm":
+        return "masked-lm"
+    return "causal-lm"
 
 
 def run_status(run_dir: Path) -> str | None:

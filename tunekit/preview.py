@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tunekit.errors import UserError
+from tunekit.runs import open_run
+
+
+def preview_recipe(recipe: str, overrides: list[str], examples: int) -> None:
+    """An SFT recipe, or the resolved recipe of an SFT run folder (what that run trained on)."""
+    from tunekit.config import load_config
+    from tunekit.methods import sft
+
+    if Path(recipe).is_dir():
+        recipe = str(open_run(recipe, "preview", "sft").path / "config.yaml")
+    config = load_config(sft.Config, recipe, overrides)
+    preview_data(config, sft.check(config), examples)
 
 
 def preview_data(config: Any, data: Any, examples: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 from transformers import Trainer
@@ -98,3 +100,47 @@ def allow_cpu_4bit_shapes(model: Any) -> Any:
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model
+
+
+def forward_with_cache(model: Any, cache: Any, **inputs: Any) -> tuple[Any, Any]:
+    """One decoding forward pass: (logits, the KV cache to pass next time).
+
+    transformers 5.24 names the KV cache `cache` (argument and output); `past_key_values`, the name
+    before it, still works there but warns that it goes in 5.40. Which one a model takes is read
+    from its forward signature (the base model's, under a PEFT adapter)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = cache_argument(type(base))
+    out = model(**inputs, **{name: cache})
+    return out.logits, out[name]
+
+
+@functools.cache
+def cache_argument(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def can_join(cache: Any) -> bool:
+    """Whether `join_caches` can add rows to this KV cache: only when every layer is a plain
+    `DynamicLayer` (transformers 5.24), whose state is its key and value tensors alone; sliding-window
+    and other layer kinds keep offsets that left padding would break."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def join_caches(first: Any, second: Any) -> None:
+    """Append the rows of `second` to `first` (both `can_join`), padding the shorter on the left
+    with zeros along the sequence; the caller's attention mask hides the padding."""
+    import torch
+
+    def padded(tensor: Any, length: int) -> Any:
+        missing = length - tensor.shape[-2]
+        if not missing:
+            return tensor
+        return torch.cat([tensor.new_zeros((*tensor.shape[:-2], missing, tensor.shape[-1])), tensor], dim=-2)
+
+    for a, b in zip(first.layers, second.layers):
+        length = max(a.keys.shape[-2], b.keys.shape[-2])
+        a.keys = torch.cat([padded(a.keys, length), padded(b.keys, length)], dim=0)
+        a.values = torch.cat([padded(a.values, length), padded(b.values, length)], dim=0)

@@ -22,6 +22,7 @@ from tunekit.config import Recipe, Section, to_yaml
 from tunekit.data import read_table
 from tunekit.errors import UserError
 from tunekit.masking import detect_format, prompt_part, to_messages
+from tunekit.plots import plot_rewards
 
 # TrainingArguments keys that tunekit's PPO reads; the `ppo:` section holds the rest.
 PPO_TRAIN_KEYS = ("learning_rate", "seed", "logging_steps", "weight_decay", "adam_beta1", "adam_beta2",
@@ -242,7 +243,7 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
     run.write_eval(metrics)
     run.save_model(trained, tokenizer)
     run.finish(metrics)
-    plot_rewards(run.path / "metrics.jsonl", run.path / "reward.png")
+    plot_rewards(run.path / "metrics.jsonl", run.path / "reward.png", kl_per_token=config.rlhf.algo != "ppo")
     return metrics
 
 
@@ -254,17 +255,7 @@ def train_policy(config: Config, policy: Any, tokenizer: Any, reward: Any, promp
         from tunekit.rl.trl_algos import train_with_trl
 
         return train_with_trl(config, policy, tokenizer, reward, prompts, run, resume), reference
-    from tunekit.rl.ppo import PPOTrainer
-
-    train = config.train
-    optimizer = {"lr": train["learning_rate"], "weight_decay": train.get("weight_decay", 0.0),
-                 "betas": (train.get("adam_beta1", 0.9), train.get("adam_beta2", 0.999)),
-                 "eps": train.get("adam_epsilon", 1e-8)}
-    precision = "bf16" if train.get("bf16") else "fp16" if train.get("fp16") else "no"
-    trainer = PPOTrainer(policy, tokenizer, reward, prompts, config.ppo, config.generation, optimizer,
-                         seed=train.get("seed", 42), logging_steps=train["logging_steps"], log=run.log,
-                         reference=reference, shown_samples=config.rlhf.shown_samples, mixed_precision=precision,
-                         save_steps=train.get("save_steps"), checkpoints=run, cpu=bool(train.get("use_cpu")))
+    trainer = ppo_trainer(config, policy, tokenizer, reward, prompts, run, reference)
     if resume:
         trainer.load_checkpoint(Path(resume))
         run.forget_after(trainer.step)
@@ -272,31 +263,18 @@ def train_policy(config: Config, policy: Any, tokenizer: Any, reward: Any, promp
     return trainer.policy, reference
 
 
-def plot_rewards(metrics_path: Path, out: Path) -> None:
-    """Mean reward (and KL to the reference, on a second axis) against step."""
-    import json
+def ppo_trainer(config: Config, policy: Any, tokenizer: Any, reward: Any, prompts: list[Any], run: Any,
+                reference: Any) -> Any:
+    """tunekit's PPO trainer with the recipe's settings (bench/gpu.py times this same trainer)."""
+    from tunekit.rl.ppo import PPOTrainer
 
-    if not metrics_path.exists():
-        return
-    import matplotlib
+    train = config.train
+    optimizer = {"lr": train["learning_rate"], "weight_decay": train.get("weight_decay", 0.0),
+                 "betas": (train.get("adam_beta1", 0.9), train.get("adam_beta2", 0.999)),
+                 "eps": train.get("adam_epsilon", 1e-8)}
+    precision = "bf16" if train.get("bf16") else "fp16" if train.get("fp16") else "no"
+    return PPOTrainer(policy, tokenizer, reward, prompts, config.ppo, config.generation, optimizer,
+                      seed=train.get("seed", 42), logging_steps=train["logging_steps"], log=run.log,
+                      reference=reference, shown_samples=config.rlhf.shown_samples, mixed_precision=precision,
+                      save_steps=train.get("save_steps"), checkpoints=run, cpu=bool(train.get("use_cpu")))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    points = [(r["step"], r["reward"]) for r in records if "reward" in r]
-    if points:
-        ax.plot(*zip(*points), label="reward", color="tab:blue")
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean reward")
-    kl = [(r["step"], r["kl"]) for r in records if "kl" in r]
-    if kl:
-        twin = ax.twinx()
-        twin.plot(*zip(*kl), label="KL to reference", color="tab:orange", alpha=0.7)
-        twin.set_ylabel("KL")
-        fig.legend(loc="upper left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)

@@ -302,24 +302,15 @@ def load_model_and_tokenizer(config: Config) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
-    import torch
+def build_trainer(config: Config, data: Data, run: Any, args: Any, overwrite: bool = False) -> Any:
+    """The trainer `tunekit sft` trains with (model, tokenised and packed data, collator, metrics
+    log), with the run folder started; bench/gpu.py times this same trainer."""
 
     from tunekit.models import count_parameters
-    from tunekit.outputs import RunFolder
     from tunekit.progress import show_progress
-    from tunekit.training import (
-        MetricsLog,
-        effective_batch_size,
-        first_on_each_machine,
-        fit,
-        training_arguments,
-    )
+    from tunekit.training import MetricsLog, effective_batch_size, first_on_each_machine
     from tunekit.upstream import LeanSFTTrainer
 
-    run = RunFolder(run_dir)
-    args = training_arguments(config, run)
-    run.enabled = args.process_index == 0
     model, tokenizer = load_model_and_tokenizer(config)
     with first_on_each_machine(args, "tokenising"):  # the other ranks then load rank 0's cached result
         prepared = dict(prepare(config, data, tokenizer))
@@ -334,11 +325,26 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
     )
     collator = None
     if args.packing:  # packed here, collated as separate rows (PackedRows), not by TRL
-        train, collator = packed(train, args.max_length, args.packing_strategy), PackedRows(tokenizer.pad_token_id)
+        train = packed(train, args.max_length, args.packing_strategy)
+        collator = PackedRows(tokenizer.pad_token_id)
         args.packing = args.padding_free = False
     trainer = LeanSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                              processing_class=tokenizer, data_collator=collator, callbacks=[MetricsLog(run)])
     show_progress(trainer, tokens_per_sample(trainer.train_dataset))
+    return trainer
+
+
+def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
+    import torch
+
+    from tunekit.outputs import RunFolder
+    from tunekit.training import fit, training_arguments
+
+    run = RunFolder(run_dir)
+    args = training_arguments(config, run)
+    run.enabled = args.process_index == 0
+    trainer = build_trainer(config, data, run, args, overwrite)
+    held_out = trainer.eval_dataset
     before = run.logged("eval_loss", step=0) if resume else None  # measured before the interruption
     if before is None and held_out is not None:
         with torch.random.fork_rng():  # the evaluation draws from the RNG; training must not see it
@@ -350,7 +356,7 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
         metrics = {"loss": after, "perplexity": math.exp(min(after, 50)),
                    "loss_before": before, "perplexity_before": math.exp(min(before, 50))}
     run.write_eval(metrics)
-    run.save_model(trainer.model, tokenizer)
+    run.save_model(trainer.model, trainer.processing_class)
     run.finish(metrics)
     return metrics
 

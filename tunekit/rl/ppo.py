@@ -139,11 +139,23 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.value_head.weight)  # values start at 0: no made-up baseline at step 0
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, values); with `keep` > 0 the logits of the last `keep` positions only (see
+        last_logits), the values of every position."""
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                          output_hidden_states=True, use_cache=False)
+                          output_hidden_states=True, use_cache=False, logits_to_keep=keep)
         hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)
         return out.logits, self.value_head(hidden).squeeze(-1)
+
+
+def last_logits(logits: torch.Tensor, responses: int) -> torch.Tensor:
+    """The logits that predict the `responses` last tokens, from a forward pass given
+    logits_to_keep=responses + 1. The LM head then runs on those positions only, not on the
+    (left-padded) query: with a large vocabulary it is a large part of a forward pass, and its
+    [batch, positions, vocabulary] output the largest tensor. Counted from the end, so a model that
+    ignores logits_to_keep (returns every position) gives the same result."""
+    return logits[:, -(responses + 1) : -1]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -189,8 +201,9 @@ def forward_responses(model: Any, batch_ids: torch.Tensor, mask: torch.Tensor, c
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tempered logits and values at the positions that predict the response tokens, and the
     response tokens' log-probs."""
-    logits, values = model(batch_ids, mask)
-    logits = logits[:, context - 1 : -1] / max(temperature, 1e-6)
+    responses = batch_ids.shape[1] - context
+    logits, values = model(batch_ids, mask, keep=responses + 1)
+    logits = last_logits(logits, responses) / max(temperature, 1e-6)
     return logits, values[:, context - 1 : -1], response_logprobs(logits, batch_ids[:, context:], 1.0)
 
 

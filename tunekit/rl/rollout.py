@@ -125,13 +125,13 @@ def scores_of(reward: RewardModel, prompts: list[Prompt], samples: Samples, miss
 
 def lm_logprobs(lm: Any, samples: Samples, temperature: float) -> torch.Tensor:
     """Log-probs of the response tokens under a causal LM (no value head)."""
-    from tunekit.rl.ppo import position_ids, response_logprobs
+    from tunekit.rl.ppo import last_logits, position_ids, response_logprobs
 
-    mask = samples.attention_mask
+    mask, responses = samples.attention_mask, samples.responses.shape[1]
     with torch.no_grad():
         logits = lm(input_ids=samples.query_responses, attention_mask=mask, position_ids=position_ids(mask),
-                    use_cache=False).logits
-    logits = logits[:, samples.context - 1 : -1]
+                    use_cache=False, logits_to_keep=responses + 1).logits
+    logits = last_logits(logits, responses)
     return response_logprobs(logits, samples.responses, temperature)
 
 

@@ -1,0 +1,137 @@
+"""The run folder's charts, drawn from metrics.jsonl when a run finishes: `loss.png` for every
+method, `reward.png` for rlhf. Related series sit on stacked panels with a shared step axis, never
+on twin y axes, so no legend covers another axis and each axis says what it measures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# metrics.jsonl key -> legend label, for the loss panel (PPO logs its two losses, Trainers `loss`)
+LOSSES = {"loss": "training loss", "eval_loss": "evaluation loss", "policy_loss": "policy loss", "value_loss": "value loss"}
+# What each method's loss is, for the y axis (the Trainer logs the mean over the logging window)
+LOSS_UNITS = {
+    "classify": "cross-entropy, nats; MSE if regression",
+    "qa": "start/end cross-entropy, nats",
+    "pretrain": "cross-entropy per token, nats",
+    "sft": "cross-entropy per token, nats",
+    "reward": "−log σ(chosen − rejected), nats",
+    "dpo": "DPO loss, nats",
+    "rlhf": "in reward units",
+}
+
+
+def read_records(metrics_path: Path) -> list[dict[str, Any]]:
+    if not metrics_path.exists():
+        return []
+    return [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def series(records: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    return [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float) and "step" in r]
+
+
+def step_label(method: str | None) -> str:
+    """What one step is: a PPO/GRPO step is a round of rollouts, a Trainer step one optimizer update."""
+    return "step (rounds of rollouts)" if method == "rlhf" else "step (optimizer updates)"
+
+
+def plot_losses(metrics_path: Path, out: Path, method: str | None = None) -> bool:
+    """loss.png; False (and no file) when the run logged no loss."""
+    fig = loss_figure(read_records(metrics_path), method, metrics_path.parent.name)
+    if fig is not None:
+        save(fig, out)
+    return fig is not None
+
+
+def plot_rewards(metrics_path: Path, out: Path, kl_per_token: bool = False) -> bool:
+    """reward.png; False (and no file) when the run logged no reward."""
+    fig = reward_figure(read_records(metrics_path), kl_per_token, metrics_path.parent.name)
+    if fig is not None:
+        save(fig, out)
+    return fig is not None
+
+
+def loss_figure(records: list[dict[str, Any]], method: str | None, name: str) -> Any:
+    """Losses against step and, below, the learning rate schedule when it was logged."""
+    losses = {label: points for key, label in LOSSES.items() if (points := series(records, key))}
+    if not losses:
+        return None
+    if "policy loss" in losses and "training loss" in losses:  # PPO: `loss` is policy + vf_coef * value
+        losses = {"total loss" if label == "training loss" else label: points for label, points in losses.items()}
+    rate = series(records, "learning_rate")
+    plt = pyplot()
+    panels = 2 if rate else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 3.2 + 1.6 * (panels - 1)), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1.3][:panels]})
+    top = axes[0][0]
+    for label, points in losses.items():
+        top.plot(*zip(*points), label=label, marker="o" if len(points) < 12 or label == "evaluation loss" else None,
+                 markersize=3)
+    top.set_ylabel(f"loss\n{LOSS_UNITS.get(method or '', 'mean over the logging window')}")
+    top.set_title(f"tunekit {method or ''}: {name}", fontsize=10)
+    top.legend(loc="best", fontsize=8, framealpha=0.9)
+    top.grid(alpha=0.3)
+    if rate:
+        low = axes[1][0]
+        low.plot(*zip(*rate), color="tab:gray")
+        low.set_ylabel("learning rate")
+        low.yaxis.set_major_formatter("{x:g}")  # 2e-05 on the tick itself, no offset text above the panel
+        low.grid(alpha=0.3)
+    axes[-1][0].set_xlabel(step_label(method))
+    return layout(fig)
+
+
+def reward_figure(records: list[dict[str, Any]], kl_per_token: bool, name: str) -> Any:
+    """Mean reward against step and, below, the KL divergence of the policy from the reference."""
+    reward, kl = series(records, "reward"), series(records, "kl")
+    if not reward:
+        return None
+    plt = pyplot()
+    panels = 2 if kl else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 3.2 + 1.8 * (panels - 1)), sharex=True, squeeze=False)
+    top = axes[0][0]
+    top.plot(*zip(*reward), color="tab:blue", marker="o" if len(reward) < 12 else None, markersize=3)
+    top.set_ylabel("mean reward\nreward model score")
+    top.set_title(f"tunekit rlhf: {name}", fontsize=10)
+    top.grid(alpha=0.3)
+    if kl:
+        low = axes[1][0]
+        low.plot(*zip(*kl), color="tab:orange", marker="o" if len(kl) < 12 else None, markersize=3)
+        low.set_ylabel("KL to reference\n" + ("nats per token" if kl_per_token else "nats per response"))
+        low.grid(alpha=0.3)
+    axes[-1][0].set_xlabel(step_label("rlhf"))
+    return layout(fig)
+
+
+def pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, works on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def layout(fig: Any) -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    fig.axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    for ax in fig.axes:  # tick labels carry the whole value; no "1e-7-1.7e-2" offset text above a panel
+        if type(ax.yaxis.get_major_formatter()).__name__ == "ScalarFormatter":
+            ax.ticklabel_format(axis="y", useOffset=False)
+    fig.align_ylabels()
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: Any, out: Path) -> None:
+    """Written under a temporary name and renamed, like every file of a run folder."""
+    import os
+
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, out)
+    fig.clf()
+    pyplot().close(fig)
