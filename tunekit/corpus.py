@@ -186,13 +186,13 @@ def blocks(pieces: Iterator[tuple[list[int], bool]], eos: int, block_size: int) 
 
     stream = np.empty(0, dtype=np.int32)
     waiting: list[Any] = []
+    count = 0
     for ids, end in pieces:
-        waiting.append(np.asarray(ids, dtype=np.int32))
-        if end:
-            waiting.append(np.asarray([eos], dtype=np.int32))
-        if sum(len(w) for w in waiting) >= block_size * WRITE_BLOCKS:
+        waiting.append(np.asarray([*ids, eos] if end else ids, dtype=np.int32))
+        count += len(waiting[-1])
+        if count >= block_size * WRITE_BLOCKS:
             stream = np.concatenate([stream, *waiting])
-            waiting = []
+            waiting, count = [], 0
             full = len(stream) // block_size * block_size
             yield stream[:full].reshape(-1, block_size)
             stream = stream[full:]
