@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 # The recipes' public datasets are copied from this mirror folder when it exists, else downloaded.
 DATA_MIRROR ?= ../shared/data
 
-.PHONY: install test lint demo bench bench-ppo clean data
+.PHONY: install test lint demo bench bench-ppo clean data arith
 
 install:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ clean:
 # The whole pipeline offline: pretrain -> SFT -> sentiment reward model -> PPO, then a summary table.
 demo: data
 	$(MAKE) -f examples/pipeline.mk TUNEKIT=$(BIN)/tunekit RUNS=runs
+
+# The verifiable-reward chain: seeded arithmetic problems -> pretrain -> SFT -> GRPO and PPO with exact_answer.
+arith:
+	$(MAKE) -f examples/arith.mk TUNEKIT=$(BIN)/tunekit PYTHON=$(BIN)/python RUNS=runs
 
 bench: data
 	$(BIN)/python bench/classify.py

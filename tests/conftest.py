@@ -111,3 +111,15 @@ def tiny_gpt(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def arith_data() -> Path:
+    """tunekit's own seeded arithmetic problems in data/arith (git-ignored), which the arithmetic
+    recipes read: written as `python -m tunekit.arithmetic data/arith` would, when absent."""
+    from tunekit import arithmetic
+
+    folder = ROOT / "data" / "arith"
+    if not all((folder / name).is_file() for name in ("train.jsonl", "heldout.jsonl", "pretrain.jsonl")):
+        arithmetic.write(folder)
+    return folder

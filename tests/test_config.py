@@ -79,7 +79,7 @@ def test_precision_follows_the_device_and_trained_weights_stay_float32():
         ("data.max_length=abc", "data.max_length: Input should be a valid integer"),
         ("peft.method=lorra", "peft.method: Input should be 'none', 'lora', 'dora' or 'ia3' (got 'lorra')"),
         ("model=gpt2", "model: expected a mapping"),
-        ("method=sft", "this recipe is for `tunekit sft`, not `tunekit classify`"),
+        ("method=sft", "recipe is for `tunekit sft` (method: sft), not `tunekit classify`"),
         ("train.bf16=maybe", "train.bf16: expected bool"),
     ],
 )

@@ -110,9 +110,16 @@ def test_ctrl_c_on_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_pa
 
 @pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=[p.stem for p in ACCELERATE_CONFIGS])
 def test_accelerate_configs_are_accepted_by_dry_run(config, cli):
+    """Every config is accepted where its engine can run; DeepSpeed needs CUDA and the package."""
+    import importlib.util
+
+    import torch
+
     assert config.read_text().startswith("# tunekit ")
     result = cli("sft", "sft/tiny-gpt-alpaca", "--accelerate-config", config, "--dry-run")
-    assert result.code == 0, result.err
+    runnable = not config.stem.startswith("deepspeed") or (
+        torch.cuda.is_available() and importlib.util.find_spec("deepspeed") is not None)
+    assert result.code == (0 if runnable else 2), result.err
 
 
 def test_a_bad_accelerate_config_is_exit_2(tmp_path, cli):

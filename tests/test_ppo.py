@@ -171,7 +171,7 @@ def test_recipe_checks_are_exit_2(tmp_path, cli, tiny_gpt, reward_run):
     recipe = rlhf_recipe(tmp_path, tiny_gpt, reward_run, rlhf={"reward_model": reward_run})
     assert cli("rlhf", recipe, "--dry-run").code == 0
     cases = {
-        "rlhf.reward_model=": "ppo needs a reward model; set rlhf.reward_model",
+        "rlhf.reward_model=": "ppo needs a reward: set rlhf.reward_model",
         "ppo.minibatch_size=64": "lower ppo.minibatch_size",
         "train.warmup_steps=10": "train.warmup_steps: not used by tunekit's PPO",
         "train.max_steps=10": "train.max_steps: set by tunekit; use ppo.steps",

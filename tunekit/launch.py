@@ -8,10 +8,17 @@ CUDA tunekit launches with --multi_gpu, which gives real processes on gloo.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tunekit.config import Recipe
+    from tunekit.engine import EngineName
 
 EXPECTED = "TUNEKIT_EXPECTED_PROCESSES"  # set by the parent for its workers
 LAUNCHED = "TUNEKIT_LAUNCHED"
@@ -72,8 +79,6 @@ DISTRIBUTED_TYPES = ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "
 
 def check_accelerate_config(path: str) -> None:
     """A readable accelerate config with a known distributed_type (checked before launching)."""
-    from pathlib import Path
-
     from tunekit.config import read_yaml_mapping
     from tunekit.errors import UserError
 
@@ -84,3 +89,56 @@ def check_accelerate_config(path: str) -> None:
     processes = data.get("num_processes", 1)
     if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
         raise UserError(f"{path}: num_processes: expected a positive integer, got {processes!r}")
+
+
+def engine_of(accelerate_config: str | None, nproc: int | None = None) -> EngineName:
+    """The engine a launch asks for: 'single', 'ddp', 'fsdp' or 'deepspeed' (see tunekit.engine),
+    from the accelerate config's distributed_type and the process count. Cheap: reads YAML only."""
+    from tunekit.config import read_yaml_mapping
+
+    data = read_yaml_mapping(Path(accelerate_config)) if accelerate_config else {}
+    kind = data.get("distributed_type")
+    if kind == "FSDP":
+        return "fsdp"
+    if kind == "DEEPSPEED":
+        return "deepspeed"
+    processes = nproc or data.get("num_processes", 1)  # all processes, over all machines
+    return "ddp" if processes > 1 and kind != "NO" else "single"
+
+
+def check_engine(config: Recipe, accelerate_config: str | None, nproc: int | None,
+                 checkpoint: Path | None = None) -> None:
+    """Refuse, before any process starts, an engine that cannot run this recipe on this machine, or
+    that cannot read the checkpoint to resume from. Inside processes that `accelerate launch` started
+    with a config of its own, the engine is the one it exported."""
+    from tunekit.engine import running
+    from tunekit.errors import UserError
+
+    engine = engine_of(accelerate_config, nproc) if accelerate_config else running().name
+    where = f"--accelerate-config {accelerate_config}" if accelerate_config else f"accelerate launch ({engine})"
+    sharded = checkpoint is not None and (checkpoint / "pytorch_model_fsdp_0").is_dir()
+    if checkpoint is not None and sharded != (engine == "fsdp"):
+        saved = "sharded by FSDP" if sharded else "unsharded"
+        raise UserError(f"--resume {checkpoint}: the checkpoint is {saved} and this run would use {engine}; "
+                        "resume with the --accelerate-config it was saved with")
+    if engine == "deepspeed":
+        if not cuda_available():
+            raise UserError(f"{where}: DeepSpeed needs CUDA GPUs and this machine has none; on CPUs use "
+                            "recipes/accelerate/fsdp.yaml (sharded) or --nproc N (DDP)")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError(f"{where}: DeepSpeed is not installed; pip install 'tunekit[deepspeed]'")
+    if engine not in ("fsdp", "deepspeed"):
+        return
+    rlhf = getattr(config, "rlhf", None)  # only `tunekit rlhf` recipes have this section
+    if rlhf is not None and rlhf.algo == "ppo":
+        raise UserError(f"{where}: rlhf.algo: ppo does not run under {engine} yet (tunekit's PPO loop does not "
+                        "shard its models); use --nproc N (DDP) or recipes/accelerate/ddp.yaml")
+    if engine == "fsdp" and config.peft.quantize != "none" and not cuda_available():
+        raise UserError(f"{where}: peft.quantize: {config.peft.quantize} (QLoRA) under FSDP needs CUDA GPUs (not "
+                        "supported on CPUs); set peft.quantize: none, or train QLoRA in one process")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -66,7 +66,7 @@ Fine-tuned with tunekit `{info.get("method")}`{f" ({peft_method} adapter)" if pe
 - **Evaluation data:** `{info.get("eval_data")}` ({info.get("eval_rows", "?")} rows)
 - **Parameters:** {trainable:,} trainable of {total:,}{share}
 - **Effective batch size:** {info.get("effective_batch_size")} (per device x processes x accumulation)
-- **Processes:** {info.get("num_processes", 1)}
+- **Processes:** {info.get("num_processes", 1)}; engine {info.get("engine", "single")}, sharded: {info.get("sharding", "none")}
 - **Wall time:** {info.get("wall_time_s")} s
 
 ## Metrics

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from tunekit.engine import running
 from tunekit.errors import UserError
 
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD")
@@ -89,8 +90,9 @@ class RunFolder:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path / "config.yaml", scrub_secrets(config_yaml))
+        engine = running()
         self.info = {"method": method, "status": "running", "command": scrub_secrets(command_line()),
-                     "device": device_name(), **info}
+                     "device": device_name(), "engine": engine.name, "sharding": engine.sharding, **info}
         self._write_info()
         print(banner(self.info, self.path), file=sys.stderr, flush=True)
 
@@ -126,14 +128,15 @@ class RunFolder:
         if self.enabled:
             write_json(self.path / "eval.json", metrics)
 
-    def save_pretrained(self, *objects: Any, subdir: str = "model") -> Path:
-        """save_pretrained each object into a temporary folder, then rename it into place."""
+    def save_pretrained(self, *objects: Any, subdir: str = "model", weights: dict[str, Any] | None = None) -> Path:
+        """save_pretrained each object into a temporary folder, then rename it into place. `weights`,
+        if given, is the first object's state dict (a sharded model's, gathered from every rank)."""
         final = self.path / subdir
         if not self.enabled:
             return final
         tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{subdir}."))
-        for obj in objects:
-            obj.save_pretrained(tmp)
+        for i, obj in enumerate(objects):
+            obj.save_pretrained(tmp, **({"state_dict": weights} if i == 0 and weights is not None else {}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -141,10 +144,14 @@ class RunFolder:
 
     def save_model(self, model: Any, tokenizer: Any) -> Path:
         """`model/` for full fine-tuning; `adapter/` (PEFT format) for an adapter, with the base
-        model's config beside it (labels, quantisation) so the run reloads as it was trained."""
+        model's config beside it (labels, quantisation) so the run reloads as it was trained. A model
+        sharded over processes (FSDP) is gathered first, by every rank, and saved whole by rank 0."""
+        from tunekit.engine import full_state_dict
+
+        weights = full_state_dict(model)
         if hasattr(model, "peft_config"):
-            return self.save_pretrained(model, tokenizer, model.get_base_model().config, subdir="adapter")
-        return self.save_pretrained(model, tokenizer, subdir="model")
+            return self.save_pretrained(model, tokenizer, model.get_base_model().config, subdir="adapter", weights=weights)
+        return self.save_pretrained(model, tokenizer, subdir="model", weights=weights)
 
     def finish(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -192,7 +199,8 @@ def banner(info: dict[str, Any], path: Path) -> str:
         f"  parameters {trainable:,} trainable / {total:,}{share}; "
         f"data {info.get('train_rows')} train / {info.get('eval_rows')} eval; "
         f"effective batch {info.get('effective_batch_size')} on {info.get('num_processes', 1)} process(es), "
-        f"{info.get('device')}"
+        f"{info.get('device')}\n"
+        f"  engine {info.get('engine', 'single')}; sharded: {info.get('sharding', 'none')}"
     )
 
 

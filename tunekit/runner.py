@@ -22,7 +22,7 @@ def train_command(
     """Validate everything before a model loads, then run the method (or its workers); the run
     folder is printed last on stdout, so a Makefile can chain steps."""
     from tunekit.config import load_config, to_yaml
-    from tunekit.launch import check_accelerate_config, is_first_rank, is_worker, relaunch
+    from tunekit.launch import check_accelerate_config, check_engine, is_first_rank, is_worker, relaunch
     from tunekit.models import check_model_reference
     from tunekit.outputs import check_run_dir, default_run_dir, find_checkpoint, run_status
 
@@ -34,9 +34,10 @@ def train_command(
     checkpoint = find_checkpoint(run_dir, resume, config) if resume else None
     if not resume and not dry_run and not is_worker() and is_first_rank():
         check_run_dir(run_dir, overwrite)
-    check_model_reference(config.model)
     if accelerate_config:
         check_accelerate_config(accelerate_config)
+    check_engine(config, accelerate_config, nproc, checkpoint)
+    check_model_reference(config.model)
     data = method.check(config)
     if dry_run:
         typer.echo(to_yaml(config).rstrip())

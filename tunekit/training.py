@@ -15,6 +15,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from tunekit.config import Recipe
+from tunekit.engine import check_started, describe_for_tests
 from tunekit.errors import Interrupted, TrainingFailure, UserError
 from tunekit.outputs import RunFolder, checkpoint_step
 
@@ -24,7 +25,9 @@ def training_arguments(config: Recipe, run: RunFolder) -> Any:
     from transformers import set_seed
 
     from tunekit.launch import check_world_size
+    from tunekit.upstream import fsdp_on_cpu
 
+    fsdp_on_cpu()
     try:
         args = config.train_args_class()(output_dir=str(run.path), **config.train)
     except (ValueError, TypeError) as err:
@@ -44,6 +47,11 @@ class CheckpointMarks(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         inject_fault("kill-before-mark", state.global_step)
+        inject_fault(f"kill-before-mark-rank-{args.process_index}", state.global_step)
+        if args.world_size > 1:  # every rank writes its part (its shard, its RNG state): mark after all have
+            import torch.distributed as dist
+
+            dist.barrier()
         if state.is_world_process_zero:
             self.run.mark_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
         inject_fault("kill-after-save", state.global_step)
@@ -58,6 +66,7 @@ class MetricsLog(CheckpointMarks):
         self.watchdog: Watchdog | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        describe_for_tests(kwargs["model"], args.process_index)
         if args.world_size > 1:  # one process alone cannot hang waiting for another
             self.watchdog = Watchdog(args.ddp_timeout, args.process_index)
 
@@ -185,9 +194,12 @@ def train_interruptibly(trainer: Any, run: RunFolder, resume: Path | None = None
                         tokens_per_sample: float | None = None) -> None:
     """trainer.train with the progress display, a clean stop on Ctrl-C and the failure status."""
     from tunekit.progress import GracefulStop, StopOnSignal, show_progress
+    from tunekit.upstream import keep_embeddings_out_of_fsdp_blocks
 
     show_progress(trainer, tokens_per_sample)
     with status_on_error(run), GracefulStop() as stop:
+        check_started(trainer)
+        keep_embeddings_out_of_fsdp_blocks(trainer)
         stopper = StopOnSignal(stop)
         trainer.add_callback(stopper)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -102,6 +102,56 @@ def allow_cpu_4bit_shapes(model: Any) -> Any:
     return model
 
 
+def fsdp_on_cpu() -> None:
+    """Let accelerate's FSDP engine run on CPU processes (gloo), as PyTorch's FSDP2 does.
+
+    accelerate 1.15's `AcceleratorState.__init__` honours an FSDP plugin (from an FSDP config:
+    ACCELERATE_USE_FSDP) only when the processes are GPU-like (MULTI_GPU, MULTI_XPU, ...). With
+    processes on CPU it stays MULTI_CPU and trains with DDP, silently. PyTorch's `fully_shard`
+    (FSDP2) itself trains on CPU with gloo (checked with torch 2.13), so after accelerate's own
+    set-up the state is switched to FSDP with the plugin it was given (checked with accelerate 1.15.0,
+    torch 2.13.0, transformers 5.24.0). Does nothing where accelerate already chose FSDP (GPUs, or a
+    later accelerate that fixes this)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+    if getattr(original, "tunekit_fsdp_on_cpu", False) or "fsdp_plugin" not in inspect.signature(original).parameters:
+        return  # already switched, or an accelerate whose set-up differs (tunekit.engine.check_started then says so)
+
+    def init(self: Any, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) -> None:
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    init.tunekit_fsdp_on_cpu = True  # type: ignore[attr-defined]
+    AcceleratorState.__init__ = init
+
+
+def keep_embeddings_out_of_fsdp_blocks(trainer: Any) -> None:
+    """Under FSDP2, auto-wrap only the model's block classes that do not hold its input embedding.
+
+    accelerate 1.15's `fsdp2_prepare_model` shards each class of the model's `_no_split_modules`
+    (TRANSFORMER_BASED_WRAP), then shards the input embedding as a unit of its own. BERT-family
+    models list `BertEmbeddings`, which holds the input embedding, so the embedding is sharded twice
+    and `fully_shard` fails ("Invariant encountered: value was None"). Leaving that class out keeps
+    accelerate's own embedding unit. A class list the user set in the accelerate config is kept."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is None or plugin.fsdp_version != 2 or plugin.transformer_cls_names_to_wrap is not None:
+        return
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    if plugin.auto_wrap_policy is not transformer_auto_wrap_policy:
+        return
+    model = trainer.model
+    embedding = model.get_input_embeddings()
+    holders = {type(m).__name__ for m in model.modules() if m is not embedding and any(s is embedding for s in m.modules())}
+    blocks = list(getattr(model, "_no_split_modules", None) or [])
+    plugin.transformer_cls_names_to_wrap = [name for name in blocks if name not in holders]
+
+
 def forward_with_cache(model: Any, cache: Any, **inputs: Any) -> tuple[Any, Any]:
     """One decoding forward pass: (logits, the KV cache to pass next time).
 

@@ -229,7 +229,15 @@ def evaluate_model(model: Any, tokenizer: Any, split: Examples, config: Config) 
     logits = predict_logits(model, tokenizer, split, config)
     if model.config.num_labels == 1:
         return regression_metrics(logits, split.labels)
-    return classification_metrics(logits, split.labels)
+    return {"loss": cross_entropy(logits, split.labels), **classification_metrics(logits, split.labels)}
+
+
+def cross_entropy(logits: Any, labels: list[int]) -> float:
+    """The held-out loss: mean cross-entropy of the true labels (what training minimises)."""
+    import torch
+    import torch.nn.functional as F
+
+    return F.cross_entropy(torch.from_numpy(logits).double(), torch.tensor(labels)).item()
 
 
 def predict_logits(model: Any, tokenizer: Any, split: Examples, config: Config) -> Any:

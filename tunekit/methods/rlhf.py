@@ -1,4 +1,6 @@
-"""`tunekit rlhf`: reinforcement learning from a reward model (InstructGPT's step 3).
+"""`tunekit rlhf`: reinforcement learning from a reward model (InstructGPT's step 3), from reward
+functions that check a response (verifiable rewards: `rlhf.reward_fn`, tunekit.rl.rewards), or a
+weighted sum of both.
 
 algo: ppo (default) runs tunekit's own PPO trainer (tunekit.rl.ppo: value head, KL penalty against
 the frozen reference, GAE, clipped losses); algo: grpo and algo: rloo run TRL's GRPOTrainer and
@@ -12,17 +14,18 @@ mean reward of sampled responses on held-out prompts for the starting policy and
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tunekit.config import Recipe, Section, to_yaml
 from tunekit.data import read_table
 from tunekit.errors import UserError
 from tunekit.masking import detect_format, prompt_part, to_messages
 from tunekit.plots import plot_rewards
+from tunekit.rl.rewards import RewardFunctionSection, as_sections, check_reward_functions
 
 # TrainingArguments keys that tunekit's PPO reads; the `ppo:` section holds the rest.
 PPO_TRAIN_KEYS = ("learning_rate", "seed", "logging_steps", "weight_decay", "adam_beta1", "adam_beta2",
@@ -47,10 +50,18 @@ class RlhfSection(Section):
     reward_batch_size: int = Field(32, gt=0, description="texts per reward-model forward pass")
     shown_samples: int = Field(3, ge=0, description="sample responses logged to metrics.jsonl per logging step")
 
+    reward_fn: list[RewardFunctionSection] = Field(
+        default_factory=list, description="reward functions (exact_answer, regex, module:function, file.py:function), "
+                                          "alone or added to the reward model's score; a name alone is a list of one")
+    reward_model_weight: float = Field(1.0, description="weight of the reward model's score beside rlhf.reward_fn")
+
+    _reward_fn_shorthand = field_validator("reward_fn", mode="before")(as_sections)
+
     @model_validator(mode="after")
-    def _needs_a_reward_model(self) -> RlhfSection:
-        if not self.reward_model:
-            raise ValueError(f"{self.algo} needs a reward model; set rlhf.reward_model to a `tunekit reward` run folder")
+    def _needs_a_reward(self) -> RlhfSection:
+        if not self.reward_model and not self.reward_fn:
+            raise ValueError(f"{self.algo} needs a reward: set rlhf.reward_model to a `tunekit reward` run folder, "
+                             "rlhf.reward_fn to a reward function (e.g. exact_answer), or both")
         return self
 
 
@@ -129,14 +140,19 @@ class Config(Recipe):
 class Data:
     train: list[list[dict[str, str]]]  # prompt conversations
     eval: list[list[dict[str, str]]]
+    train_rows: list[dict[str, Any]] = field(default_factory=list)  # each prompt's data row, for rlhf.reward_fn
+    eval_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-def read_prompts(specs: str | list[str], config: Config, key: str) -> list[list[dict[str, str]]]:
+def read_prompts(specs: str | list[str], config: Config, key: str
+                 ) -> tuple[list[list[dict[str, str]]], list[dict[str, Any]]]:
     """The prompt conversation of every row: the prompt part of an SFT-style row, a `prompt` column
-    alone, or a text column (as a user message), cut to data.prompt_words."""
-    prompts = []
+    alone, or a text column (as a user message), cut to data.prompt_words; and each one's data row
+    (all its columns: a reward function may compare against them)."""
+    prompts, rows = [], []
     for spec in [specs] if isinstance(specs, str) else specs:
         table = read_table(spec, key).renamed(config.data.columns)
+        rows += list(table.rows)  # RL prompt sets are small: each prompt keeps its row for the reward function
         if config.data.format is None and "prompt" in table.columns and "completion" not in table.columns:
             prompts += [[{"role": "user", "content": str(row["prompt"])}] for row in table.rows]
             continue
@@ -148,12 +164,22 @@ def read_prompts(specs: str | list[str], config: Config, key: str) -> list[list[
             prompts += [prompt_part(to_messages(row, kind, table.where(i))) for i, row in enumerate(table.rows)]
     words = config.data.prompt_words
     if words:
-        prompts = [[*p[:-1], {**p[-1], "content": " ".join(p[-1]["content"].split()[:words])}]
-                   for p in prompts if len(p[-1]["content"].split()) > words]
+        kept = [(p, r) for p, r in zip(prompts, rows) if len(p[-1]["content"].split()) > words]
+        prompts = [[*p[:-1], {**p[-1], "content": " ".join(p[-1]["content"].split()[:words])}] for p, _ in kept]
+        rows = [r for _, r in kept]
     if not prompts:
         raise UserError(f"{config.source}: {key}: no prompts left" + (f" with more than data.prompt_words={words} words"
                                                                       if words else ""))
-    return prompts
+    check_columns(config, rows[0], key, spec)
+    return prompts, rows
+
+
+def check_columns(config: Config, row: dict[str, Any], key: str, spec: str) -> None:
+    """Every exact_answer's column is in the prompt rows (checked on the first row)."""
+    for i, function in enumerate(config.rlhf.reward_fn):
+        if function.name == "exact_answer" and function.column not in row:
+            raise UserError(f"{config.source}: rlhf.reward_fn.{i}.column: {key} ({spec}) has no column "
+                            f"{function.column!r} (it has {', '.join(row)}); set column to the one with the answers")
 
 
 def check(config: Config) -> Data:
@@ -165,19 +191,23 @@ def check(config: Config) -> Data:
         if unused:
             raise UserError(f"{config.source}: train.{unused[0]}: not used by tunekit's PPO (it reads "
                             f"{', '.join(PPO_TRAIN_KEYS)}); the `ppo:` section holds the rest")
-    train = read_prompts(config.data.train, config, "data.train")
+    check_reward_functions(config.rlhf.reward_fn, config.source)
+    train, train_rows = read_prompts(config.data.train, config, "data.train")
     if config.data.train_limit:
-        train = train[: config.data.train_limit]
+        train, train_rows = train[: config.data.train_limit], train_rows[: config.data.train_limit]
     if config.data.eval:
-        held_out = read_prompts(config.data.eval, config, "data.eval")
+        held_out, held_out_rows = read_prompts(config.data.eval, config, "data.eval")
     elif config.data.eval_size:
         if config.data.eval_size >= len(train):
             raise UserError(f"{config.source}: data.eval_size: {config.data.eval_size} leaves no training prompts")
-        train, held_out = train[: -config.data.eval_size], train[-config.data.eval_size :]
+        size = config.data.eval_size
+        held_out, held_out_rows = train[-size:], train_rows[-size:]
+        train, train_rows = train[:-size], train_rows[:-size]
     else:
         raise UserError(f"{config.source}: data.eval: held-out prompts are needed for eval.json; "
                         "set data.eval or data.eval_size")
-    return Data(train, held_out[: config.rlhf.eval_prompts])
+    count = config.rlhf.eval_prompts
+    return Data(train, held_out[:count], train_rows, held_out_rows[:count])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,30 +246,37 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
     from tunekit.launch import is_first_rank
     from tunekit.models import count_parameters
     from tunekit.outputs import RunFolder
-    from tunekit.rl.rollout import RewardModel, evaluate, make_prompts
+    from tunekit.rl.rewards import build_rewards
+    from tunekit.rl.rollout import evaluate, make_prompts
     from tunekit.training import status_on_error
 
     run = RunFolder(run_dir, enabled=is_first_rank())
     policy, tokenizer = load_policy(config)
-    reward = RewardModel(config.rlhf.reward_model, config.rlhf.reward_batch_size)
+    reward = build_rewards(config.rlhf.reward_model, config.rlhf.reward_model_weight, config.rlhf.reward_fn,
+                           config.rlhf.reward_batch_size)
     device = this_process_device(config)  # the evaluation before training samples there too
     policy.to(device)
     reward.to(device)
-    train = make_prompts(data.train, tokenizer, config.rlhf.chat_template)
-    held_out = make_prompts(data.eval, tokenizer, config.rlhf.chat_template)
+    train = make_prompts(data.train, tokenizer, config.rlhf.chat_template, data.train_rows)
+    held_out = make_prompts(data.eval, tokenizer, config.rlhf.chat_template, data.eval_rows)
     trainable, total = count_parameters(policy)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     run.start("rlhf", to_yaml(config), overwrite, base_model=config.model.name, train_data=config.data.train,
               eval_data=config.data.eval or f"last {config.data.eval_size} rows", train_rows=len(train),
               eval_rows=len(held_out), trainable_params=trainable, total_params=total, num_processes=world,
               effective_batch_size=config.ppo.rollout_batch_size * world, algo=config.rlhf.algo,
-              reward_model=config.rlhf.reward_model)
+              reward_model=config.rlhf.reward_model,
+              reward_fn=", ".join(f.name for f in config.rlhf.reward_fn) or None)
     with status_on_error(run):
         before = evaluate(policy, policy, tokenizer, reward, held_out, config.generation, config.generation.seed)
         trained, reference = train_policy(config, policy, tokenizer, reward, train, run, resume)
         after = evaluate(trained, reference, tokenizer, reward, held_out, config.generation, config.generation.seed)
     metrics = {"reward_before": before["reward"], "reward_after": after["reward"], "kl": after["kl"],
                "response_length_before": before["response_length"], "response_length_after": after["response_length"]}
+    for key in before:  # the reward's components, when it has several: reward/exact_answer -> exact_answer_before
+        if key.startswith("reward/"):
+            metrics[f"{key.removeprefix('reward/')}_before"] = before[key]
+            metrics[f"{key.removeprefix('reward/')}_after"] = after[key]
     run.write_eval(metrics)
     run.save_model(trained, tokenizer)
     run.finish(metrics)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
+from transformers import TrainerCallback
 
 from tunekit.config import Recipe, Section, to_yaml
 from tunekit.data import Table, join, read_table
@@ -273,6 +274,22 @@ class PackedRows:
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
+class LossAtStart(TrainerCallback):
+    """The held-out loss of the model as it starts training, measured once the Trainer has prepared
+    it: under FSDP2 a model is sharded together with its optimizer, inside train(), so an evaluation
+    before train() cannot prepare it (accelerate 1.15 refuses a model alone)."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.loss: float | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        import torch
+
+        with torch.random.fork_rng():  # the evaluation draws from the RNG; training must not see it
+            self.loss = self.trainer.evaluate()["eval_loss"]
+
+
 def tokens_per_sample(dataset: Any) -> float:
     """Mean tokens of a training row (a packed row when packing is on), for the progress display."""
     import pyarrow.compute as pc
@@ -335,8 +352,6 @@ def build_trainer(config: Config, data: Data, run: Any, args: Any, overwrite: bo
 
 
 def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
-    import torch
-
     from tunekit.outputs import RunFolder
     from tunekit.training import fit, training_arguments
 
@@ -346,15 +361,17 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
     trainer = build_trainer(config, data, run, args, overwrite)
     held_out = trainer.eval_dataset
     before = run.logged("eval_loss", step=0) if resume else None  # measured before the interruption
-    if before is None and held_out is not None:
-        with torch.random.fork_rng():  # the evaluation draws from the RNG; training must not see it
-            before = trainer.evaluate()["eval_loss"]
+    at_start = LossAtStart(trainer) if not resume and held_out is not None else None
+    if at_start:
+        trainer.add_callback(at_start)
     fit(trainer, run, resume)
     metrics: dict[str, float] = {}
     if held_out is not None:
+        before = at_start.loss if at_start else before
         after = trainer.evaluate()["eval_loss"]
-        metrics = {"loss": after, "perplexity": math.exp(min(after, 50)),
-                   "loss_before": before, "perplexity_before": math.exp(min(before, 50))}
+        metrics = {"loss": after, "perplexity": math.exp(min(after, 50))}
+        if before is not None:  # None only for a resumed run whose metrics.jsonl lost step 0
+            metrics.update(loss_before=before, perplexity_before=math.exp(min(before, 50)))
     run.write_eval(metrics)
     run.save_model(trainer.model, trainer.processing_class)
     run.finish(metrics)

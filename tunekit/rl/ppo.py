@@ -393,6 +393,7 @@ class PPOTrainer:
 
     def rollout(self, prompts: list[Any]) -> tuple[Batch, dict[str, float], list[dict[str, Any]]]:
         """Generate, score, and turn the scores into whitened per-token advantages."""
+        from tunekit.rl.rewards import component_means
         from tunekit.rl.rollout import lm_logprobs, reference_of, sample, scores_of
 
         settings, temperature = self.settings, self.generation.temperature
@@ -414,7 +415,8 @@ class PPOTrainer:
                       advantages, returns)
         stats = {"reward": float(raw.mean()), "score": float(scores.mean()), "kl": float(kl.sum(1).mean()),
                  "entropy": float(token_entropy), "response_length": float(mask.sum(1).mean()),
-                 "ended_fraction": float(samples.ended.float().mean()), "value": float(masked_mean(values, mask))}
+                 "ended_fraction": float(samples.ended.float().mean()), "value": float(masked_mean(values, mask)),
+                 **component_means(self.reward)}
         shown = [{"prompt": p.shown, "response": text, "reward": round(float(r), 4)}
                  for p, text, r in list(zip(prompts, samples.texts, raw))[: self.shown]]
         return batch, stats, shown

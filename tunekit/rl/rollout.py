@@ -5,7 +5,7 @@ reference, and the held-out evaluation (mean reward, KL to the reference) that e
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ class Prompt:
 
     policy_text: str
     reward_prompt: str | list[dict[str, str]]
+    row: dict[str, Any] = field(default_factory=dict)  # the prompt's data row, for rlhf.reward_fn
 
     def reward_text(self, tokenizer: Any, response: str) -> str:
         """Prompt and response as the reward model scores them (tunekit reward's own layout)."""
@@ -35,13 +36,15 @@ class Prompt:
         return self.reward_prompt if isinstance(self.reward_prompt, str) else self.reward_prompt[-1]["content"]
 
 
-def make_prompts(conversations: list[list[dict[str, str]]], tokenizer: Any, chat_template: bool) -> list[Prompt]:
+def make_prompts(conversations: list[list[dict[str, str]]], tokenizer: Any, chat_template: bool,
+                 rows: list[dict[str, Any]] | None = None) -> list[Prompt]:
     """Chat: the conversation rendered with the generation prompt. Raw: the last message's text, to be
-    continued as plain text (a review's first words, say)."""
+    continued as plain text (a review's first words, say). `rows`: each prompt's data row."""
+    rows = rows or [{} for _ in conversations]
     if not chat_template:
-        return [Prompt(messages[-1]["content"], messages[-1]["content"]) for messages in conversations]
-    return [Prompt(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), messages)
-            for messages in conversations]
+        return [Prompt(messages[-1]["content"], messages[-1]["content"], row) for messages, row in zip(conversations, rows)]
+    return [Prompt(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), messages, row)
+            for messages, row in zip(conversations, rows)]
 
 
 class RewardModel:
@@ -157,6 +160,7 @@ def evaluate(lm: Any, reference: Any, tokenizer: Any, reward: RewardModel, promp
     reference (sum over response tokens of log pi - log pi_ref), with a fixed sampling seed."""
     torch.manual_seed(seed)
     rewards, kls, lengths = [], [], []
+    parts: dict[str, list[float]] = {}  # the reward's components (rlhf.reward_fn beside a reward model)
     was_training = lm.training
     lm.eval()
     for start in range(0, len(prompts), batch_size):
@@ -167,8 +171,11 @@ def evaluate(lm: Any, reference: Any, tokenizer: Any, reward: RewardModel, promp
         with reference_of(lm, reference) as ref:
             ref_logprobs = lm_logprobs(ref, samples, generation.temperature)
         rewards += raw.tolist()
+        for key, values in getattr(reward, "parts", {}).items():
+            parts.setdefault(key, []).extend(values)
         kls += ((logprobs - ref_logprobs) * samples.response_mask).sum(1).tolist()
         lengths += samples.response_mask.sum(1).tolist()
     lm.train(was_training)
     count = max(len(rewards), 1)
-    return {"reward": sum(rewards) / count, "kl": sum(kls) / count, "response_length": sum(lengths) / count}
+    return {"reward": sum(rewards) / count, "kl": sum(kls) / count, "response_length": sum(lengths) / count,
+            **{key: sum(values) / count for key, values in parts.items()}}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunekit.errors import UserError
+from tunekit.rl.rewards import component_means
 
 # TRL's log key -> tunekit's name (the PPO trainer's), where the two mean the same thing.
 RENAMED = {
@@ -63,17 +64,26 @@ class RewardFunction:
     def __init__(self, reward: Any, prompts: list[Any], penalty: float | None, eos_token_id: int, shown: int) -> None:
         self.reward, self.prompts, self.penalty, self.eos = reward, prompts, penalty, eos_token_id
         self.shown, self.samples = shown, []
+        self.components: list[dict[str, float]] = []  # per call since the last log: reward/<name> means
 
     def __call__(self, prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
                  prompt_index: list[int], **kwargs: Any) -> list[float]:
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
         items = [self.prompts[i] for i in prompt_index]
         raw = self.reward.score(items, texts).tolist()
+        self.components.append(component_means(self.reward))
         self.samples = [{"prompt": p.shown, "response": t, "reward": round(r, 4)}
                         for p, t, r in list(zip(items, texts, raw))[: self.shown]]
         if self.penalty is None:
             return raw
         return [r - self.penalty * (self.eos not in ids) for r, ids in zip(raw, completion_ids)]
+
+
+    def take_components(self) -> dict[str, float]:
+        """The mean of each reward component over the calls since the last log."""
+        calls, self.components = self.components, []
+        keys = calls[0] if calls else {}
+        return {key: sum(c[key] for c in calls) / len(calls) for key in keys}
 
 
 def metrics_callback(run: Any, per_step: int, reward_function: RewardFunction) -> Any:
@@ -91,6 +101,7 @@ def metrics_callback(run: Any, per_step: int, reward_function: RewardFunction) -
                 record["ended_fraction"] = 1.0 - logs["completions/clipped_ratio"]
             if "reward" in logs:
                 record["score"] = logs["reward"]  # after the missing-EOS penalty, as PPO's `score`
+            record.update(reward_function.take_components())
             record["samples"] = reward_function.samples
             run.log(record)
 

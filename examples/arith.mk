@@ -1,0 +1,41 @@
+# The verifiable-reward chain: tunekit writes seeded arithmetic word problems, pre-trains the tiny
+# GPT on worked problems, SFTs it on problem -> worked answer, then GRPO and PPO with the
+# exact_answer reward (no reward model). Each step's target is its run folder's README.md (the model
+# card, written last), so a failed step is redone on the next `make`. The RL steps run under
+# /usr/bin/time -v (its report, with user and system CPU seconds, lands in the run folder's time.txt).
+#
+#   make -f examples/arith.mk TUNEKIT=".venv/bin/tunekit" PYTHON=".venv/bin/python"
+#   make -f examples/arith.mk summary      # held-out exact-answer accuracy before / after each RL run
+TUNEKIT ?= tunekit
+PYTHON  ?= python3
+RUNS    ?= runs
+DATA    ?= data/arith
+TIME    ?= /usr/bin/time -v -o
+
+PRETRAIN := $(RUNS)/pretrain-tiny-gpt-arith
+SFT      := $(RUNS)/sft-tiny-gpt-arith
+GRPO     := $(RUNS)/rlhf-tiny-gpt-arith-grpo
+PPO      := $(RUNS)/rlhf-tiny-gpt-arith-ppo
+
+.PHONY: all summary
+all: $(GRPO)/README.md $(PPO)/README.md summary
+
+$(DATA)/train.jsonl: tunekit/arithmetic.py
+	$(PYTHON) -m tunekit.arithmetic $(DATA)
+
+$(PRETRAIN)/README.md: recipes/pretrain/tiny-gpt-arith.yaml $(DATA)/train.jsonl
+	$(TUNEKIT) pretrain $< --output-dir $(PRETRAIN) --overwrite
+
+$(SFT)/README.md: recipes/sft/tiny-gpt-arith.yaml $(PRETRAIN)/README.md
+	$(TUNEKIT) sft $< --set model.name=$(PRETRAIN)/model --output-dir $(SFT) --overwrite
+
+$(GRPO)/README.md: recipes/rlhf/tiny-gpt-arith-grpo.yaml $(SFT)/README.md
+	$(TIME) $(RUNS)/time-grpo.txt $(TUNEKIT) rlhf $< --set model.name=$(SFT)/model --output-dir $(GRPO) --overwrite
+	mv $(RUNS)/time-grpo.txt $(GRPO)/time.txt
+
+$(PPO)/README.md: recipes/rlhf/tiny-gpt-arith-ppo.yaml $(SFT)/README.md
+	$(TIME) $(RUNS)/time-ppo.txt $(TUNEKIT) rlhf $< --set model.name=$(SFT)/model --output-dir $(PPO) --overwrite
+	mv $(RUNS)/time-ppo.txt $(PPO)/time.txt
+
+summary:
+	@$(PYTHON) -m tunekit.arithmetic $(DATA) --report $(GRPO) $(PPO)

@@ -1,0 +1,129 @@
+"""Seeded arithmetic word problems with answers: tunekit's own data for the verifiable-reward chain
+(examples/arith.mk): pre-train the tiny GPT on worked problems, SFT it on problem -> worked answer,
+then GRPO / PPO with the `exact_answer` reward.
+
+A two-digit number plus or minus a one-digit number, in a handful of sentence templates: the tiny
+GPT learns the format and many of the sums, not all of them, which leaves room for RL (with two
+two-digit numbers, it learnt to copy the operands but no better than chance at the digits).
+Every problem is a (template, name, item, a, b) draw from one seeded generator; the held-out set's
+(operation, a, b) never occurs in the training or pre-training sets, so a held-out answer cannot be
+recalled, only computed.
+
+    python -m tunekit.arithmetic data/arith                      # train.jsonl, heldout.jsonl, pretrain.jsonl
+    python -m tunekit.arithmetic data/arith --report runs/rlhf-*  # accuracy before / after, CPU minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+NAMES = ("Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jill", "Kai", "Lena")
+ITEMS = ("apples", "books", "coins", "stamps", "marbles", "pencils", "shells", "cards", "eggs", "nails")
+
+# (operation, template): the question, with {name}, {item}, {a}, {b}
+TEMPLATES = (
+    ("+", "{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?"),
+    ("+", "A shop sold {a} {item} on Monday and {b} {item} on Tuesday. How many {item} did it sell in all?"),
+    ("+", "There are {a} {item} in one box and {b} {item} in another. How many {item} are there in total?"),
+    ("-", "{name} has {a} {item}. {name} gives away {b}. How many {item} are left?"),
+    ("-", "A box holds {a} {item}. {b} {item} are taken out. How many {item} remain in the box?"),
+    ("-", "{name} needs {a} {item} and already has {b}. How many more {item} does {name} need?"),
+)
+MARKER = "The answer is"
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    worked: str  # "347 + 128 = 475. The answer is 475."
+    answer: str
+    key: tuple[str, int, int]  # (operation, a, b): what makes two problems the same sum
+
+    def row(self) -> dict[str, str]:
+        return {"prompt": self.question, "completion": self.worked, "answer": self.answer}
+
+
+def draw(rng: random.Random) -> Problem:
+    op, template = rng.choice(TEMPLATES)
+    a, b = rng.randint(10, 99), rng.randint(1, 9)
+    result = a + b if op == "+" else a - b
+    question = template.format(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b)
+    worked = f"{a} {op} {b} = {result}. {MARKER} {result}."
+    return Problem(question, worked, str(result), (op, a, b))
+
+
+def make(seed: int, train: int, heldout: int, pretrain: int, equations: int = 0) -> dict[str, list[Problem]]:
+    """Held-out problems first (distinct sums), then training and pre-training problems whose sums are
+    not held out. The same seed and sizes give the same problems."""
+    rng = random.Random(seed)
+    held: dict[tuple[str, int, int], Problem] = {}
+    while len(held) < heldout:
+        problem = draw(rng)
+        held.setdefault(problem.key, problem)
+    sets: dict[str, list[Problem]] = {"heldout": list(held.values()), "train": [], "pretrain": [], "equations": []}
+    for name, count in (("train", train), ("pretrain", pretrain), ("equations", equations)):
+        while len(sets[name]) < count:
+            problem = draw(rng)
+            if problem.key not in held:
+                sets[name].append(problem)
+    return sets
+
+
+def write(folder: Path, seed: int = 0, train: int = 4000, heldout: int = 500, pretrain: int = 20000,
+          equations: int = 100000) -> list[Path]:
+    """train.jsonl and heldout.jsonl (prompt, completion, answer) and pretrain.jsonl (text: worked
+    problems, and bare equations `63 - 5 = 58.` that give the small model many more sums to learn
+    from per token, shuffled together), each written to a temporary file and renamed into place."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sets = make(seed, train, heldout, pretrain, equations)
+    texts = [f"{p.question} {p.worked}" for p in sets.pop("pretrain")]
+    texts += [p.worked.split(". ")[0] + "." for p in sets.pop("equations")]
+    random.Random(seed).shuffle(texts)
+    written = []
+    for name, rows in (("heldout", [p.row() for p in sets["heldout"]]), ("train", [p.row() for p in sets["train"]]),
+                       ("pretrain", [{"text": t} for t in texts])):
+        path = folder / f"{name}.jsonl"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+def report(run: Path) -> str:
+    """One line: an RL run's held-out exact-answer accuracy before and after, and the CPU minutes
+    (user + system) of the step, from the `/usr/bin/time -v` report in its time.txt."""
+    metrics = json.loads((run / "eval.json").read_text())
+    line = f"{run}: held-out exact_answer {metrics['exact_answer_before']:.3f} -> {metrics['exact_answer_after']:.3f}"
+    timing = run / "time.txt"
+    if timing.is_file():
+        cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([0-9.]+)", timing.read_text()))
+        line += f", {cpu / 60:.1f} CPU minutes"
+    return line
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tunekit.arithmetic", description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="where train.jsonl, heldout.jsonl and pretrain.jsonl go")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=int, default=4000, help="problems for SFT and RL")
+    parser.add_argument("--heldout", type=int, default=500, help="held-out problems (sums never in training)")
+    parser.add_argument("--pretrain", type=int, default=20000, help="worked problems as pre-training text")
+    parser.add_argument("--equations", type=int, default=100000, help="bare equations as pre-training text")
+    parser.add_argument("--report", type=Path, nargs="+", help="instead: print RL runs' accuracy before / after")
+    args = parser.parse_args(argv)
+    if args.report:
+        for run in args.report:
+            print(report(run))
+        return
+    for path in write(args.folder, args.seed, args.train, args.heldout, args.pretrain, args.equations):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
