@@ -277,7 +277,8 @@ def recipes_cp(
     typer.echo(str(copy_recipe(name, dest)))
 
 
-data_app = typer.Typer(help="The recipes' datasets: fetch them into data/.", no_args_is_help=True)
+data_app = typer.Typer(help="The recipes' data: fetch it into data/, prepare (check, tokenise, cache) it.",
+                       no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -296,10 +297,6 @@ def data_fetch(
     dest = to or DATA_DIR
     fetch(names, mirror, dest, timeout, overwrite, say=lambda line: typer.echo(line, err=True))
     typer.echo(str(dest))
-
-
-data_app = typer.Typer(help="The recipes' data: prepare (check, tokenise and cache) it.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
 
 
 @data_app.command("prepare")
