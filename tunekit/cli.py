@@ -301,8 +301,9 @@ def data_fetch(
 
 @data_app.command("prepare")
 def data_prepare(recipe: RecipeArg, set_: SetOpt = None) -> None:
-    """Check, tokenise and cache an sft or pretrain recipe's data, train nothing (then every run,
-    resume and rank reuses it); prints rows, tokens, trained tokens and the cache path."""
+    """Check, tokenise and cache an sft or pretrain recipe's data; train nothing.
+
+    Every later run, resume and rank reuses the cache. Prints rows, tokens, trained tokens and the cache path."""
     from tunekit.prepare import prepare_command, summary
 
     with library_output_to_stderr():
