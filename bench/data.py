@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = ROOT / "data"  # filled by `make data`
 ALPACA = [SHARED / "alpaca" / "alpaca_small_2k.json", SHARED / "alpaca" / "alpaca_data_1k.json"]
 SHAKESPEARE = SHARED / "tiny_shakespeare" / "input.txt"
 BASELINE_REV = "3bd1eee"  # main before Arrow preprocessing

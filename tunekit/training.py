@@ -194,12 +194,13 @@ def train_interruptibly(trainer: Any, run: RunFolder, resume: Path | None = None
                         tokens_per_sample: float | None = None) -> None:
     """trainer.train with the progress display, a clean stop on Ctrl-C and the failure status."""
     from tunekit.progress import GracefulStop, StopOnSignal, show_progress
-    from tunekit.upstream import keep_embeddings_out_of_fsdp_blocks
+    from tunekit.upstream import keep_embeddings_out_of_fsdp_blocks, keep_mean_losses_unscaled
 
     show_progress(trainer, tokens_per_sample)
     with status_on_error(run), GracefulStop() as stop:
         check_started(trainer)
         keep_embeddings_out_of_fsdp_blocks(trainer)
+        keep_mean_losses_unscaled(trainer)
         stopper = StopOnSignal(stop)
         trainer.add_callback(stopper)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
