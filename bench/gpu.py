@@ -210,14 +210,13 @@ class Bench:
 
     def plain_loop(self) -> dict[str, float]:
         """forward, backward, clip, AdamW step on tunekit's packed rows (bf16 autocast on a GPU)."""
-        from datasets import Dataset
 
         from tunekit.methods import sft
 
         plan, tokenizer = self.plan, self.tokenizer
         config = self.sft_config(plan.qwen)
-        items = sft.tokenize_split(tokenizer, sft.check(config).train, config)
-        rows = sft.packed(Dataset.from_list(items), plan.seq)
+        items = sft.tokenize_split(tokenizer, sft.check(config).train, config).dataset
+        rows = sft.packed(items, plan.seq)
         counter = Counter(sft.PackedRows(tokenizer.pad_token_id), tokenizer.pad_token_id)
         loader = torch.utils.data.DataLoader(rows, batch_size=plan.batch, shuffle=True, collate_fn=counter,
                                              generator=torch.Generator().manual_seed(0))

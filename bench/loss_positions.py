@@ -14,8 +14,6 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # not bench/: bench/peft.py would shadow peft
 
-from datasets import Dataset  # noqa: E402
-
 from tunekit.chat import train_tokenizer  # noqa: E402
 from tunekit.config import validate_config  # noqa: E402
 from tunekit.methods import sft  # noqa: E402
@@ -26,15 +24,15 @@ def main() -> None:
     config = validate_config(sft.Config, {"model": {"config": {"model_type": "llama"}}, "data": {"train": data},
                                           "train": {"max_length": max_length, "packing": True}}, "loss_positions")
     split = sft.check(config).train
-    tokenizer = train_tokenizer([m["content"] for c in split.rows[:2000] for m in c], 8000)
-    rows = sft.packed(Dataset.from_list(sft.tokenize_split(tokenizer, split, config)), max_length)
+    tokenizer = train_tokenizer([m["content"] for c, _ in split.examples(2000) for m in c], 8000)
+    rows = sft.packed(sft.tokenize_split(tokenizer, split, config).dataset, max_length)
     collate = sft.PackedRows(tokenizer.pad_token_id)
     total = trained = 0
     for start in range(0, len(rows), 8):
         labels = collate([rows[i] for i in range(start, min(start + 8, len(rows)))])["labels"]
         total += labels.numel()
         trained += int((labels != -100).sum())
-    print(f"{data}: {len(split.rows)} conversations, max_length {max_length}: {trained:,} of {total:,} positions "
+    print(f"{data}: {len(split)} conversations, max_length {max_length}: {trained:,} of {total:,} positions "
           f"carry loss; {1 - trained / total:.1%} of the LM head's positions do not")
 
 

@@ -35,11 +35,11 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from tunekit.chat import train_tokenizer  # noqa: E402
 from tunekit.serve import background  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_data_1k.json"
+DATA = ROOT / "data" / "alpaca" / "alpaca_data_1k.json"
 
 
 def build_model(workdir: Path) -> Path:
-    text = (ROOT.parent / "shared" / "data" / "tiny_shakespeare" / "input.txt").read_text()
+    text = (ROOT / "data" / "tiny_shakespeare" / "input.txt").read_text()
     tokenizer = train_tokenizer([text], vocab_size=8192)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
                          num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=1024,

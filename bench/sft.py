@@ -70,7 +70,7 @@ def tunekit_config(base: Path, rows: int, packing: bool) -> sft.Config:
 def tokenized(base: Path, rows: int) -> list[dict]:
     config = tunekit_config(base, rows, False)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    return sft.tokenize_split(tokenizer, sft.check(config).train, config)
+    return sft.tokenize_split(tokenizer, sft.check(config).train, config).dataset.to_list()  # a few hundred rows
 
 
 def run_tunekit(base: Path, rows: int, packing: bool, workdir: Path) -> float:
@@ -86,7 +86,7 @@ def run_tunekit(base: Path, rows: int, packing: bool, workdir: Path) -> float:
 def run_trl_defaults(base: Path, rows: int, packing: bool, workdir: Path) -> float:
     """SFTTrainer as TRL ships it: conversational prompt/completion rows, SFTConfig defaults."""
     config = tunekit_config(base, rows, packing)
-    conversations = sft.check(config).train.rows
+    conversations = [c for c, _ in sft.check(config).train.examples()]
     data = Dataset.from_list([{"prompt": c[:-1], "completion": c[-1:]} for c in conversations])
     args = SFTConfig(output_dir=str(workdir / f"trl-{packing}"), per_device_train_batch_size=BATCH,
                      max_length=MAX_LEN, learning_rate=LR, num_train_epochs=1, packing=packing,

@@ -4,6 +4,7 @@ the saved model reloads and predicts the same, and the run folder is never overw
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -155,3 +156,15 @@ def test_secrets_never_reach_the_run_folder(tmp_path, cli, tiny_bert, monkeypatc
     for path in out.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".yaml", ".md", ".jsonl"):
             assert secret not in path.read_text(), path
+
+
+def test_gradient_accumulation_keeps_the_mean_loss(tmp_path, cli, tiny_bert):
+    """A random 2-class head starts at a loss of ln 2 whatever the accumulation: transformers 5.24
+    took BERT's plain mean loss for one normalised by the item count and logged (and stepped on)
+    2 ln 2 at 2 accumulation steps."""
+    path = recipe(tmp_path, tiny_bert, train_limit=32, max_steps=1, logging_steps=1, learning_rate="1.0e-9",
+                  per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    result = cli("classify", path, "--output-dir", tmp_path / "run")
+    assert result.code == 0, result.err
+    first = next(r for r in records(tmp_path / "run") if "loss" in r)
+    assert abs(first["loss"] - math.log(2)) < 0.15, first

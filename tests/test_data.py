@@ -109,7 +109,7 @@ def test_sentence_pairs_are_detected():
         ([{"text": "a", "label": [1]}], {}, "label [1] must be an int or a string"),
         ([{"text": "a", "label": True}], {}, "label True must be an int or a string"),
         ([{"text": "a", "label": None}], {}, "column 'label' is missing or null"),
-        ([{"text": "a", "label": 0}, {"text": "b", "label": "x"}], {}, "labels mix numbers and names"),
+        ([{"text": "a", "label": 0}, {"text": "b", "label": "x"}], {}, "line 2: column 'label' is str where earlier rows have int"),
         ([{"text": "a", "label": 3}], {"label_column": "label"}, None),
         ([{"text": 5, "label": 0}], {}, "'text' must be text"),
         ([{"sentence_x": "a", "label": 0}], {}, "none of the columns sentence, text"),

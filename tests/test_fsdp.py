@@ -168,7 +168,7 @@ run = Path(sys.argv[1])
 model = AutoModelForCausalLM.from_pretrained(run / "model").eval()
 tokenizer = AutoTokenizer.from_pretrained(run / "model")
 config = validate_config(sft.Config, read_run_config(run), "config.yaml")
-rows = sft.tokenize_split(tokenizer, sft.check(config).eval, config)
+rows = sft.tokenize_split(tokenizer, sft.check(config).eval, config).dataset
 with torch.no_grad():
     losses = [model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss.item() for r in rows]
 print(sum(losses) / len(losses))

@@ -6,7 +6,8 @@ import json
 
 from conftest import MINILM, SHARED, write
 
-from tunekit.methods.pretrain import pack, split_blocks
+from tunekit.corpus import blocks
+from tunekit.methods.pretrain import split_blocks
 
 
 def test_pack_joins_documents_with_eos_and_drops_the_tail(tiny_gpt):
@@ -15,17 +16,17 @@ def test_pack_joins_documents_with_eos_and_drops_the_tail(tiny_gpt):
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt)
     texts = ["To be, or not to be", "that is the question"]
     stream = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
-    blocks = pack(tokenizer, texts, 4)
-    assert [b["input_ids"] for b in blocks] == [stream[i : i + 4] for i in range(0, len(stream) - 3, 4)]
-    assert all(len(b["input_ids"]) == 4 for b in blocks)
+    pieces = [(tokenizer(text, add_special_tokens=False)["input_ids"], True) for text in texts]
+    packed = [row.tolist() for array in blocks(iter(pieces), tokenizer.eos_token_id, 4) for row in array]
+    assert packed == [stream[i : i + 4] for i in range(0, len(stream) - 3, 4)]
+    assert all(len(b) == 4 for b in packed)
 
 
 def test_held_out_blocks_are_disjoint_and_seeded():
-    blocks = [{"input_ids": [i]} for i in range(100)]
-    train, held = split_blocks(blocks, 0.1, seed=1)
+    train, held = split_blocks(100, 0.1, seed=1)
     assert len(held) == 10 and len(train) == 90
-    assert not {b["input_ids"][0] for b in train} & {b["input_ids"][0] for b in held}
-    assert split_blocks(blocks, 0.1, seed=1)[1] == held
+    assert not set(train.tolist()) & set(held.tolist())
+    assert split_blocks(100, 0.1, seed=1)[1].tolist() == held.tolist()
 
 
 def recipe(tmp_path, body):

@@ -277,7 +277,8 @@ def recipes_cp(
     typer.echo(str(copy_recipe(name, dest)))
 
 
-data_app = typer.Typer(help="The recipes' datasets: fetch them into data/.", no_args_is_help=True)
+data_app = typer.Typer(help="The recipes' data: fetch it into data/, prepare (check, tokenise, cache) it.",
+                       no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -296,6 +297,18 @@ def data_fetch(
     dest = to or DATA_DIR
     fetch(names, mirror, dest, timeout, overwrite, say=lambda line: typer.echo(line, err=True))
     typer.echo(str(dest))
+
+
+@data_app.command("prepare")
+def data_prepare(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Check, tokenise and cache an sft or pretrain recipe's data; train nothing.
+
+    Every later run, resume and rank reuses the cache. Prints rows, tokens, trained tokens and the cache path."""
+    from tunekit.prepare import prepare_command, summary
+
+    with library_output_to_stderr():
+        prepared = prepare_command(recipe, set_ or [])
+    typer.echo(summary(prepared))
 
 
 @app.command()

@@ -113,8 +113,9 @@ def continuation_logprobs(model: Any, tokenizer: Any, pairs: list[tuple[str, str
 def run_task(model: Any, tokenizer: Any, task: Task) -> dict[str, float]:
     if task.kind == "perplexity":
         return perplexity(model, tokenizer, task)
-    rows = read_table(task.data, "task.data").rows[task.skip :][: task.limit]
-    pool = read_table(task.pool, "task.pool").rows if task.pool else read_table(task.data, "task.data").rows
+    # Task files are small (a benchmark's dev set): held as rows, since every query draws from the pool.
+    rows = list(read_table(task.data, "task.data").rows[task.skip :][: task.limit])
+    pool = list(read_table(task.pool, "task.pool").rows) if task.pool else list(read_table(task.data, "task.data").rows)
     rng = random.Random(task.seed)
     if task.kind == "multiple_choice":
         return multiple_choice(model, tokenizer, task, rows, pool, rng)

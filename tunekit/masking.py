@@ -10,6 +10,7 @@ with or without {% generation %} markers, and refuses (never mislabels) one that
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ from tunekit.data import Table, read_table
 from tunekit.errors import UserError
 
 FORMATS = ("alpaca", "prompt_completion", "messages", "text")
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 @dataclass
@@ -31,8 +34,6 @@ class Tokenized:
 
 
 def detect_format(table: Table, wanted: str | None) -> str:
-    from tunekit.preference import is_hh_dialogue
-
     columns = set(table.columns)
     if wanted is not None:
         return wanted
@@ -69,8 +70,6 @@ def to_messages(row: dict[str, Any], kind: str, where: str) -> list[dict[str, st
     if kind == "messages":
         return check_messages(row.get("messages"), where)
     if kind == "hh":  # "\n\nHuman: ... \n\nAssistant: ..." in `chosen`: every assistant turn is trained
-        from tunekit.preference import parse_hh
-
         _require_text(where, chosen=row.get("chosen"))
         return check_messages(parse_hh(row["chosen"], "chosen", where), where)
     raise UserError(f"{where}: format {kind!r} has no conversation")
@@ -99,6 +98,25 @@ def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def is_hh_dialogue(value: Any) -> bool:
+    """Whether a cell holds an HH-RLHF dialogue ("\\n\\nHuman: ... \\n\\nAssistant: ...")."""
+    return isinstance(value, str) and value.lstrip().startswith("Human:")
+
+
+def parse_hh(text: str, name: str, where: str) -> list[dict[str, str]]:
+    """An HH-RLHF dialogue as messages: "\\n\\nHuman: q\\n\\nAssistant: a" -> user q, assistant a.
+
+    A final assistant turn may be empty: four rejected answers of helpful-base are, and "no answer"
+    is a legitimate (bad) answer to prefer another over."""
+    parts = HH_TURN.split("\n\n" + text.lstrip())
+    if parts[0].strip() or len(parts) < 3:
+        raise UserError(f"{where}: {name!r} is not an HH-RLHF dialogue (expected '\\n\\nHuman: ... \\n\\nAssistant: ...')")
+    turns = [{"role": HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
+    if turns[-1]["role"] != "assistant":
+        raise UserError(f"{where}: {name!r} does not end with an Assistant turn, so there is no response to judge")
+    return turns
+
+
 def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -110,7 +128,7 @@ def trained_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> 
         if message["role"] != "assistant":
             continue
         before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        through = render(tokenizer, messages[: i + 1])
+        through = text if i + 1 == len(messages) else render(tokenizer, messages[: i + 1])  # the same string
         if not (text.startswith(through) and through.startswith(before)):
             raise UserError(
                 "the model's chat template does not render a conversation prefix by prefix, so the response "

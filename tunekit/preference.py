@@ -20,7 +20,6 @@ nothing (its loss gradient is zero), so it is dropped with a warning that counts
 from __future__ import annotations
 
 import random
-import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,11 +29,9 @@ from pydantic import Field
 from tunekit.config import Section
 from tunekit.data import Table, pick_column, read_table
 from tunekit.errors import UserError
-from tunekit.masking import check_messages
+from tunekit.masking import check_messages, is_hh_dialogue, parse_hh
 
 FORMATS = ("pairs", "prompt_pairs", "conversation", "hh", "label_pairs")
-HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 # How a conversation reads as plain text for a model without a chat template (an encoder): the
 # HH-RLHF layout, so that HH dialogues are scored as they were written.
 SPEAKERS = {"user": "Human", "assistant": "Assistant", "system": "System", "tool": "Tool"}
@@ -92,8 +89,8 @@ def load_preferences(section: PreferenceData, source: str) -> Preferences:
         if section.eval_size >= len(table.rows):
             raise UserError(f"{source}: data.eval_size: {section.eval_size} leaves no training rows ({len(table.rows)} in all)")
         cut = len(table.rows) - section.eval_size
-        held_out = Table(table.source, table.rows[cut:], table.lines[cut:])
-        table = Table(table.source, table.rows[:cut], table.lines[:cut])
+        held_out = table.select(range(cut, len(table)))
+        table = table.select(range(cut))
     kind = detect_format(table, section.format)
     train = read_pairs(table, kind, section, section.train_limit)
     evaluation = read_pairs(held_out, kind, section, section.eval_limit) if held_out is not None else None
@@ -179,25 +176,6 @@ def message_side(row: dict[str, Any], name: str, where: str, need_answer: bool =
     return messages
 
 
-def is_hh_dialogue(value: Any) -> bool:
-    """Whether a cell holds an HH-RLHF dialogue ("\\n\\nHuman: ... \\n\\nAssistant: ...")."""
-    return isinstance(value, str) and value.lstrip().startswith("Human:")
-
-
-def parse_hh(text: str, name: str, where: str) -> list[dict[str, str]]:
-    """An HH-RLHF dialogue as messages: "\\n\\nHuman: q\\n\\nAssistant: a" -> user q, assistant a.
-
-    A final assistant turn may be empty: four rejected answers of helpful-base are, and "no answer"
-    is a legitimate (bad) answer to prefer another over."""
-    parts = HH_TURN.split("\n\n" + text.lstrip())
-    if parts[0].strip() or len(parts) < 3:
-        raise UserError(f"{where}: {name!r} is not an HH-RLHF dialogue (expected '\\n\\nHuman: ... \\n\\nAssistant: ...')")
-    turns = [{"role": HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
-    if turns[-1]["role"] != "assistant":
-        raise UserError(f"{where}: {name!r} does not end with an Assistant turn, so there is no response to judge")
-    return turns
-
-
 def split_shared_prompt(chosen: list[dict[str, str]], rejected: list[dict[str, str]]) -> Pair:
     """The messages both sides share are the prompt; each side keeps at least its last message.
     (In HH-RLHF nine pairs diverge before the last turn: their responses are several messages.)"""
@@ -228,8 +206,9 @@ def label_pairs(table: Table, section: PreferenceData) -> Pairs:
     rng = random.Random(section.pairs_seed)
     rng.shuffle(positive)
     rng.shuffle(negative)
-    pairs = [Pair("", table.rows[p][text], table.rows[n][text]) for p, n in zip(positive, negative)]
-    where = [f"{table.where(p)} vs line {table.lines[n]}" for p, n in zip(positive, negative)]
+    texts = table.column(text)
+    pairs = [Pair("", texts[p], texts[n]) for p, n in zip(positive, negative)]
+    where = [f"{table.where(p)} vs {table.where(n).rsplit(': ', 1)[-1]}" for p, n in zip(positive, negative)]
     return Pairs("label_pairs", pairs, where)
 
 

@@ -24,15 +24,13 @@ def preview_data(config: Any, data: Any, examples: int) -> None:
     """Tokenise every training row the way training will; show the first few with [[trained]] spans."""
     import typer
 
-    from tunekit.chat import ensure_chat_template
     from tunekit.masking import tokenize_conversation, tokenize_text
-    from tunekit.models import load_tokenizer
+    from tunekit.methods.sft import load_sft_tokenizer
 
-    tokenizer = load_tokenizer(config.model)
-    ensure_chat_template(tokenizer, config.model.chat_template)
+    tokenizer = load_sft_tokenizer(config)
     max_length = config.train.get("max_length")
     trained = masked = 0
-    for index, (row, where) in enumerate(zip(data.train.rows, data.train.where)):
+    for index, (row, where) in enumerate(data.train.examples()):
         if data.train.kind == "text":
             item = tokenize_text(tokenizer, row, max_length)
         else:
@@ -45,7 +43,7 @@ def preview_data(config: Any, data: Any, examples: int) -> None:
             typer.echo(f"--- {where}: {item.trained} trained / {len(item.labels)} tokens")
             typer.echo(marked(tokenizer, item.input_ids, item.labels))
     share = 100 * trained / max(trained + masked, 1)
-    typer.echo(f"{len(data.train.rows)} examples: {trained} trained tokens, {masked} masked ({share:.1f}% trained)")
+    typer.echo(f"{len(data.train)} examples: {trained} trained tokens, {masked} masked ({share:.1f}% trained)")
 
 
 def marked(tokenizer: Any, ids: list[int], labels: list[int]) -> str:

@@ -143,7 +143,18 @@ def inject_fault(point: str, step: int) -> None:
     raise RuntimeError(f"injected failure at step {step} ({wanted})")
 
 
-def once(args: Any, name: str, build: Any) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def first_on_each_machine(args: Any, desc: str) -> Any:
+    """Local rank 0 runs the block first (building a cached result), the other ranks of the machine
+    after it (finding the result in the cache); one process just runs it."""
+    if args.world_size == 1:
+        yield
+        return
+    with args.main_process_first(local=True, desc=desc):
+        yield
+
+
+def once(args: Any, name: str, build: Any) -> Any:
     """Tokenise once per machine, not once per process: local rank 0 builds the examples and caches
     them (Arrow, safe to load), the other ranks wait for it and load the cache."""
     if args.world_size == 1:
@@ -158,7 +169,7 @@ def once(args: Any, name: str, build: Any) -> list[dict[str, Any]]:
     with args.main_process_first(local=True, desc=f"tokenising {name}"):
         if args.local_process_index == 0:
             Dataset.from_list(build()).save_to_disk(str(cache))
-    return load_from_disk(str(cache)).to_list()
+    return load_from_disk(str(cache))  # Arrow, memory-mapped: not turned back into Python rows
 
 
 def effective_batch_size(args: Any) -> int:
@@ -183,12 +194,13 @@ def train_interruptibly(trainer: Any, run: RunFolder, resume: Path | None = None
                         tokens_per_sample: float | None = None) -> None:
     """trainer.train with the progress display, a clean stop on Ctrl-C and the failure status."""
     from tunekit.progress import GracefulStop, StopOnSignal, show_progress
-    from tunekit.upstream import keep_embeddings_out_of_fsdp_blocks
+    from tunekit.upstream import keep_embeddings_out_of_fsdp_blocks, keep_mean_losses_unscaled
 
     show_progress(trainer, tokens_per_sample)
     with status_on_error(run), GracefulStop() as stop:
         check_started(trainer)
         keep_embeddings_out_of_fsdp_blocks(trainer)
+        keep_mean_losses_unscaled(trainer)
         stopper = StopOnSignal(stop)
         trainer.add_callback(stopper)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -152,6 +152,23 @@ def keep_embeddings_out_of_fsdp_blocks(trainer: Any) -> None:
     plugin.transformer_cls_names_to_wrap = [name for name in blocks if name not in holders]
 
 
+def keep_mean_losses_unscaled(trainer: Any) -> None:
+    """Let the Trainer scale a mean loss for gradient accumulation and several processes itself.
+
+    transformers 5.24's Trainer takes any model whose forward has `**kwargs` for one that divides
+    its loss by the `num_items_in_batch` it passes (as causal LMs' `loss_function` does), and then
+    neither divides the loss by gradient_accumulation_steps nor keeps it from being multiplied by
+    the number of processes. BERT-family classification and masked-LM heads take `**kwargs` but
+    return a plain batch mean (`CrossEntropyLoss()`), so their loss and gradients grew with both
+    (a 2-class run at 2 accumulation steps logged 2 ln 2 from a random head). Only causal LMs
+    normalise by the item count; every other model is told that it does not."""
+    from transformers.trainer_utils import unwrap_peft_model
+
+    model = unwrap_peft_model(trainer.accelerator.unwrap_model(trainer.model))
+    if not type(model).__name__.endswith("ForCausalLM"):
+        trainer.model_accepts_loss_kwargs = False
+
+
 def forward_with_cache(model: Any, cache: Any, **inputs: Any) -> tuple[Any, Any]:
     """One decoding forward pass: (logits, the KV cache to pass next time).
 

@@ -102,18 +102,13 @@ def examples(table: Table, config: Config, with_labels: bool = True) -> Examples
             if not isinstance(row[column], str):
                 raise UserError(f"{table.where(i)}: {column!r} must be text, got {row[column]!r}")
     regression = config.classify.num_labels == 1
-    labels = [raw_label(table, i, config.data.label_column, regression) for i in range(len(table.rows))] if with_labels else []
-    return Examples(
-        table,
-        [row[text] for row in table.rows],
-        [row[pair] for row in table.rows] if pair else None,
-        labels,
-    )
+    values = table.column(config.data.label_column) if with_labels else []
+    labels = [raw_label(table, i, value, regression) for i, value in enumerate(values)]
+    return Examples(table, table.column(text), table.column(pair) if pair else None, labels)
 
 
-def raw_label(table: Table, index: int, column: str, regression: bool) -> Any:
+def raw_label(table: Table, index: int, value: Any, regression: bool) -> Any:
     """An int, a string, or (regression) a float; anything else is an error naming the line."""
-    value = table.rows[index][column]
     if regression:
         try:
             return float(value)

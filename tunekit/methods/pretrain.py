@@ -17,8 +17,9 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from tunekit.config import Recipe, Section, to_yaml
-from tunekit.data import Table, read_table
+from tunekit.corpus import Source, packed, sources, streamed, texts
 from tunekit.errors import UserError
+from tunekit.prepare import Prepared
 
 
 class PretrainData(Section):
@@ -27,6 +28,9 @@ class PretrainData(Section):
     text_column: str = Field("text", description="column with the text; records without it join their string fields")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of blocks held out when no eval file is given")
     block_size: int = Field(256, gt=1, description="tokens per training block")
+    num_proc: int | None = Field(None, gt=0, description="processes that tokenise (default: the cores available)")
+    streaming: bool = Field(False, description="tokenise while training, for a corpus too large to prepare "
+                            "(needs train.max_steps; held-out text only from data.eval)")
 
 
 class TokenizerSection(Section):
@@ -43,6 +47,12 @@ class Config(Recipe):
     data: PretrainData
     tokenizer: TokenizerSection = TokenizerSection()
     pretrain: PretrainTask = PretrainTask()
+
+    @model_validator(mode="after")
+    def _steps_when_streaming(self) -> Config:
+        if self.data.streaming and int(self.train.get("max_steps", -1) or -1) <= 0:
+            raise ValueError("data.streaming: a streamed corpus has no known length; set train.max_steps")
+        return self
 
     @model_validator(mode="after")
     def _tokenizer_for_mlm(self) -> Config:
@@ -69,57 +79,65 @@ class Config(Recipe):
 
 @dataclass
 class Data:
-    train: list[str]
-    eval: list[str]
+    train: list[Source]
+    eval: list[Source]
 
 
 def as_list(spec: str | list[str] | None) -> list[str]:
     return [] if spec is None else [spec] if isinstance(spec, str) else list(spec)
 
 
-def texts_of(table: Table, column: str) -> list[str]:
-    """One text per row: the text column, or (e.g. Alpaca records) the row's string fields joined."""
-    texts = []
-    for i, row in enumerate(table.rows):
-        value = row.get(column)
-        if value is None:
-            value = "\n".join(v for v in row.values() if isinstance(v, str) and v.strip())
-        if not isinstance(value, str):
-            raise UserError(f"{table.where(i)}: {column!r} must be text, got {type(value).__name__}")
-        if value.strip():
-            texts.append(value)
-    if not texts:
-        raise UserError(f"{table.source}: no text found (data.text_column is {column!r})")
-    return texts
-
-
 def check(config: Config) -> Data:
-    read = lambda specs, key: [t for s in as_list(specs) for t in texts_of(read_table(s, key), config.data.text_column)]  # noqa: E731
-    return Data(read(config.data.train, "data.train"), read(config.data.eval, "data.eval"))
+    column, streaming = config.data.text_column, config.data.streaming
+    return Data(sources(as_list(config.data.train), "data.train", column, streaming),
+                sources(as_list(config.data.eval), "data.eval", column, streaming))
 
 
-def pack(tokenizer: Any, texts: list[str], block_size: int) -> list[dict[str, list[int]]]:
-    """Tokenise, join documents with EOS, cut into full blocks (the ragged tail is dropped)."""
-    stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
-        stream.append(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id)
-    return [{"input_ids": stream[i : i + block_size]} for i in range(0, len(stream) - block_size + 1, block_size)]
+def split_blocks(count: int, fraction: float, seed: int) -> tuple[Any, Any]:
+    """Row numbers of the training and held-out blocks: a random (seeded) share of the blocks is
+    held out, so held-out text comes from every source."""
+    import numpy as np
+
+    held = np.zeros(count, dtype=bool)
+    if fraction:
+        held[random.Random(seed).sample(range(count), max(1, int(count * fraction)))] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-def split_blocks(blocks: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out a random (seeded) share of blocks, so held-out text comes from every source."""
-    held = set(random.Random(seed).sample(range(len(blocks)), max(1, int(len(blocks) * fraction)))) if fraction else set()
-    return [b for i, b in enumerate(blocks) if i not in held], [b for i, b in enumerate(blocks) if i in held]
+def prepare(config: Config, data: Data, tokenizer: Any = None, seed: int = 42) -> list[tuple[str, Prepared]]:
+    """The corpus tokenised and packed into blocks (cached), split into training and held-out blocks."""
+    if tokenizer is None:
+        tokenizer = build_tokenizer(config, data)
+    size, procs = config.data.block_size, config.data.num_proc
+    blocks = packed(data.train, tokenizer, size, procs)
+    if data.eval:
+        return [("train", blocks), ("eval", packed(data.eval, tokenizer, size, procs))]
+    train, held = split_blocks(blocks.rows, config.data.eval_fraction, seed)
+    return [("train", subset(blocks, train, size)), ("eval", subset(blocks, held, size))]
+
+
+def subset(blocks: Prepared, rows: Any, block_size: int) -> Prepared:
+    tokens = len(rows) * block_size
+    return Prepared(blocks.dataset.select(rows), len(rows), tokens, tokens, blocks.path)
 
 
 def build_tokenizer(config: Config, data: Data) -> Any:
+    """The recipe's tokenizer, or a BPE tokenizer trained on the training corpus (cached under it)."""
+    from transformers import AutoTokenizer
+
+    from tunekit import cache
     from tunekit.chat import train_tokenizer
     from tunekit.models import load_tokenizer
 
     if config.model.tokenizer or config.model.name:
         return load_tokenizer(config.model)
-    return train_tokenizer(data.train, config.tokenizer.vocab_size)
+    folder = cache.folder("tokenizers") / cache.digest([s.key for s in data.train], config.tokenizer.vocab_size)
+    if (folder / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(folder)
+    tokenizer = train_tokenizer(texts(data.train), config.tokenizer.vocab_size)
+    if not config.data.streaming:
+        tokenizer.save_pretrained(folder)
+    return tokenizer
 
 
 def build_model(config: Config, tokenizer: Any) -> Any:
@@ -135,44 +153,63 @@ def build_model(config: Config, tokenizer: Any) -> Any:
     return load_for_training(auto, config.model, config.peft, "CAUSAL_LM", **ids)
 
 
+def training_blocks(config: Config, data: Data, tokenizer: Any, seed: int) -> tuple[Any, Any]:
+    """The training and held-out blocks: prepared (cached Arrow), or streamed (data.streaming)."""
+    size = config.data.block_size
+    if config.data.streaming:
+        return streamed(data.train, tokenizer, size), streamed(data.eval, tokenizer, size) if data.eval else None
+    prepared = dict(prepare(config, data, tokenizer, seed))
+    train, held_out = prepared["train"].dataset, prepared["eval"].dataset
+    if not len(train):
+        raise UserError(f"data.train: fewer than {size} tokens; lower data.block_size or add text")
+    return train, held_out if len(held_out) else None
+
+
+def rows_of(dataset: Any) -> int | str:
+    return "streamed" if dataset is not None and not hasattr(dataset, "__len__") else len(dataset or [])
+
+
 def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
     from transformers import DataCollatorForLanguageModeling, Trainer
 
     from tunekit.models import count_parameters
     from tunekit.outputs import RunFolder
-    from tunekit.training import MetricsLog, effective_batch_size, fit, training_arguments
+    from tunekit.training import (
+        MetricsLog,
+        effective_batch_size,
+        first_on_each_machine,
+        fit,
+        training_arguments,
+    )
 
     run = RunFolder(run_dir)
     args = training_arguments(config, run)
     run.enabled = args.process_index == 0
-    tokenizer = build_tokenizer(config, data)
-    if config.pretrain.objective == "mlm" and tokenizer.mask_token is None:
-        raise UserError("model.tokenizer: the tokenizer has no mask token; masked-LM pre-training needs one")
-    blocks = pack(tokenizer, data.train, config.data.block_size)
-    if data.eval:
-        train, held_out = blocks, pack(tokenizer, data.eval, config.data.block_size)
-    else:
-        train, held_out = split_blocks(blocks, config.data.eval_fraction, args.seed)
-    if not train:
-        raise UserError(f"data.train: fewer than {config.data.block_size} tokens; lower data.block_size or add text")
+    with first_on_each_machine(args, "preparing the corpus"):  # the other ranks then load the cache
+        tokenizer = build_tokenizer(config, data)
+        if config.pretrain.objective == "mlm" and tokenizer.mask_token is None:
+            raise UserError("model.tokenizer: the tokenizer has no mask token; masked-LM pre-training needs one")
+        train, held_out = training_blocks(config, data, tokenizer, args.seed)
     model = build_model(config, tokenizer)
     trainable, total = count_parameters(model)
     run.start(
         "pretrain", to_yaml(config), overwrite, base_model=config.model.name or "random init (model.config)",
         train_data=config.data.train, eval_data=config.data.eval or f"{config.data.eval_fraction:.0%} of blocks",
-        train_rows=len(train), eval_rows=len(held_out), trainable_params=trainable, total_params=total,
+        train_rows=rows_of(train), eval_rows=rows_of(held_out), trainable_params=trainable, total_params=total,
         num_processes=args.world_size, effective_batch_size=effective_batch_size(args),
         tokens_per_block=config.data.block_size,
     )
     collator = DataCollatorForLanguageModeling(
         tokenizer, mlm=config.pretrain.objective == "mlm", mlm_probability=config.pretrain.mlm_probability)
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out or None,
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                       processing_class=tokenizer, data_collator=collator, callbacks=[MetricsLog(run)])
     fit(trainer, run, resume, tokens_per_sample=config.data.block_size)
     metrics = {}
-    if held_out:
+    if held_out is not None:
         loss = trainer.evaluate()["eval_loss"]
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "eval_tokens": len(held_out) * config.data.block_size}
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+        if not config.data.streaming:
+            metrics["eval_tokens"] = len(held_out) * config.data.block_size
     run.write_eval(metrics)
     if getattr(model, "generation_config", None) is not None:  # causal LMs: generation stops at EOS
         model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -110,7 +110,7 @@ def examples(table: Table, config: Config, with_answers: bool = True) -> Example
     ids, questions, contexts, answers = [], [], [], []
     seen: set[str] = set()
     for i, row in enumerate(table.rows):
-        qid = str(row[data.id_column]) if row.get(data.id_column) is not None else str(table.lines[i])
+        qid = str(row[data.id_column]) if row.get(data.id_column) is not None else str(table.line(i))
         if qid in seen:
             raise UserError(f"{table.where(i)}: duplicate question id {qid!r}; ids must be unique (predictions are keyed by id)")
         seen.add(qid)
@@ -124,13 +124,12 @@ def examples(table: Table, config: Config, with_answers: bool = True) -> Example
         contexts.append(context)
         if with_answers:
             impossible = row.get("is_impossible") is True
-            answers.append([] if impossible else gold_answers(table, i, data.answers_column, context))
+            answers.append([] if impossible else gold_answers(row[data.answers_column], table.where(i), data.answers_column, context))
     return Examples(table, ids, questions, contexts, answers if with_answers else None)
 
 
-def gold_answers(table: Table, index: int, column: str, context: str) -> list[tuple[str, int]]:
+def gold_answers(value: Any, where: str, column: str, context: str) -> list[tuple[str, int]]:
     """The answers of one row, each checked against the context at its answer_start."""
-    value, where = table.rows[index][column], table.where(index)
     if isinstance(value, str):  # a CSV cell holds the answers as JSON text
         try:
             value = json.loads(value)

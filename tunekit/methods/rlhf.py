@@ -162,12 +162,10 @@ def read_prompts(specs: str | list[str], config: Config, key: str
     """The prompt conversation of every row: the prompt part of an SFT-style row, a `prompt` column
     alone, or a text column (as a user message), cut to data.prompt_words; and each one's data row
     (all its columns: a reward function may compare against them)."""
-    from tunekit.methods.sft import renamed
-
     prompts, rows = [], []
     for spec in [specs] if isinstance(specs, str) else specs:
-        table = renamed(read_table(spec, key), config.data.columns)
-        rows += table.rows
+        table = read_table(spec, key).renamed(config.data.columns)
+        rows += list(table.rows)  # RL prompt sets are small: each prompt keeps its row for the reward function
         prompts += prompts_of_table(table, config.data.format, key)
     words = config.data.prompt_words
     if words:

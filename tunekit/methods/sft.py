@@ -8,9 +8,11 @@ to stop. eval.json reports the held-out response-only loss before and after trai
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,10 +21,11 @@ from pydantic import Field
 from transformers import TrainerCallback
 
 from tunekit.config import Recipe, Section, to_yaml
-from tunekit.data import Table, read_table
+from tunekit.data import Table, join, read_table
 from tunekit.errors import UserError
 from tunekit.generation import GenerationSection
 from tunekit.masking import detect_format, to_messages
+from tunekit.prepare import Prepared
 
 # SFTTrainer options that tunekit decides itself (the labels come from tunekit.masking).
 RESERVED = {
@@ -40,6 +43,7 @@ class SftData(Section):
         None, description="data format; default: detected from the columns")
     columns: dict[str, str] = Field(default_factory=dict, description="standard name -> your column, e.g. {output: answer}")
     train_limit: int | None = Field(None, gt=0, description="use the first N training rows")
+    num_proc: int | None = Field(None, gt=0, description="processes that tokenise (default: the cores available)")
 
 
 class SftTask(Section):
@@ -82,11 +86,19 @@ class Config(Recipe):
 
 @dataclass
 class Split:
-    """Conversations (or plain texts for the text format) of one split, with where each came from."""
+    """The rows of one split (Arrow, columns under their standard names) and their format."""
 
     kind: str
-    rows: list[Any]
-    where: list[str]
+    table: Table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def examples(self, limit: int | None = None) -> Iterator[tuple[Any, str]]:
+        """(conversation, or text for the text format; where it came from) of each row, checked."""
+        for i, row in enumerate(self.table.head(limit).rows):
+            where = self.table.where(i)
+            yield example(row, self.kind, where), where
 
 
 @dataclass
@@ -95,36 +107,23 @@ class Data:
     eval: Split | None
 
 
+def example(row: dict[str, Any], kind: str, where: str) -> Any:
+    """One row as what is trained on: a conversation, or a text for the text format."""
+    if kind != "text":
+        return to_messages(row, kind, where)
+    text = row.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"{where}: 'text' is missing or empty")
+    return text
+
+
 def read_split(specs: str | list[str], config: Config, key: str) -> Split:
     specs = [specs] if isinstance(specs, str) else specs
-    tables = [renamed(read_table(spec, key), config.data.columns) for spec in specs]
+    tables = [read_table(spec, key).renamed(config.data.columns) for spec in specs]
     kinds = {detect_format(t, config.data.format) for t in tables}
     if len(kinds) > 1:
         raise UserError(f"{key}: the files mix formats ({', '.join(sorted(kinds))}); use one format")
-    kind = kinds.pop()
-    rows, where = [], []
-    for table in tables:
-        for i, row in enumerate(table.rows):
-            if kind == "text":
-                text = row.get("text")
-                if not isinstance(text, str) or not text.strip():
-                    raise UserError(f"{table.where(i)}: 'text' is missing or empty")
-                rows.append(text)
-            else:
-                rows.append(to_messages(row, kind, table.where(i)))
-            where.append(table.where(i))
-    return Split(kind, rows, where)
-
-
-def renamed(table: Table, columns: dict[str, str]) -> Table:
-    """Apply data.columns (standard name -> file column) so the format code sees standard names."""
-    if not columns:
-        return table
-    missing = [c for c in columns.values() if c not in table.columns]
-    if missing:
-        raise UserError(f"{table.source}: data.columns names {missing[0]!r}, which is not a column ({', '.join(table.columns)})")
-    rows = [{**row, **{std: row[col] for std, col in columns.items()}} for row in table.rows]
-    return Table(table.source, rows, table.lines)
+    return Split(kinds.pop(), join(tables))
 
 
 def check(config: Config) -> Data:
@@ -133,48 +132,95 @@ def check(config: Config) -> Data:
         raise UserError(f"{config.source}: sft.completion_only_loss: text data has no prompt/response split; "
                         "set sft.completion_only_loss: false (train on every token) or use a prompt/response format")
     if config.data.train_limit:
-        train = Split(train.kind, train.rows[: config.data.train_limit], train.where[: config.data.train_limit])
+        train = Split(train.kind, train.table.head(config.data.train_limit))
     evaluation = read_split(config.data.eval, config, "data.eval") if config.data.eval else None
     if evaluation is None and config.data.eval_size:
-        if config.data.eval_size >= len(train.rows):
+        if config.data.eval_size >= len(train):
+            for _ in train.examples():  # a bad row is the first thing to say
+                pass
             raise UserError(f"{config.source}: data.eval_size: {config.data.eval_size} leaves no training rows")
-        cut = len(train.rows) - config.data.eval_size
-        evaluation = Split(train.kind, train.rows[cut:], train.where[cut:])
-        train = Split(train.kind, train.rows[:cut], train.where[:cut])
-    if evaluation is not None:
-        train = without_held_out(train, evaluation)
-    return Data(train, evaluation)
+        cut = len(train) - config.data.eval_size
+        evaluation = Split(train.kind, train.table.select(range(cut, len(train))))
+        train = Split(train.kind, train.table.select(range(cut)))
+    return Data(checked(train, evaluation), evaluation)
 
 
-def without_held_out(train: Split, held_out: Split) -> Split:
-    """Training rows identical to a held-out one are dropped (the Alpaca subsets share 48 rows),
-    so the held-out loss measures examples the model has not been trained on."""
-    key = lambda row: json.dumps(row, sort_keys=True)  # noqa: E731
-    held = {key(row) for row in held_out.rows}
-    keep = [i for i, row in enumerate(train.rows) if key(row) not in held]
-    if len(keep) == len(train.rows):
+def checked(train: Split, held_out: Split | None) -> Split:
+    """Every row checked (a streaming pass; the result is cached under the rows' key), and training
+    rows identical to a held-out one dropped (the Alpaca subsets share 48 rows), so the held-out
+    loss measures examples the model has not been trained on."""
+    import numpy as np
+
+    from tunekit import cache
+
+    marker = cache.folder("checks") / f"{cache.digest(train.table.key, held_out and held_out.table.key, train.kind)}.json"
+    found = cache.read_marker(marker)
+    if found is None:
+        held = {fingerprint(item) for item, _ in held_out.examples()} if held_out is not None else set()
+        keep = [i for i, (item, _) in enumerate(train.examples()) if fingerprint(item) not in held]
+        found = {"rows": len(train), "keep": None if len(keep) == len(train) else keep}
+        cache.write_marker(marker, found)
+    if found["keep"] is None:
         return train
-    if not keep:
+    if not found["keep"]:
         raise UserError("data.train: every training row is also a held-out row; hold out different data")
-    print(f"tunekit: {len(train.rows) - len(keep)} training rows are identical to held-out rows; "
+    print(f"tunekit: {len(train) - len(found['keep'])} training rows are identical to held-out rows; "
           "they are left out of training", file=sys.stderr)
-    return Split(train.kind, [train.rows[i] for i in keep], [train.where[i] for i in keep])
+    return Split(train.kind, train.table.select(np.asarray(found["keep"], dtype=np.int64)))
 
 
-def tokenize_split(tokenizer: Any, split: Split, config: Config) -> list[dict[str, list[int]]]:
-    from tunekit.masking import tokenize_conversation, tokenize_text
+def fingerprint(item: Any) -> bytes:
+    return hashlib.blake2b(json.dumps(item, sort_keys=True).encode(), digest_size=16).digest()
+
+
+@dataclass
+class Encoder:
+    """Tokenises and masks a batch of rows with tunekit.masking, one example at a time (the one
+    function that decides labels); used by `Dataset.map(batched=True, with_indices=True)`."""
+
+    tokenizer: Any
+    split: Split
+    max_length: int | None
+    train_all: bool
+
+    def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[list[int]]]:
+        from tunekit.masking import tokenize_conversation, tokenize_text
+
+        ids, labels = [], []
+        for index, values in zip(indices, zip(*batch.values())):
+            where = self.split.table.where(index)
+            item = example(dict(zip(batch, values)), self.split.kind, where)
+            if self.split.kind == "text":
+                encoded = tokenize_text(self.tokenizer, item, self.max_length)
+            else:
+                encoded = tokenize_conversation(self.tokenizer, item, self.max_length, train_all=self.train_all)
+            if encoded.trained == 0:
+                raise UserError(f"{where}: no token left to train on after truncation to train.max_length={self.max_length}")
+            ids.append(encoded.input_ids)
+            labels.append(encoded.labels)
+        return {"input_ids": ids, "labels": labels}
+
+
+def tokenize_split(tokenizer: Any, split: Split, config: Config) -> Prepared:
+    """The split's input ids and labels (Arrow), built in parallel once and cached under the rows,
+    the tokenizer with its chat template, and the masking and length options."""
+    from tunekit import cache, prepare
 
     max_length = config.train.get("max_length")
-    rows = []
-    for row, where in zip(split.rows, split.where):
-        if split.kind == "text":
-            item = tokenize_text(tokenizer, row, max_length)
-        else:
-            item = tokenize_conversation(tokenizer, row, max_length, train_all=not config.sft.completion_only_loss)
-        if item.trained == 0:
-            raise UserError(f"{where}: no token left to train on after truncation to train.max_length={max_length}")
-        rows.append({"input_ids": item.input_ids, "labels": item.labels})
-    return rows
+    train_all = not config.sft.completion_only_loss
+    key = cache.digest("sft", split.table.key, split.kind, cache.tokenizer_key(tokenizer), max_length, train_all)
+    encoder = Encoder(tokenizer, split, max_length, train_all)
+    return prepare.mapped(split.table, key, encoder, config.data.num_proc)
+
+
+def prepare(config: Config, data: Data, tokenizer: Any = None) -> list[tuple[str, Prepared]]:
+    """Tokenise and mask both splits (from the cache when an earlier run did)."""
+    if tokenizer is None:
+        tokenizer = load_sft_tokenizer(config)
+    prepared = [("train", tokenize_split(tokenizer, data.train, config))]
+    if data.eval is not None:
+        prepared.append(("eval", tokenize_split(tokenizer, data.eval, config)))
+    return prepared
 
 
 def packed(dataset: Any, max_length: int, strategy: str = "bfd") -> Any:
@@ -240,17 +286,27 @@ class LossAtStart(TrainerCallback):
 
 def tokens_per_sample(dataset: Any) -> float:
     """Mean tokens of a training row (a packed row when packing is on), for the progress display."""
-    return sum(len(ids) for ids in dataset["input_ids"]) / max(len(dataset), 1)
+    import pyarrow.compute as pc
+
+    column = dataset.with_format("arrow")["input_ids"]
+    return (pc.sum(pc.list_value_length(column)).as_py() or 0) / max(len(dataset), 1)
+
+
+def load_sft_tokenizer(config: Config) -> Any:
+    from tunekit.chat import ensure_chat_template
+    from tunekit.models import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model)
+    ensure_chat_template(tokenizer, config.model.chat_template)
+    return tokenizer
 
 
 def load_model_and_tokenizer(config: Config) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
-    from tunekit.chat import ensure_chat_template
-    from tunekit.models import load_for_training, load_tokenizer
+    from tunekit.models import load_for_training
 
-    tokenizer = load_tokenizer(config.model)
-    ensure_chat_template(tokenizer, config.model.chat_template)
+    tokenizer = load_sft_tokenizer(config)
     model = load_for_training(AutoModelForCausalLM, config.model, config.peft, "CAUSAL_LM")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -260,16 +316,17 @@ def load_model_and_tokenizer(config: Config) -> tuple[Any, Any]:
 def build_trainer(config: Config, data: Data, run: Any, args: Any, overwrite: bool = False) -> Any:
     """The trainer `tunekit sft` trains with (model, tokenised and packed data, collator, metrics
     log), with the run folder started; bench/gpu.py times this same trainer."""
-    from datasets import Dataset
 
     from tunekit.models import count_parameters
     from tunekit.progress import show_progress
-    from tunekit.training import MetricsLog, effective_batch_size, once
+    from tunekit.training import MetricsLog, effective_batch_size, first_on_each_machine
     from tunekit.upstream import LeanSFTTrainer
 
     model, tokenizer = load_model_and_tokenizer(config)
-    train = Dataset.from_list(once(args, "train", lambda: tokenize_split(tokenizer, data.train, config)))
-    held_out = Dataset.from_list(once(args, "eval", lambda: tokenize_split(tokenizer, data.eval, config))) if data.eval else None
+    with first_on_each_machine(args, "tokenising"):  # the other ranks then load rank 0's cached result
+        prepared = dict(prepare(config, data, tokenizer))
+    train = prepared["train"].dataset
+    held_out = prepared["eval"].dataset if "eval" in prepared else None
     trainable, total = count_parameters(model)
     run.start(
         "sft", to_yaml(config), overwrite, base_model=config.model.name, train_data=config.data.train,
@@ -325,4 +382,4 @@ def heldout_prompts(run_dir: Path, count: int) -> list[list[dict[str, str]]]:
     data = check(config)
     if data.eval is None or data.eval.kind == "text":
         raise UserError(f"{run_dir}: the run has no held-out conversations (data.eval / data.eval_size)")
-    return [prompt_part(messages) for messages in data.eval.rows[:count]]
+    return [prompt_part(messages) for messages, _ in data.eval.examples(count)]
