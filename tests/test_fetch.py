@@ -136,7 +136,8 @@ def test_every_shipped_recipe_reads_catalogued_files_under_data():
     for recipe, specs in paths.items():
         for spec in specs:
             assert spec.startswith("data/"), (recipe, spec)
-            assert catalog.dataset_of(ROOT / spec, catalog.DATA_DIR) is not None, (recipe, spec)
+            known = catalog.dataset_of(ROOT / spec, catalog.DATA_DIR) or catalog.made_by(ROOT / spec, catalog.DATA_DIR)
+            assert known is not None, (recipe, spec)
     readme = (ROOT / "data" / "README.md").read_text()
     for file in (f for d in DATASETS for f in d.files):
         assert f"`{file.path}` | `{file.sha256}`" in readme
@@ -160,6 +161,9 @@ def test_a_recipe_whose_data_is_not_fetched_says_how_to_get_it(cli, tmp_path, mo
     other = write(tmp_path / "r.yaml", Path(ROOT / "recipes" / "classify" / "minilm-rte.yaml").read_text()
                   .replace("data/rte/train.tsv", "mine/train.tsv"))
     assert "mine/train.tsv: no such file (data.train); check the path" in one_error_line(cli("validate", other))
+    arith = one_error_line(cli("validate", ROOT / "recipes" / "sft" / "tiny-gpt-arith.yaml"))
+    assert arith == ("tunekit: error: data/arith/train.jsonl: not found (data.train); "
+                     "tunekit writes it: run `python -m tunekit.arithmetic data/arith`")
 
 
 def test_the_mirror_layout_matches_the_catalogue():

@@ -76,6 +76,20 @@ DATASETS: list[Dataset] = [
 ]
 
 
+# Data that tunekit writes itself (seeded: the same files every time), nothing to download: the
+# folder under data/ and the command that writes it.
+MADE: dict[str, str] = {"arith": "python -m tunekit.arithmetic data/arith"}
+
+
+def made_by(path: Path, data_dir: Path) -> str | None:
+    """The command that writes a file under data/ that tunekit makes itself (None for any other)."""
+    try:
+        relative = path.resolve().relative_to(data_dir.resolve())
+    except ValueError:
+        return None
+    return MADE.get(relative.parts[0]) if len(relative.parts) > 1 else None
+
+
 def dataset_named(name: str) -> Dataset | None:
     return next((d for d in DATASETS if d.name == name), None)
 
@@ -97,4 +111,7 @@ def missing_file_message(spec: str, key: str) -> str:
         dataset = dataset_of(candidate, DATA_DIR)
         if dataset is not None:
             return f"{spec}: not found ({key}); run `make data` or `tunekit data fetch {dataset.name}`"
+        command = made_by(candidate, DATA_DIR)
+        if command is not None:
+            return f"{spec}: not found ({key}); tunekit writes it: run `{command}`"
     return f"{spec}: no such file ({key}); check the path (relative paths start at the current folder)"
