@@ -194,7 +194,7 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
 ) -> None:
     """Sample responses with the run's chat template and generation settings."""
-    from tunekit.generation import generate_for
+    from tunekit.scoring import generate_for
 
     result = generate_for(run, prompt, data, heldout, out, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, seed=seed)
@@ -304,11 +304,11 @@ def data_prepare(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check, tokenise and cache an sft or pretrain recipe's data; train nothing.
 
     Every later run, resume and rank reuses the cache. Prints rows, tokens, trained tokens and the cache path."""
-    from tunekit.prepare import prepare_command, summary
+    from tunekit.methods import data_prepare, prepare_summary
 
     with library_output_to_stderr():
-        prepared = prepare_command(recipe, set_ or [])
-    typer.echo(summary(prepared))
+        prepared = data_prepare(recipe, set_ or [])
+    typer.echo(prepare_summary(prepared))
 
 
 @app.command()

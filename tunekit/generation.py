@@ -1,10 +1,8 @@
 """Sampling responses from a causal LM run (or any model id/folder) with its chat template:
-`tunekit generate` (one prompt or a file of them) and `tunekit chat` (a terminal REPL)."""
+what `tunekit generate` samples with (tunekit/scoring.py) and `tunekit chat` (a terminal REPL)."""
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +10,6 @@ from pydantic import Field
 
 from tunekit.config import Section, validate_section
 from tunekit.errors import UserError
-from tunekit.masking import prompts_of_file
-from tunekit.outputs import write_atomic
 from tunekit.runner import library_output_to_stderr
 from tunekit.runs import open_run
 
@@ -100,38 +96,6 @@ def settings_with(settings: dict[str, Any], **overrides: Any) -> GenerationSecti
     merged = {k: v for k, v in settings.items() if k in GenerationSection.model_fields}
     merged.update({k: v for k, v in overrides.items() if v is not None})
     return validate_section(GenerationSection, merged, "generation")
-
-
-def generate_for(
-    run: str, prompts: list[str] | None, data: str | None, heldout: int | None, out: Path | None, **overrides: Any,
-) -> Path | list[str]:
-    """`tunekit generate`: the responses to --prompt messages (returned), or to every prompt of a
-    file / the run's held-out split (written as JSON lines to `out`, whose path is returned)."""
-    if not prompts and not data and not heldout:
-        raise UserError("give --prompt TEXT, --data FILE or --heldout N")
-    run_info = open_run(run, "generate", "causal_lm")
-    if heldout and (run_info is None or run_info.method != "sft"):
-        kind = f"a run of `tunekit {run_info.method}`" if run_info and run_info.method else "not a tunekit run"
-        raise UserError(f"{run}: {kind}; --heldout reads the held-out split of an sft run; use --prompt or --data")
-    with library_output_to_stderr():
-        if heldout:
-            from tunekit.methods.sft import heldout_prompts
-
-            conversations = heldout_prompts(Path(run), heldout)
-        elif data:
-            conversations = prompts_of_file(data)
-        else:
-            conversations = [[{"role": "user", "content": p}] for p in prompts or []]
-        model, tokenizer, settings = load_chat_model(run, "generate")
-        results = generate(model, tokenizer, conversations, settings_with(settings, **overrides))
-    if not data and not heldout:
-        return [result["response"] for result in results]
-    out = out or Path(run) / "generations.jsonl"
-    rows = [{"prompt": c[-1]["content"], **r} for c, r in zip(conversations, results)]
-    write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
-    stopped = sum(r["stopped"] for r in results)
-    print(f"{stopped} of {len(results)} responses ended by themselves (EOS)", file=sys.stderr, flush=True)
-    return out
 
 
 def chat_loop(run: str, system: str | None) -> None:

@@ -114,25 +114,3 @@ def count_trained(batch: Any) -> int:
     if "labels" not in batch.schema.names:
         return count_tokens(batch, "input_ids")
     return int(pc.sum(pc.not_equal(pc.list_flatten(batch.column("labels")), -100)).as_py() or 0)
-
-
-def prepare_command(recipe: str, overrides: list[str]) -> list[tuple[str, Prepared]]:
-    """`tunekit data prepare`: the recipe's data checked, tokenised and cached, nothing trained."""
-    from tunekit.config import find_recipe, load_config, read_yaml_mapping
-    from tunekit.errors import UserError
-    from tunekit.methods import pretrain, sft
-
-    path = find_recipe(recipe)
-    method = read_yaml_mapping(path).get("method") or path.parent.name
-    if method not in ("sft", "pretrain"):
-        raise UserError(f"{path}: data prepare covers sft and pretrain recipes (this one is {method!r}); "
-                        "the other methods prepare their data when they train")
-    module = sft if method == "sft" else pretrain
-    config = load_config(module.Config, str(path), overrides)
-    return module.prepare(config, module.check(config))
-
-
-def summary(prepared: list[tuple[str, Prepared]]) -> str:
-    """One line per split: rows, tokens, trained tokens, and the cached file."""
-    return "\n".join(f"{name}: {p.rows:,} rows, {p.tokens:,} tokens, {p.trained_tokens:,} trained tokens; "
-                     f"cache {p.path}" for name, p in prepared)

@@ -4,8 +4,12 @@ registry) and imports only that one, so a command never pays for the others' imp
 from __future__ import annotations
 
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from tunekit.errors import UserError
+
+if TYPE_CHECKING:
+    from tunekit.prepare import Prepared
 
 METHODS = ("classify", "qa", "pretrain", "sft", "reward", "dpo", "rlhf")
 
@@ -29,3 +33,23 @@ def method_of(command: str) -> ModuleType:
     else:
         from tunekit.methods import rlhf as module
     return module
+
+
+def data_prepare(recipe: str, overrides: list[str]) -> list[tuple[str, Prepared]]:
+    """`tunekit data prepare`: the recipe's data checked, tokenised and cached, nothing trained."""
+    from tunekit.config import find_recipe, load_config, read_yaml_mapping
+
+    path = find_recipe(recipe)
+    method = read_yaml_mapping(path).get("method") or path.parent.name
+    if method not in ("sft", "pretrain"):
+        raise UserError(f"{path}: data prepare covers sft and pretrain recipes (this one is {method!r}); "
+                        "the other methods prepare their data when they train")
+    module = method_of(method)
+    config = load_config(module.Config, str(path), overrides)
+    return module.prepare(config, module.check(config))
+
+
+def prepare_summary(prepared: list[tuple[str, Prepared]]) -> str:
+    """One line per split: rows, tokens, trained tokens, and the cached file."""
+    return "\n".join(f"{name}: {p.rows:,} rows, {p.tokens:,} tokens, {p.trained_tokens:,} trained tokens; "
+                     f"cache {p.path}" for name, p in prepared)
