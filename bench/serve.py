@@ -14,6 +14,7 @@ Bounded: N requests, each with a 300 s client timeout; nothing leaves the loopba
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -30,25 +31,18 @@ sys.path[0] = str(ROOT)  # not bench/: bench/peft.py would shadow the peft packa
 
 import openai  # noqa: E402
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from tunekit.chat import train_tokenizer  # noqa: E402
 from tunekit.serve import background  # noqa: E402
 
 DATA = ROOT / "data" / "alpaca" / "alpaca_data_1k.json"
 
 
 def build_model(workdir: Path) -> Path:
-    text = (ROOT / "data" / "tiny_shakespeare" / "input.txt").read_text()
-    tokenizer = train_tokenizer([text], vocab_size=8192)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                         num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=1024,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(workdir / "base")
-    tokenizer.save_pretrained(workdir / "base")
-    return workdir / "base"
+    """bench/sft.py's 13.8M-parameter Llama with its 8k BPE tokenizer, randomly initialised."""
+    spec = importlib.util.spec_from_file_location("bench_sft", ROOT / "bench" / "sft.py")
+    bench_sft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_sft)
+    return bench_sft.build_model(workdir, None)
 
 
 def send(client: openai.OpenAI, model: str, prompt: str, max_tokens: int) -> tuple[float, object]:
