@@ -194,3 +194,14 @@ def test_hh_rlhf_dialogues_are_multi_turn_conversations(tiny_gpt):
     assert trained.replace(" ", "") == "Hello!<|end|>Blue.<|end|>"  # both assistant turns, no human one
     with pytest.raises(UserError, match="not an HH-RLHF dialogue"):
         to_messages({"chosen": "just text"}, "hh", "hh.jsonl: line 2")
+
+
+def test_training_rows_identical_to_held_out_ones_are_dropped(tmp_path, capsys):
+    from tunekit.data import read_table
+    from tunekit.methods.sft import Split, checked
+
+    rows = [{"instruction": f"say {i}", "input": "", "output": f"{i}"} for i in range(6)]
+    train = write(tmp_path / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    held = write(tmp_path / "held.jsonl", "".join(json.dumps(r) + "\n" for r in (rows[1], rows[4])))
+    kept = checked(Split("alpaca", read_table(str(train), "data.train")), Split("alpaca", read_table(str(held), "data.eval")))
+    assert len(kept) == 4 and "2 training rows are identical to held-out rows" in capsys.readouterr().err

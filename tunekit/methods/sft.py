@@ -8,8 +8,6 @@ to stop. eval.json reports the held-out response-only loss before and after trai
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import sys
 from collections.abc import Iterator
@@ -156,8 +154,8 @@ def checked(train: Split, held_out: Split | None) -> Split:
     marker = cache.folder("checks") / f"{cache.digest(train.table.key, held_out and held_out.table.key, train.kind)}.json"
     found = cache.read_marker(marker)
     if found is None:
-        held = {fingerprint(item) for item, _ in held_out.examples()} if held_out is not None else set()
-        keep = [i for i, (item, _) in enumerate(train.examples()) if fingerprint(item) not in held]
+        held = {cache.digest(item) for item, _ in held_out.examples()} if held_out is not None else set()
+        keep = [i for i, (item, _) in enumerate(train.examples()) if cache.digest(item) not in held]
         found = {"rows": len(train), "keep": None if len(keep) == len(train) else keep}
         cache.write_marker(marker, found)
     if found["keep"] is None:
@@ -167,10 +165,6 @@ def checked(train: Split, held_out: Split | None) -> Split:
     print(f"tunekit: {len(train) - len(found['keep'])} training rows are identical to held-out rows; "
           "they are left out of training", file=sys.stderr)
     return Split(train.kind, train.table.select(np.asarray(found["keep"], dtype=np.int64)))
-
-
-def fingerprint(item: Any) -> bytes:
-    return hashlib.blake2b(json.dumps(item, sort_keys=True).encode(), digest_size=16).digest()
 
 
 @dataclass
