@@ -215,17 +215,19 @@ def main() -> None:
     table(results)
 
 
+def cold_then_cached(label: str, task: str, raw: dict, cache: Path) -> list[dict]:
+    """The same preprocessing twice in child processes: from an empty cache, then from its result."""
+    subprocess.run(["rm", "-rf", str(cache)], check=True)
+    return [run_child(f"{label}, {when}", task, raw, cache, ROOT) for when in ("cold", "cached")]
+
+
 def bench_sft(options: argparse.Namespace, work: Path, tokenizer: Path, old: Path | None) -> list[dict]:
     alpaca = work / f"alpaca-{options.rows}.jsonl"
     make_alpaca(alpaca, options.rows)
     results = []
     for procs in options.num_proc:
-        cache = work / f"cache-sft-{procs}"
-        subprocess.run(["rm", "-rf", str(cache)], check=True)
-        results.append(run_child(f"sft {options.rows:,} rows, num_proc {procs}, cold", "sft",
-                                 sft_raw(alpaca, tokenizer, procs), cache, ROOT))
-        results.append(run_child(f"sft {options.rows:,} rows, num_proc {procs}, cached", "sft",
-                                 sft_raw(alpaca, tokenizer, procs), cache, ROOT))
+        results += cold_then_cached(f"sft {options.rows:,} rows, num_proc {procs}", "sft",
+                                    sft_raw(alpaca, tokenizer, procs), work / f"cache-sft-{procs}")
     if options.no_baseline:
         return results
     small = head(alpaca, work / f"alpaca-{options.baseline_rows}.jsonl", options.baseline_rows)
@@ -245,11 +247,8 @@ def bench_pretrain(options: argparse.Namespace, work: Path, tokenizer: Path, old
     results = []
     for procs in options.num_proc:
         cache = work / f"cache-pretrain-{procs}"
-        subprocess.run(["rm", "-rf", str(cache)], check=True)
-        results.append(run_child(f"pretrain {options.corpus_mb} MB, num_proc {procs}, cold", "pretrain",
-                                 pretrain_raw(corpus, tokenizer, procs), cache, ROOT))
-        results.append(run_child(f"pretrain {options.corpus_mb} MB, num_proc {procs}, cached", "pretrain",
-                                 pretrain_raw(corpus, tokenizer, procs), cache, ROOT))
+        results += cold_then_cached(f"pretrain {options.corpus_mb} MB, num_proc {procs}", "pretrain",
+                                    pretrain_raw(corpus, tokenizer, procs), cache)
     results.append(train_starts(corpus, tokenizer, cache, work))
     if options.no_baseline:
         return results
