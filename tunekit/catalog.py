@@ -81,13 +81,18 @@ DATASETS: list[Dataset] = [
 MADE: dict[str, str] = {"arith": "python -m tunekit.arithmetic data/arith"}
 
 
-def made_by(path: Path, data_dir: Path) -> str | None:
-    """The command that writes a file under data/ that tunekit makes itself (None for any other)."""
+def under_data(path: Path, data_dir: Path) -> Path | None:
+    """The path relative to data/ (None for a path outside it)."""
     try:
-        relative = path.resolve().relative_to(data_dir.resolve())
+        return path.resolve().relative_to(data_dir.resolve())
     except ValueError:
         return None
-    return MADE.get(relative.parts[0]) if len(relative.parts) > 1 else None
+
+
+def made_by(path: Path, data_dir: Path) -> str | None:
+    """The command that writes a file under data/ that tunekit makes itself (None for any other)."""
+    relative = under_data(path, data_dir)
+    return MADE.get(relative.parts[0]) if relative is not None and len(relative.parts) > 1 else None
 
 
 def dataset_named(name: str) -> Dataset | None:
@@ -96,11 +101,10 @@ def dataset_named(name: str) -> Dataset | None:
 
 def dataset_of(path: Path, data_dir: Path) -> Dataset | None:
     """The dataset a file under data/ belongs to (None for any other path)."""
-    try:
-        relative = path.resolve().relative_to(data_dir.resolve()).as_posix()
-    except ValueError:
+    relative = under_data(path, data_dir)
+    if relative is None:
         return None
-    return next((d for d in DATASETS if any(f.path == relative for f in d.files)), None)
+    return next((d for d in DATASETS if any(f.path == relative.as_posix() for f in d.files)), None)
 
 
 def missing_file_message(spec: str, key: str) -> str:
