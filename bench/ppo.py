@@ -5,7 +5,8 @@
 Same policy (runs/sft-tiny-gpt-alpaca), reward model (runs/reward-minilm-sst2-sentiment), prompts
 (first four words of SST-2 training sentences, raw-text continuation), sampling (16 new tokens,
 temperature 1), PPO settings (rollout 32, minibatch 8, 4 epochs, clip 0.2, value clip 0.2, vf_coef
-0.1, gamma 1, lam 0.95, KL coefficient 0.05, learning rate 3e-5) and step budget, for:
+0.1, gamma 1, lam 0.95, KL coefficient 0.05, the recipe's learning rate and schedule, no gradient
+clipping) and step budget, for:
   (t)  tunekit's PPO, full fine-tuning (value head on the policy, frozen reference copy);
   (tl) tunekit's PPO with LoRA (r 16; the reference is the policy with the adapter off);
   (o)  TRL 1.12's trl.experimental.ppo.PPOTrainer (deleted in TRL 1.13), full fine-tuning, with its
@@ -15,8 +16,15 @@ temperature 1), PPO settings (rollout 32, minibatch 8, 4 epochs, clip 0.2, value
        /tmp/trl112, no dependencies: it runs on the same transformers 5.24 and torch) and runs in a
        child process with that folder first on PYTHONPATH.
 Each trainer runs in its own child process (training time only; peak RSS of the child). The parent
-then samples each trained policy on the same 100 held-out SST-2 dev prompts with the same seed
+then samples each trained policy on the same held-out SST-2 dev prompts (all 864 of more than four
+words: on 100, the sampling noise of the mean reward is as large as the gains) with the same seed
 (tunekit.rl.rollout.evaluate) and prints reward gain per minute and peak memory as ratios.
+
+TRL 1.12 counts its batches differently: one PPO step samples per_device_train_batch_size x
+gradient_accumulation_steps responses and splits them into num_mini_batches minibatches, one
+optimizer step each. So tunekit's (rollout 32, minibatch 8) is TRL's (per_device_train_batch_size
+32, gradient_accumulation_steps 1, num_mini_batches 4). TRL 1.12's PPO loop never clips gradients
+(its max_grad_norm is accepted and ignored), so tunekit runs with ppo.max_grad_norm=null here.
 """
 
 from __future__ import annotations
@@ -94,13 +102,15 @@ def trl_child(spec: dict) -> dict:
     dataset = Dataset.from_dict({"input_ids": ids})
     s = spec["settings"]
     args = PPOConfig(
-        output_dir=str(Path(spec["out"]) / "trl"), per_device_train_batch_size=s["minibatch_size"],
+        # TRL 1.12 samples per_device_train_batch_size x gradient_accumulation_steps responses per step and
+        # splits them into num_mini_batches, one optimizer step each: tunekit's rollout and minibatch sizes
+        output_dir=str(Path(spec["out"]) / "trl"), per_device_train_batch_size=s["rollout_batch_size"],
         gradient_accumulation_steps=1, num_mini_batches=s["rollout_batch_size"] // s["minibatch_size"],
         total_episodes=s["steps"] * s["rollout_batch_size"], num_ppo_epochs=s["epochs"],
         local_rollout_forward_batch_size=s["rollout_batch_size"], response_length=s["max_new_tokens"],
         temperature=s["temperature"], learning_rate=s["learning_rate"], kl_coef=s["kl_coef"], cliprange=s["clip_range"],
         cliprange_value=s["value_clip_range"], vf_coef=s["vf_coef"], gamma=s["gamma"], lam=s["lam"],
-        max_grad_norm=s["max_grad_norm"], stop_token="eos", num_sample_generations=0, save_strategy="no",
+        lr_scheduler_type=s["lr_scheduler_type"], stop_token="eos", num_sample_generations=0, save_strategy="no",
         report_to="none", bf16=False, gradient_checkpointing=False, seed=42, logging_steps=10,
     )
     policy = AutoModelForCausalLM.from_pretrained(spec["policy"])
@@ -132,6 +142,8 @@ def run_child(kind: str, spec: dict, workdir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--eval-prompts", type=int, default=2000,
+                        help="held-out prompts to score each policy on (default: all 864 SST-2 dev prompts)")
     parser.add_argument("--reward", help="another reward run than the recipe's")
     parser.add_argument("--policy", help="another policy model folder than the recipe's")
     parser.add_argument("--child", choices=["tunekit", "trl"])
@@ -147,12 +159,13 @@ def main() -> None:
     from tunekit.methods import rlhf
 
     # no checkpoints (TRL runs with save_strategy "no"): training time only
-    steps = [f"ppo.steps={options.steps}", "train.save_steps=1000000"]
+    steps = [f"ppo.steps={options.steps}", "train.save_steps=1000000", "ppo.max_grad_norm=null"]
     steps += [f"rlhf.reward_model={options.reward}"] * bool(options.reward)
     steps += [f"model.name={options.policy}"] * bool(options.policy)
-    config = load_config(rlhf.Config, str(RECIPE), steps)
+    config = load_config(rlhf.Config, str(RECIPE), [*steps, f"rlhf.eval_prompts={options.eval_prompts}"])
     data = rlhf.check(config)
-    settings = {**config.ppo.model_dump(), **config.generation.model_dump(), "learning_rate": config.train["learning_rate"]}
+    settings = {**config.ppo.model_dump(), **config.generation.model_dump(), "learning_rate": config.train["learning_rate"],
+                "lr_scheduler_type": config.train.get("lr_scheduler_type", "constant")}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         results = {}

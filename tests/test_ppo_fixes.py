@@ -259,6 +259,45 @@ def test_forward_batches_bound_memory_and_keep_the_update(tiny_gpt):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(chunked, whole))
 
 
+def test_forward_batches_leave_out_all_padding_columns_with_the_same_loss(tiny_gpt):
+    """A forward batch drops the columns that are padding in all its rows (left of the longest
+    query, right of the longest response); its loss and gradients are those of the padded batch."""
+    from tunekit.rl.ppo import Batch, PolicyWithValue, ppo_loss, rollout_forward
+    from tunekit.rl.rollout import sample
+
+    lm, tokenizer = tiny_lm(tiny_gpt)
+    torch.manual_seed(0)
+    samples = sample(lm, tokenizer, PROMPTS[:4], SimpleNamespace(max_new_tokens=6, temperature=1.0, top_p=1.0, seed=0))
+    model = PolicyWithValue(lm).eval()
+    torch.nn.init.normal_(model.value_head.weight)
+    values, logprobs, _ = rollout_forward(model, samples, 1.0, None)
+    mask = samples.response_mask.float()
+    advantages = torch.randn_like(mask) * mask
+
+    def pad(t, left, right, value):  # one more padding column on each side of the query + response
+        return torch.nn.functional.pad(t, (left, right), value=value)
+
+    padded = Batch(pad(samples.query_responses, 1, 1, tokenizer.pad_token_id), pad(samples.attention_mask, 1, 1, 0),
+                   pad(samples.responses, 0, 1, tokenizer.pad_token_id), pad(mask, 0, 1, 0), pad(logprobs, 0, 1, 0),
+                   pad(values, 0, 1, 0), pad(advantages, 0, 1, 0), pad(advantages + values, 0, 1, 0))
+    trimmed = padded.without_padding()
+    assert trimmed.query_responses.shape[1] <= padded.query_responses.shape[1] - 2
+    assert trimmed.response_mask.all(dim=0).any() and trimmed.response_mask[:, -1].any()
+    settings = SimpleNamespace(clip_range=0.2, value_clip_range=0.2, vf_coef=0.1)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss, stats = ppo_loss(model, batch, settings, 1.0)
+        loss.backward()
+        return stats, [p.grad.clone() for p in model.parameters()]
+
+    trimmed_stats, trimmed_grads = loss_and_grads(trimmed)
+    padded_stats, padded_grads = loss_and_grads(padded)
+    assert {k: v.item() for k, v in trimmed_stats.items()} == pytest.approx(
+        {k: v.item() for k, v in padded_stats.items()}, abs=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(trimmed_grads, padded_grads))
+
+
 # 8. ------------------------------------------------------------------------------------------
 
 

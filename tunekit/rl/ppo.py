@@ -92,6 +92,23 @@ class Batch:
     def rows(self, index: list[int] | slice) -> Batch:
         return Batch(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
+    @property
+    def context(self) -> int:
+        return self.query_responses.shape[1] - self.responses.shape[1]
+
+    def without_padding(self) -> Batch:
+        """The same rows without the columns that are padding in all of them: left of the longest
+        query and right of the longest response. The rollout batch is padded to its longest prompt
+        and response; a few of its rows in a forward pass then cost only what they hold. The result
+        is the same: masked keys add nothing to attention, positions come from the attention mask,
+        and a causal model's earlier positions do not see later columns."""
+        # the response's first column is never padding; one query column stays to predict it from
+        first = min(int(self.attention_mask.any(dim=0).float().argmax()), max(self.context - 1, 0))
+        length = int(self.response_mask.any(dim=0).sum())  # 1 from a response's start up to its end
+        full = slice(first, self.context + length)
+        return Batch(self.query_responses[:, full], self.attention_mask[:, full],
+                     *(getattr(self, f)[:, :length] for f in list(self.__dataclass_fields__)[2:]))
+
 
 def forward_responses(model: Any, batch_ids: torch.Tensor, mask: torch.Tensor, context: int, temperature: float
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,10 +134,9 @@ def rollout_forward(model: Any, samples: Any, temperature: float, forward_batch_
     return values, logprobs, entropies
 
 
-def ppo_loss(model: Any, mini: Batch, settings: Any, context: int, temperature: float
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ppo_loss(model: Any, mini: Batch, settings: Any, temperature: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy loss + vf_coef * clipped value loss of a minibatch (or a forward batch of one)."""
-    _, values, logprobs = forward_responses(model, mini.query_responses, mini.attention_mask, context, temperature)
+    _, values, logprobs = forward_responses(model, mini.query_responses, mini.attention_mask, mini.context, temperature)
     pg, clip_fraction, approx_kl = policy_loss(logprobs, mini.logprobs, mini.advantages, mini.response_mask,
                                                settings.clip_range)
     vf, vf_clip = value_loss(values, mini.values, mini.returns, mini.response_mask, settings.value_clip_range)
@@ -134,8 +150,8 @@ def minibatch_epochs(model: Any, optimizer: Any, accelerator: Any, batch: Batch,
     """PPO's inner loop: `settings.epochs` passes over the batch in shuffled minibatches, one
     optimizer step each. A minibatch goes through the model `settings.forward_batch_size` rows at a
     time, gradients accumulated: each forward batch's loss is weighted by its share of the
-    minibatch's response tokens, so the step is the one of the whole minibatch at once."""
-    context = batch.query_responses.shape[1] - batch.responses.shape[1]
+    minibatch's response tokens, so the step is the one of the whole minibatch at once. Each forward
+    batch leaves out the columns that are padding in all its rows (Batch.without_padding)."""
     order = list(range(len(batch.responses)))
     totals: dict[str, float] = {}
     updates = 0
@@ -147,9 +163,9 @@ def minibatch_epochs(model: Any, optimizer: Any, accelerator: Any, batch: Batch,
             tokens = mini.response_mask.sum().clamp(min=1)
             chunks = in_chunks(settings.forward_batch_size, len(mini.responses))
             for number, rows in enumerate(chunks):
-                part = mini.rows(rows)
+                part = mini.rows(rows).without_padding()
                 weight = part.response_mask.sum() / tokens
-                loss, stats = ppo_loss(model, part, settings, context, temperature)
+                loss, stats = ppo_loss(model, part, settings, temperature)
                 # DDP: gradients are all-reduced once, with the minibatch's last backward
                 syncing = contextlib.nullcontext() if number == len(chunks) - 1 else accelerator.no_sync(model)
                 with syncing:
