@@ -80,6 +80,8 @@ def test_precision_follows_the_device_and_trained_weights_stay_float32():
         ("peft.method=lorra", "peft.method: Input should be 'none', 'lora', 'dora' or 'ia3' (got 'lorra')"),
         ("model=gpt2", "model: expected a mapping"),
         ("method=sft", "recipe is for `tunekit sft` (method: sft), not `tunekit classify`"),
+        ("method=sfft", "method: 'sfft' is not a tunekit command; did you mean 'sft'? for `tunekit classify` write "
+                        "method: classify"),
         ("train.bf16=maybe", "train.bf16: expected bool"),
     ],
 )

@@ -229,6 +229,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 # Validation
 
 
+METHODS = ("classify", "qa", "pretrain", "sft", "reward", "dpo", "rlhf")  # the training commands, as `method:` names them
+
+
 def load_config(cls: type[Recipe], recipe: str, overrides: list[str] = ()) -> Recipe:
     """Read, override, validate: the one way a method gets its config."""
     path = find_recipe(recipe)
@@ -243,6 +246,11 @@ def validate_config(cls: type[Recipe], data: dict[str, Any], source: str) -> Rec
     if named is not None and cls.command and named != cls.command:  # before the keys, which differ per method
         if not (isinstance(named, str) and named.isidentifier()):
             raise UserError(f"{source}: method: expected {cls.command!r} (the command it was given to), got {named!r}")
+        if named not in METHODS:
+            close = difflib.get_close_matches(named, METHODS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UserError(f"{source}: method: {named!r} is not a tunekit command; {hint}"
+                            f"for `tunekit {cls.command}` write method: {cls.command} (commands: {', '.join(METHODS)})")
         raise UserError(f"{source}: recipe is for `tunekit {named}` (method: {named}), not `tunekit {cls.command}`; "
                         f"run `tunekit {named} {source}` (`tunekit lora` runs any method's recipe with an adapter)")
     try:

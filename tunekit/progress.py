@@ -243,7 +243,7 @@ class StopOnSignal(TrainerCallback):
         self.step: int | None = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        from tunekit.training import inject_fault
+        from tunekit.faults import inject_fault
 
         inject_fault(f"interrupt-rank-{args.process_index}", state.global_step)
         if self.stop.agreed(args.device, args.world_size):

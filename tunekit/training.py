@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from transformers import TrainerCallback
 from tunekit.config import Recipe
 from tunekit.engine import check_started, describe_for_tests
 from tunekit.errors import Interrupted, TrainingFailure, UserError
+from tunekit.faults import inject_fault
 from tunekit.outputs import RunFolder, checkpoint_step
 
 
@@ -122,25 +122,6 @@ class Watchdog:
                       "(another process hung or died; train.ddp_timeout sets the limit); stopping the run",
                       file=sys.stderr, flush=True)
                 os._exit(1)
-
-
-FAULT = "TUNEKIT_FAULT"  # tests only: "<point>:<step>", e.g. kill-after-save:4, stall-rank-1:2
-
-
-def inject_fault(point: str, step: int) -> None:
-    """Simulated failures for the reliability tests (a SIGKILL, a hung or a crashing rank), set
-    through the TUNEKIT_FAULT environment variable; does nothing otherwise."""
-    wanted = os.environ.get(FAULT)
-    if wanted != f"{point}:{step}":
-        return
-    if point.startswith("kill"):
-        os.kill(os.getpid(), signal.SIGKILL)
-    if point.startswith("interrupt"):  # as if Ctrl-C were pressed
-        os.kill(os.getpid(), signal.SIGINT)
-        return
-    if point.startswith("stall"):
-        time.sleep(10**6)
-    raise RuntimeError(f"injected failure at step {step} ({wanted})")
 
 
 @contextlib.contextmanager

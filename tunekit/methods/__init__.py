@@ -11,11 +11,11 @@ from tunekit.errors import UserError
 if TYPE_CHECKING:
     from tunekit.prepare import Prepared
 
-METHODS = ("classify", "qa", "pretrain", "sft", "reward", "dpo", "rlhf")
-
 
 def method_of(command: str) -> ModuleType:
     """The module of a training command."""
+    from tunekit.config import METHODS
+
     if command not in METHODS:
         raise UserError(f"unknown method {command!r}; one of: {', '.join(METHODS)}")
     if command == "classify":

@@ -272,8 +272,9 @@ class PPOTrainer:
     def train(self) -> None:
         """The PPO steps, with the progress display; on Ctrl-C the current step finishes, a
         checkpoint is saved and Interrupted is raised."""
+        from tunekit.faults import inject_fault
         from tunekit.progress import GracefulStop, Progress
-        from tunekit.training import inject_fault, interrupted
+        from tunekit.training import interrupted
 
         batches = prompt_batches(len(self.prompts), self.settings.rollout_batch_size, self.seed,
                                  self.accelerator.process_index, self.accelerator.num_processes)
@@ -335,8 +336,8 @@ class PPOTrainer:
         process's RNG states, written to a temporary folder and renamed into place, then marked complete."""
         from safetensors.torch import save_model
 
+        from tunekit.faults import inject_fault
         from tunekit.outputs import write_json
-        from tunekit.training import inject_fault
 
         tmp = folder.with_name(f".{folder.name}.tmp")
         self.accelerator.wait_for_everyone()
