@@ -1,6 +1,7 @@
 """PPO: reward gained per wall-clock minute of training, and peak memory, tunekit vs TRL 1.12.
 
     make bench-ppo        # or: HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python bench/ppo.py [--steps 60]
+                          #     [--set KEY=VALUE ...] [--only tunekit|tunekit-lora|trl-1.12 ...]
 
 Same policy (runs/sft-tiny-gpt-alpaca), reward model (runs/reward-minilm-sst2-sentiment), prompts
 (first four words of SST-2 training sentences, raw-text continuation), sampling (16 new tokens,
@@ -47,6 +48,7 @@ sys.path[0] = str(ROOT)  # not bench/: bench/peft.py would shadow the peft packa
 
 RECIPE = ROOT / "recipes" / "rlhf" / "tiny-gpt-sentiment-ppo.yaml"
 TRL112 = Path("/tmp/trl112")
+TRAINERS = ["tunekit", "tunekit-lora", "trl-1.12"]
 
 
 def peak_rss_mb() -> float:
@@ -146,6 +148,9 @@ def main() -> None:
                         help="held-out prompts to score each policy on (default: all 864 SST-2 dev prompts)")
     parser.add_argument("--reward", help="another reward run than the recipe's")
     parser.add_argument("--policy", help="another policy model folder than the recipe's")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for every trainer (TRL gets the ppo, generation and learning-rate keys)")
+    parser.add_argument("--only", action="append", choices=TRAINERS, help="run these trainers only")
     parser.add_argument("--child", choices=["tunekit", "trl"])
     parser.add_argument("--spec")
     options = parser.parse_args()
@@ -162,6 +167,7 @@ def main() -> None:
     steps = [f"ppo.steps={options.steps}", "train.save_steps=1000000", "ppo.max_grad_norm=null"]
     steps += [f"rlhf.reward_model={options.reward}"] * bool(options.reward)
     steps += [f"model.name={options.policy}"] * bool(options.policy)
+    steps += options.set
     config = load_config(rlhf.Config, str(RECIPE), [*steps, f"rlhf.eval_prompts={options.eval_prompts}"])
     data = rlhf.check(config)
     settings = {**config.ppo.model_dump(), **config.generation.model_dump(), "learning_rate": config.train["learning_rate"],
@@ -171,6 +177,8 @@ def main() -> None:
         results = {}
         for name, kind, overrides in [("tunekit", "tunekit", steps), ("tunekit-lora", "tunekit", [*steps, "peft.method=lora"]),
                                       ("trl-1.12", "trl", steps)]:
+            if options.only and name not in options.only:
+                continue
             out = workdir / name
             spec = {"overrides": overrides, "out": str(out), "policy": config.model.name,
                     "reward": config.rlhf.reward_model, "prompts": [p[-1]["content"] for p in data.train],
@@ -198,13 +206,17 @@ def report(config, data, results) -> None:
     for name, r in results.items():
         policy = AutoModelForCausalLM.from_pretrained(r["model"]).eval()
         after = evaluate(policy, reference, tokenizer, reward, held_out, config.generation, config.generation.seed)
-        r["gain_per_min"] = (after["reward"] - before["reward"]) / (r["train_s"] / 60)
+        r["gain"] = after["reward"] - before["reward"]
+        r["gain_per_min"] = r["gain"] / (r["train_s"] / 60)
         print(f"{name:<14} {after['reward']:>12.3f} {after['kl']:>6.2f} {r['train_s']:>8.0f} "
               f"{r['gain_per_min']:>9.3f} {r['peak_rss_mb']:>12.0f}")
-    t, lora, trl = results["tunekit"], results["tunekit-lora"], results["trl-1.12"]
-    print(f"reward gain per minute, tunekit / TRL 1.12: {t['gain_per_min'] / trl['gain_per_min']:.2f}")
-    print(f"peak memory, tunekit / TRL 1.12: {t['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
-    print(f"peak memory, tunekit LoRA / tunekit full: {lora['peak_rss_mb'] / t['peak_rss_mb']:.2f}")
+    t, lora, trl = (results.get(name) for name in TRAINERS)
+    if t and trl:
+        print(f"reward gain per minute, tunekit / TRL 1.12: {t['gain_per_min'] / trl['gain_per_min']:.2f} "
+              f"(time per step {trl['train_s'] / t['train_s']:.2f}x, gain per step {t['gain']:+.3f} against {trl['gain']:+.3f})")
+        print(f"peak memory, tunekit / TRL 1.12: {t['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
+    if t and lora:
+        print(f"peak memory, tunekit LoRA / tunekit full: {lora['peak_rss_mb'] / t['peak_rss_mb']:.2f}")
 
 
 if __name__ == "__main__":
