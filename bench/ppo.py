@@ -113,7 +113,7 @@ def trl_child(spec: dict) -> dict:
         temperature=s["temperature"], learning_rate=s["learning_rate"], kl_coef=s["kl_coef"], cliprange=s["clip_range"],
         cliprange_value=s["value_clip_range"], vf_coef=s["vf_coef"], gamma=s["gamma"], lam=s["lam"],
         lr_scheduler_type=s["lr_scheduler_type"], stop_token="eos", num_sample_generations=0, save_strategy="no",
-        report_to="none", bf16=False, gradient_checkpointing=False, seed=42, logging_steps=10,
+        report_to="none", bf16=False, gradient_checkpointing=False, seed=s["seed"], logging_steps=10,
     )
     policy = AutoModelForCausalLM.from_pretrained(spec["policy"])
     trainer = PPOTrainer(
@@ -171,7 +171,7 @@ def main() -> None:
     config = load_config(rlhf.Config, str(RECIPE), [*steps, f"rlhf.eval_prompts={options.eval_prompts}"])
     data = rlhf.check(config)
     settings = {**config.ppo.model_dump(), **config.generation.model_dump(), "learning_rate": config.train["learning_rate"],
-                "lr_scheduler_type": config.train.get("lr_scheduler_type", "constant")}
+                "lr_scheduler_type": config.train.get("lr_scheduler_type", "constant"), "seed": config.train.get("seed", 42)}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         results = {}
