@@ -5,18 +5,17 @@ sharded engines refused, no KL before training, and one of each shared piece."""
 
 from __future__ import annotations
 
-import ast
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import test_ppo
 import torch
 from conftest import ROOT, write
+from test_imports import import_graph
 from test_ppo import read_metrics, rlhf_recipe
 
 reward_run = test_ppo.reward_run  # the stand-in reward run fixture, shared with test_ppo.py
@@ -321,17 +320,6 @@ def test_nucleus_sampling_is_refused_for_ppo(tmp_path, cli, tiny_gpt, reward_run
     assert result.err.count("\n") == 1
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every tunekit module a file imports, at the top or inside functions."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tunekit"):
-            names.add(node.module)
-        elif isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names if alias.name.startswith("tunekit"))
-    return names
-
-
 def test_shared_pieces_exist_once():
     """One sampling call, one prompt reader, one generation section, one plot, no import circle
     between the PPO trainer and the rollout."""
@@ -339,7 +327,7 @@ def test_shared_pieces_exist_once():
     from tunekit.methods import dpo, rlhf, sft
 
     package = ROOT / "tunekit"
-    assert "tunekit.rl.ppo" not in imported_modules(package / "rl" / "rollout.py")
+    assert "tunekit.rl.ppo" not in import_graph()["tunekit.rl.rollout"]
     sections = {cls.model_fields["generation"].annotation for cls in (sft.Config, dpo.Config, rlhf.Config)}
     assert len(sections) == 1
     sources = {p: p.read_text() for p in package.rglob("*.py")}
