@@ -126,3 +126,17 @@ def test_a_bad_accelerate_config_is_exit_2(tmp_path, cli):
     bad = write(tmp_path / "a.yaml", "distributed_type: TURBO\n")
     result = cli("sft", "sft/tiny-gpt-alpaca", "--accelerate-config", bad, "--dry-run")
     assert result.code == 2 and "distributed_type: expected one of" in result.err
+
+
+def test_a_finished_worker_leaves_its_process_group(tmp_path):
+    """After a finished run a worker destroys its process group (with a barrier first), rather than
+    leaving gloo to the interpreter's exit, where it can abort a process after training finished."""
+    import torch.distributed as dist
+
+    from tunekit.launch import leave_process_group
+
+    leave_process_group()  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    leave_process_group()
+    assert not dist.is_initialized()

@@ -65,6 +65,17 @@ def relaunch(nproc: int | None, accelerate_config: str | None, tunekit_args: lis
             print("tunekit: waiting for the workers to save a checkpoint and stop", file=sys.stderr, flush=True)
 
 
+def leave_process_group() -> None:
+    """A worker's last step after a finished run: all processes leave their process group together.
+    Left to the interpreter's exit, a gloo group can abort a process after training has finished
+    ("terminate called without an active exception", SIGABRT), and the run then reports a failure."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def check_world_size(world_size: int) -> str | None:
     """A message when the processes that started are not the ones asked for."""
     expected = os.environ.get(EXPECTED)

@@ -22,7 +22,14 @@ def train_command(
     """Validate everything before a model loads, then run the method (or its workers); the run
     folder is printed last on stdout, so a Makefile can chain steps."""
     from tunekit.config import load_config, to_yaml
-    from tunekit.launch import check_accelerate_config, check_engine, is_first_rank, is_worker, relaunch
+    from tunekit.launch import (
+        check_accelerate_config,
+        check_engine,
+        is_first_rank,
+        is_worker,
+        leave_process_group,
+        relaunch,
+    )
     from tunekit.models import check_model_reference
     from tunekit.outputs import check_run_dir, default_run_dir, find_checkpoint, run_status
 
@@ -54,6 +61,7 @@ def train_command(
         return
     with library_output_to_stderr():
         method.run(config, data, run_dir, overwrite=overwrite and not checkpoint, resume=checkpoint)
+    leave_process_group()
     if is_first_rank():
         typer.echo(str(run_dir))
 
