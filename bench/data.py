@@ -65,7 +65,7 @@ def make_tokenizer(folder: Path) -> None:
     if (folder / "tokenizer.json").exists():
         return
     sys.path.insert(0, str(ROOT))
-    from tunekit.chat import train_tokenizer
+    from tunekit.data.chat import train_tokenizer
 
     texts = [SHAKESPEARE.read_text(encoding="utf-8")] + [r["instruction"] for f in ALPACA for r in json.loads(f.read_text())]
     train_tokenizer(texts, 8192).save_pretrained(folder)
@@ -92,7 +92,7 @@ def child(task: str, raw: dict) -> dict:
     if task == "sft-baseline":  # the old code: Python lists of rows and of token ids, then Dataset.from_list
         from datasets import Dataset
 
-        from tunekit.chat import ensure_chat_template
+        from tunekit.data.chat import ensure_chat_template
         from tunekit.models import load_tokenizer
 
         tokenizer = load_tokenizer(config.model)

@@ -166,7 +166,7 @@ class Bench:
     def tunekit_sft(self, config: Any, full: bool = True) -> dict[str, float]:
         """tunekit sft's own trainer (sft.build_trainer), timed between warm-up and the last step."""
         from tunekit.methods import sft
-        from tunekit.outputs import RunFolder
+        from tunekit.runs.folder import RunFolder
         from tunekit.training import training_arguments
 
         run = RunFolder(Path(tempfile.mkdtemp(dir=self.work)))
@@ -317,8 +317,8 @@ class Bench:
         import tunekit.rl.rollout as rollout
         from tunekit.config import validate_config
         from tunekit.methods import rlhf
-        from tunekit.outputs import RunFolder
         from tunekit.rl.ppo import prompt_batches
+        from tunekit.runs.folder import RunFolder
 
         plan = self.plan
         raw = {"model": {"config": model_fields(plan.qwen, self.tokenizer), "tokenizer": str(self.tokenizer_dir)},

@@ -148,7 +148,7 @@ def peak_tflops(override: float | None) -> tuple[float, str]:
 def synthetic(folder: Path, plan: Any) -> tuple[Path, Path, list[list[dict[str, str]]]]:
     """(prompt/completion jsonl, tokenizer folder, the conversations): random words, lengths
     spread over plan.words so that packing has work to do."""
-    from tunekit.chat import train_tokenizer
+    from tunekit.data.chat import train_tokenizer
 
     rng = random.Random(0)
     letters = "abcdefghijklmnopqrstuvwxyz"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # not bench/: bench/peft.py would shadow peft
 
-from tunekit.chat import train_tokenizer  # noqa: E402
 from tunekit.config import validate_config  # noqa: E402
+from tunekit.data.chat import train_tokenizer  # noqa: E402
 from tunekit.methods import sft  # noqa: E402
 
 

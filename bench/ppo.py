@@ -58,8 +58,8 @@ def peak_rss_mb() -> float:
 def tunekit_child(spec: dict) -> dict:
     from tunekit.config import load_config
     from tunekit.methods import rlhf
-    from tunekit.outputs import RunFolder
     from tunekit.rl.rollout import RewardModel, make_prompts
+    from tunekit.runs.folder import RunFolder
 
     config = load_config(rlhf.Config, str(RECIPE), spec["overrides"])
     data = rlhf.check(config)

@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/serve.py [--requests 64] [--max-tokens 64] [--model runs/sft-alpaca] [--threads N]
 
-The server runs in this process on a free loopback port (tunekit.serve.background); requests go
+The server runs in this process on a free loopback port (tunekit.serving.server.background); requests go
 through the official `openai` client. The prompts are the first N Alpaca instructions, greedy, each
 asking for --max-tokens. Both passes send the same requests; the script checks that none is lost and
 every response is complete (finish_reason stop or length, and a length answer has exactly max_tokens
@@ -32,7 +32,7 @@ sys.path[0] = str(ROOT)  # not bench/: bench/peft.py would shadow the peft packa
 import openai  # noqa: E402
 import torch  # noqa: E402
 
-from tunekit.serve import background  # noqa: E402
+from tunekit.serving.server import background  # noqa: E402
 
 DATA = ROOT / "data" / "alpaca" / "alpaca_data_1k.json"
 

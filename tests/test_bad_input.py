@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tunekit.config import validate_config
-from tunekit.data import read_table
+from tunekit.data.tables import read_table
 from tunekit.errors import UserError
 from tunekit.methods import classify, sft
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import SHARED, write
 
 from tunekit.config import validate_config
-from tunekit.data import read_table
+from tunekit.data.tables import read_table
 from tunekit.errors import UserError
 from tunekit.methods import classify
 

@@ -121,7 +121,7 @@ def test_lean_step_gives_trl_loss(tmp_path, tiny_gpt, peft):
 
     from tunekit.config import load_config
     from tunekit.methods import dpo
-    from tunekit.outputs import RunFolder
+    from tunekit.runs.folder import RunFolder
     from tunekit.training import training_arguments
     from tunekit.upstream import LeanDPOTrainer
 

@@ -15,8 +15,9 @@ import pytest
 import yaml
 from conftest import MIRROR, ROOT, SHARED, write
 
-from tunekit import catalog, data
-from tunekit.catalog import DATASETS, DataFile, Dataset
+from tunekit.data import catalog
+from tunekit.data import tables as data
+from tunekit.data.catalog import DATASETS, DataFile, Dataset
 
 
 def one_error_line(result) -> str:
@@ -114,7 +115,7 @@ def test_download_from_urls_zip_members_and_the_squad_cut(cli, tmp_path, monkeyp
 
 
 def test_the_squad_cut_gives_the_mirror_file_back_byte_for_byte():
-    from tunekit.fetch import first_squad_articles
+    from tunekit.data.fetch import first_squad_articles
 
     mirrored = (SHARED / "squad" / "train-v1.1_first44articles.json").read_bytes()
     assert first_squad_articles(mirrored, 44, "x") == mirrored
@@ -175,7 +176,7 @@ def test_the_mirror_layout_matches_the_catalogue():
 
 
 def test_zip_of_the_glue_layout_is_read_by_member():
-    from tunekit.fetch import extract
+    from tunekit.data.fetch import extract
 
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:

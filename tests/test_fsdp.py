@@ -163,7 +163,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from tunekit.config import validate_config
 from tunekit.methods import sft
-from tunekit.outputs import read_run_config
+from tunekit.runs.folder import read_run_config
 run = Path(sys.argv[1])
 model = AutoModelForCausalLM.from_pretrained(run / "model").eval()
 tokenizer = AutoTokenizer.from_pretrained(run / "model")
@@ -251,7 +251,7 @@ def test_a_run_stops_when_accelerate_did_not_set_up_the_engine_asked_for(monkeyp
     before the first step instead of training with the wrong engine."""
     from types import SimpleNamespace
 
-    from tunekit.engine import check_started, running
+    from tunekit.distributed import check_started, running
     from tunekit.errors import TrainingFailure
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

@@ -21,7 +21,7 @@ def synthetic(tmp_path_factory):
     """(tiny Llama folder with tokenizer, prompt/completion jsonl, stand-in reward run folder)."""
     from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-    from tunekit.chat import train_tokenizer
+    from tunekit.data.chat import train_tokenizer
 
     root = tmp_path_factory.mktemp("gpu")
     rng = random.Random(0)
@@ -86,18 +86,18 @@ def test_sft_bf16_on_packed_rows(tmp_path, cli, synthetic):
 def test_qlora_trains_4bit_layers_on_the_gpu(tmp_path, cli, synthetic, monkeypatch):
     import bitsandbytes as bnb
 
-    from tunekit.methods import sft
+    from tunekit import models
 
     gpt, data, _ = synthetic
     seen = {}
-    original = sft.load_model_and_tokenizer
+    original = models.load_causal_lm
 
-    def spy(config):
-        model, tokenizer = original(config)
+    def spy(section, peft):
+        model, tokenizer = original(section, peft)
         seen["4bit"] = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
         return model, tokenizer
 
-    monkeypatch.setattr(sft, "load_model_and_tokenizer", spy)
+    monkeypatch.setattr(models, "load_causal_lm", spy)
     out = tmp_path / "run"
     result = cli("lora", sft_recipe(tmp_path, gpt, data, "peft:\n  method: lora\n  quantize: 4bit\n"), "-o", out)
     assert result.code == 0, result.err

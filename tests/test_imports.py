@@ -56,3 +56,44 @@ def test_no_import_circles():
     graph = import_graph()
     assert "tunekit.config" in graph["tunekit.training"]  # the graph is read at all
     assert find_circle(graph) == []
+
+
+def folder_of(module: str) -> str:
+    """tunekit.data.cache -> tunekit.data; a module directly under tunekit/ stands for itself."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def folder_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    folders: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        edges = folders.setdefault(folder_of(module), set())
+        edges |= {folder_of(t) for t in targets} - {folder_of(module)}
+    for targets in list(folders.values()):
+        for target in targets:
+            folders.setdefault(target, set())
+    return folders
+
+
+def test_folder_graph_merges_modules():
+    graph = {"tunekit.a.x": {"tunekit.b.y"}, "tunekit.b.y": {"tunekit.a.z"}, "tunekit.a.z": set()}
+    assert find_circle(folder_graph(graph)) == ["tunekit.a", "tunekit.b", "tunekit.a"]
+
+
+def test_no_circles_between_folders():
+    folders = folder_graph(import_graph())
+    assert {"tunekit.data", "tunekit.runs", "tunekit.serving", "tunekit.rl", "tunekit.methods"} <= set(folders)
+    assert find_circle(folders) == []
+
+
+def test_methods_and_rl_stay_in_their_layers():
+    """A command's module imports no other command's module (shared pieces live lower), and nothing
+    in rl/ imports methods/. methods/__init__ is the one place that lists every method."""
+    graph = import_graph()
+    wrong = []
+    for module, targets in graph.items():
+        if module.startswith("tunekit.methods."):
+            wrong += [(module, t) for t in targets if t.startswith("tunekit.methods.")]
+        if module.startswith("tunekit.rl"):
+            wrong += [(module, t) for t in targets if t.startswith("tunekit.methods")]
+    assert wrong == []

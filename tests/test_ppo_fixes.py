@@ -323,8 +323,8 @@ def test_nucleus_sampling_is_refused_for_ppo(tmp_path, cli, tiny_gpt, reward_run
 def test_shared_pieces_exist_once():
     """One sampling call, one prompt reader, one generation section, one plot, no import circle
     between the PPO trainer and the rollout."""
-    from tunekit import plots
     from tunekit.methods import dpo, rlhf, sft
+    from tunekit.runs import plots
 
     package = ROOT / "tunekit"
     assert "tunekit.rl.ppo" not in import_graph()["tunekit.rl.rollout"]

@@ -9,11 +9,11 @@ import json
 import pytest
 from conftest import SHARED, write
 
-from tunekit import corpus, prepare
 from tunekit.config import validate_config
-from tunekit.data import read_table
+from tunekit.data import corpus, prepare
+from tunekit.data.masking import to_messages, tokenize_conversation
+from tunekit.data.tables import read_table
 from tunekit.errors import UserError
-from tunekit.masking import to_messages, tokenize_conversation
 from tunekit.methods import pretrain, sft
 
 SEPARATORS = "a\u0085b\u2028c\u2029d"  # str.splitlines() breaks on each of these; a record must not
@@ -48,7 +48,7 @@ def test_json_list_is_read_record_by_record_with_lines(tmp_path):
 @pytest.fixture(scope="module")
 def tokenizer():
     """A small byte-level BPE tokenizer with tunekit's chat template, trained on real Alpaca text."""
-    from tunekit.chat import train_tokenizer
+    from tunekit.data.chat import train_tokenizer
 
     rows = json.loads((SHARED / "alpaca" / "alpaca_data_1k.json").read_text())
     return train_tokenizer([r["instruction"] + "\n" + r["output"] for r in rows], 500)

@@ -6,7 +6,7 @@ import json
 
 from conftest import MINILM, SHARED, write
 
-from tunekit.corpus import blocks
+from tunekit.data.corpus import blocks
 from tunekit.methods.pretrain import split_blocks
 
 

@@ -16,7 +16,7 @@ DEV = SHARED / "squad" / "dev-v1.1.json"
 
 
 def test_normalisation_drops_case_punctuation_articles_and_extra_space():
-    from tunekit.metrics import normalize_answer
+    from tunekit.runs.metrics import normalize_answer
 
     assert normalize_answer("The  Denver Broncos!") == "denver broncos"
     assert normalize_answer("  a cat's hat, an apple ") == "cats hat apple"
@@ -24,7 +24,7 @@ def test_normalisation_drops_case_punctuation_articles_and_extra_space():
 
 
 def test_exact_match_and_f1_hand_worked():
-    from tunekit.metrics import squad_exact_match, squad_f1
+    from tunekit.runs.metrics import squad_exact_match, squad_f1
 
     # pred tokens [big, red, dog], gold [red, dog, barked]: 2 shared, P = R = 2/3, F1 = 2/3
     assert squad_f1("the big red dog", ["red dog barked"]) == pytest.approx(2 / 3)
@@ -34,7 +34,7 @@ def test_exact_match_and_f1_hand_worked():
 
 
 def test_the_best_of_several_gold_answers_counts():
-    from tunekit.metrics import squad_exact_match, squad_f1
+    from tunekit.runs.metrics import squad_exact_match, squad_f1
 
     golds = ["Denver Broncos", "the Broncos", "Broncos"]
     assert squad_exact_match("broncos.", golds) == 1.0
@@ -44,7 +44,7 @@ def test_the_best_of_several_gold_answers_counts():
 
 
 def test_empty_prediction():
-    from tunekit.metrics import squad_exact_match, squad_f1, squad_metrics
+    from tunekit.runs.metrics import squad_exact_match, squad_f1, squad_metrics
 
     assert squad_f1("", ["Denver"]) == 0.0 and squad_exact_match("", ["Denver"]) == 0.0
     assert squad_f1("the", ["Denver"]) == 0.0  # normalises to nothing
@@ -73,7 +73,7 @@ def qa_config(tmp_path, **data):
 
 
 def long_example(tmp_path):
-    from tunekit.data import Table
+    from tunekit.data.tables import Table
     from tunekit.methods import qa
     from tunekit.models import load_tokenizer
 
@@ -210,7 +210,7 @@ def test_doc_stride_must_leave_room_in_the_window(tmp_path, cli):
 @pytest.fixture(scope="module")
 def tiny_qa_run(tmp_path_factory, tiny_bert):
     from tunekit.cli import main
-    from tunekit.data import read_table
+    from tunekit.data.tables import read_table
 
     tmp = tmp_path_factory.mktemp("tiny-qa")
     rows = read_table(str(DEV)).rows[:16]
@@ -250,7 +250,7 @@ def test_eval_reproduces_eval_json_and_predict_writes_the_official_format(tiny_q
     predictions = json.loads((run / "predictions.json").read_text())
     assert list(predictions) == [r["id"] for r in rows]
     assert all(answer in row["context"] for answer, row in zip(predictions.values(), rows))
-    from tunekit.metrics import squad_metrics
+    from tunekit.runs.metrics import squad_metrics
 
     again = squad_metrics(predictions, {r["id"]: r["answers"]["text"] for r in rows})
     assert again == pytest.approx(saved)

@@ -10,8 +10,8 @@ import math
 import pytest
 from conftest import SHARED, write
 
-from tunekit.data import read_table
-from tunekit.preference import Pair, Pairs, PreferenceData, dialogue_text, load_preferences, to_pair
+from tunekit.data.preference import Pair, Pairs, PreferenceData, dialogue_text, load_preferences, to_pair
+from tunekit.data.tables import read_table
 
 HH = SHARED / "hh_rlhf" / "helpful-base_test.jsonl.gz"
 
@@ -77,7 +77,7 @@ def test_label_pairs_are_seeded_and_use_each_sentence_once():
 def test_encoding_keeps_the_end_and_marks_it(request, backbone):
     from transformers import AutoTokenizer
 
-    from tunekit.methods.reward import encode
+    from tunekit.rl.reward_scores import encode
 
     tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(backbone))
     text = " ".join(f"word{i}" for i in range(60)) + " the final answer"
@@ -101,7 +101,8 @@ def test_loss_is_minus_log_sigmoid_of_the_margin(request, tmp_path, backbone):
     from trl import RewardConfig, RewardTrainer
 
     from tunekit.config import device_defaults
-    from tunekit.methods.reward import encode_pairs, pair_metrics, score_texts
+    from tunekit.methods.reward import encode_pairs, pair_metrics
+    from tunekit.rl.reward_scores import score_texts
 
     folder = request.getfixturevalue(backbone)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -210,8 +211,8 @@ def test_few_step_causal_lm_reward_adapter_on_hh_then_merge(tmp_path, cli, tiny_
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from tunekit.methods.reward import score_texts
     from tunekit.models import load_run_model
+    from tunekit.rl.reward_scores import score_texts
 
     out = tmp_path / "run"
     recipe = reward_recipe(tmp_path, tiny_gpt, HH, eval_size=354, train_limit=16, eval_limit=8)

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from conftest import write
 
-from tunekit.modelcard import model_card
-from tunekit.plots import loss_figure, plot_losses, plot_rewards, read_records, reward_figure
+from tunekit.runs.modelcard import model_card
+from tunekit.runs.plots import loss_figure, plot_losses, plot_rewards, read_records, reward_figure
 
 METRICS = Path(__file__).parent / "data" / "metrics"
 INFO = {"method": "sft", "train_rows": 10, "eval_rows": 2, "trainable_params": 5, "total_params": 10,

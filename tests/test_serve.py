@@ -16,7 +16,7 @@ import openai
 import pytest
 from conftest import ROOT, SHARED, write
 
-from tunekit.serve import background
+from tunekit.serving.server import background
 
 PROMPT = "Name a colour."
 
@@ -64,7 +64,7 @@ def chat(url, prompt=PROMPT, **kwargs):
 
 
 def test_stop_sequences_are_held_back_until_they_cannot_match():
-    from tunekit.batching import first_stop, held_back
+    from tunekit.serving.batching import first_stop, held_back
 
     assert held_back("hello wor", ("world",)) == 3
     assert held_back("hello", ("xyz",)) == 0
@@ -89,7 +89,7 @@ def until(condition, seconds=30):
 
 def greedy(engine, prompts, max_tokens=10):
     """Submit one greedy job per prompt; returns their event lists (filled by the worker)."""
-    from tunekit.batching import Job, Sampling
+    from tunekit.serving.batching import Job, Sampling
 
     events = [[] for _ in prompts]
     for ids, out in zip(prompts, events):
@@ -108,11 +108,11 @@ def done(events):
 def test_batched_rows_decode_as_they_do_alone(tiny):
     """Left padding and position ids are right: prompts of different lengths decoded in one batch
     give the greedy tokens each gives alone."""
-    from tunekit.batching import Engine
+    from tunekit.serving.batching import BatchDecoder
 
     model, tokenizer = tiny
     prompts = [tokenizer(t)["input_ids"] for t in ("To be", "Friends, Romans, countrymen, lend me", "O")]
-    engine = Engine(model, tokenizer)
+    engine = BatchDecoder(model, tokenizer)
     together = greedy(engine, prompts)  # queued before the worker starts: one batch
     engine.start()
     assert until(lambda: all(map(done, together)))
@@ -126,11 +126,11 @@ def test_batched_rows_decode_as_they_do_alone(tiny):
 def test_a_request_that_arrives_mid_batch_joins_it(tiny):
     """A short request sent while a long one decodes joins its batch (and is not held up by it),
     and decodes as it does alone."""
-    from tunekit.batching import Engine
+    from tunekit.serving.batching import BatchDecoder
 
     model, tokenizer = tiny
     short, long = tokenizer("Friends, Romans, countrymen")["input_ids"], tokenizer("To be")["input_ids"]
-    engine = Engine(model, tokenizer, wait_s=0).start()
+    engine = BatchDecoder(model, tokenizer, wait_s=0).start()
     running = greedy(engine, [long], max_tokens=100)[0]
     assert until(lambda: len(running) >= 3)
     joined = greedy(engine, [short])[0]

@@ -8,8 +8,8 @@ import json
 import pytest
 from conftest import SHARED, write
 
+from tunekit.data.masking import to_messages, tokenize_conversation
 from tunekit.errors import UserError
-from tunekit.masking import to_messages, tokenize_conversation
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +179,8 @@ def test_chat_repl_answers_and_exits(tmp_path, cli, tiny_gpt, monkeypatch):
 def test_hh_rlhf_dialogues_are_multi_turn_conversations(tiny_gpt):
     from transformers import AutoTokenizer
 
-    from tunekit.data import Table
-    from tunekit.masking import detect_format
+    from tunekit.data.masking import detect_format
+    from tunekit.data.tables import Table
 
     text = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: Blue."
     table = Table("hh.jsonl", [{"chosen": text, "rejected": text.replace("Blue", "No")}], [1])
@@ -197,7 +197,7 @@ def test_hh_rlhf_dialogues_are_multi_turn_conversations(tiny_gpt):
 
 
 def test_training_rows_identical_to_held_out_ones_are_dropped(tmp_path, capsys):
-    from tunekit.data import read_table
+    from tunekit.data.tables import read_table
     from tunekit.methods.sft import Split, checked
 
     rows = [{"instruction": f"say {i}", "input": "", "output": f"{i}"} for i in range(6)]

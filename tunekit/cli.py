@@ -224,7 +224,7 @@ def serve(
     log_prompts: Annotated[bool, typer.Option(help="log prompts and responses (off: only their token counts)")] = False,
 ) -> None:
     """An OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) for a causal LM run."""
-    from tunekit.serve import serve as run_server
+    from tunekit.serving.server import serve as run_server
 
     with library_output_to_stderr():
         run_server(run, host, port, api_key or None, model_name, max_batch, wait_ms, log_prompts)
@@ -251,7 +251,7 @@ app.add_typer(recipes_app, name="recipes")
 @recipes_app.callback()
 def recipes(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List the shipped recipes with their one-line descriptions."""
-    from tunekit.inventory import recipe_rows, table
+    from tunekit.runs.inventory import recipe_rows, table
 
     if ctx.invoked_subcommand is None:
         rows = recipe_rows()
@@ -272,7 +272,7 @@ def recipes_cp(
     dest: Annotated[Path, typer.Argument(help="file (or folder) to copy it to")],
 ) -> None:
     """Copy a shipped recipe to start your own from it (never overwrites a file)."""
-    from tunekit.inventory import copy_recipe
+    from tunekit.runs.inventory import copy_recipe
 
     typer.echo(str(copy_recipe(name, dest)))
 
@@ -291,8 +291,8 @@ def data_fetch(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace files whose sha256 differs")] = False,
 ) -> None:
     """Get datasets from their public source (or a mirror) into data/, checked by sha256."""
-    from tunekit.catalog import DATA_DIR
-    from tunekit.fetch import fetch
+    from tunekit.data.catalog import DATA_DIR
+    from tunekit.data.fetch import fetch
 
     dest = to or DATA_DIR
     fetch(names, mirror, dest, timeout, overwrite, say=lambda line: typer.echo(line, err=True))
@@ -316,7 +316,7 @@ def runs(
     folder: Annotated[Path, typer.Argument(help="folder holding run folders")] = Path("runs"), as_json: JsonOpt = False,
 ) -> None:
     """List run folders: method, base model, status, key metric, wall time."""
-    from tunekit.inventory import run_rows, table
+    from tunekit.runs.inventory import run_rows, table
 
     rows = run_rows(folder)
     typer.echo(json.dumps(rows) if as_json else table(rows, ["run", "method", "status", "metric", "value", "wall_time_s", "base_model"]))
@@ -325,7 +325,7 @@ def runs(
 @app.command()
 def doctor(as_json: JsonOpt = False) -> None:
     """Versions, devices, CUDA/bf16 support and whether the Hub is reachable."""
-    from tunekit.inventory import doctor_lines, doctor_report
+    from tunekit.runs.inventory import doctor_lines, doctor_report
 
     with library_output_to_stderr():
         report = doctor_report()
@@ -353,7 +353,7 @@ def bare_resume_means_latest(args: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> Any:
     """Console entry point: bad input is one line on stderr and exit code 2, never a traceback."""
-    from tunekit.outputs import record_invocation
+    from tunekit.runs.folder import record_invocation
 
     quiet_library_noise()
     args = list(sys.argv[1:] if argv is None else argv)

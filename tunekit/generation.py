@@ -11,7 +11,7 @@ from pydantic import Field
 from tunekit.config import Section, validate_section
 from tunekit.errors import UserError
 from tunekit.runner import library_output_to_stderr
-from tunekit.runs import open_run
+from tunekit.runs.reading import open_run
 
 
 def load_chat_model(target: str, command: str) -> tuple[Any, Any, dict[str, Any]]:
@@ -19,9 +19,9 @@ def load_chat_model(target: str, command: str) -> tuple[Any, Any, dict[str, Any]
     or from any model id/folder (with default settings). `command` names the caller in errors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunekit.chat import ensure_chat_template
+    from tunekit.data.chat import ensure_chat_template
     from tunekit.models import load_run_model, resolve_model_path
-    from tunekit.outputs import read_run_config
+    from tunekit.runs.folder import read_run_config
 
     path = Path(target)
     settings: dict[str, Any] = {}

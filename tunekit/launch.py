@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tunekit.config import Recipe
-    from tunekit.engine import EngineName
+    from tunekit.distributed import EngineName
 
 EXPECTED = "TUNEKIT_EXPECTED_PROCESSES"  # set by the parent for its workers
 LAUNCHED = "TUNEKIT_LAUNCHED"
@@ -103,7 +103,7 @@ def check_accelerate_config(path: str) -> None:
 
 
 def engine_of(accelerate_config: str | None, nproc: int | None = None) -> EngineName:
-    """The engine a launch asks for: 'single', 'ddp', 'fsdp' or 'deepspeed' (see tunekit.engine),
+    """The engine a launch asks for: 'single', 'ddp', 'fsdp' or 'deepspeed' (see tunekit.distributed),
     from the accelerate config's distributed_type and the process count. Cheap: reads YAML only."""
     from tunekit.config import read_yaml_mapping
 
@@ -122,7 +122,7 @@ def check_engine(config: Recipe, accelerate_config: str | None, nproc: int | Non
     """Refuse, before any process starts, an engine that cannot run this recipe on this machine, or
     that cannot read the checkpoint to resume from. Inside processes that `accelerate launch` started
     with a config of its own, the engine is the one it exported."""
-    from tunekit.engine import running
+    from tunekit.distributed import running
     from tunekit.errors import UserError
 
     engine = engine_of(accelerate_config, nproc) if accelerate_config else running().name

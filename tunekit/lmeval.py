@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from tunekit.config import Section, read_yaml_mapping, validate_section
-from tunekit.data import read_table
+from tunekit.data.tables import read_table
 from tunekit.errors import UserError
 
 
@@ -144,7 +144,7 @@ def multiple_choice(model: Any, tokenizer: Any, task: Task, rows: list, pool: li
 
 
 def generation_task(model: Any, tokenizer: Any, task: Task, rows: list, pool: list, rng: random.Random) -> dict[str, float]:
-    from tunekit.metrics import squad_exact_match, squad_f1
+    from tunekit.runs.metrics import squad_exact_match, squad_f1
 
     prompts = [build_prompt(task, tokenizer, row, demonstrations(task, pool, row, rng), lambda d: " " + fill(task.target, d, "pool")) for row in rows]
     tokenizer.padding_side = "left"
@@ -217,7 +217,7 @@ def evaluate_tasks(targets: list[str], task_paths: list[str], out: Path | None) 
     to `out` (one JSON file) when given."""
     import sys
 
-    from tunekit.outputs import write_json
+    from tunekit.files import write_json
     from tunekit.runner import library_output_to_stderr
 
     with library_output_to_stderr():
@@ -230,7 +230,7 @@ def evaluate_tasks(targets: list[str], task_paths: list[str], out: Path | None) 
 
 def table_of(results: dict[str, dict[str, dict[str, float]]]) -> str:
     """Models as rows, each task's headline metric as a column."""
-    from tunekit.inventory import table
+    from tunekit.runs.inventory import table
 
     headline = ("accuracy", "f1", "exact_match", "contains", "perplexity")
     rows = []

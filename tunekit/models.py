@@ -8,7 +8,7 @@ from typing import Any
 
 from tunekit.config import ModelSection, PeftSection
 from tunekit.errors import UserError
-from tunekit.runs import open_run
+from tunekit.runs.reading import open_run
 
 
 def resolve_model_path(name: str) -> str:
@@ -148,6 +148,27 @@ def load_for_training(
     return apply_peft(loaded, peft, task_type, modules_to_save=present or None)
 
 
+def load_chat_tokenizer(section: ModelSection) -> Any:
+    """A causal LM's tokenizer with the chat template the recipe chose (model.chat_template)."""
+    from tunekit.data.chat import ensure_chat_template
+
+    tokenizer = load_tokenizer(section)
+    ensure_chat_template(tokenizer, section.chat_template)
+    return tokenizer
+
+
+def load_causal_lm(section: ModelSection, peft: PeftSection) -> tuple[Any, Any]:
+    """A causal LM to train (with its adapter, if any) and its chat tokenizer, generation stopping
+    at the tokenizer's EOS."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_chat_tokenizer(section)
+    model = load_for_training(AutoModelForCausalLM, section, peft, "CAUSAL_LM")
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -185,7 +206,7 @@ def task_auto_class(run_dir: Path) -> Any:
     """The transformers Auto class of a finished run's task (an explicit choice per method)."""
     import transformers
 
-    from tunekit.outputs import run_method, task_of
+    from tunekit.runs.folder import run_method, task_of
 
     task = task_of(run_dir, run_method(run_dir))
     if task == "sequence-classification":
@@ -200,7 +221,7 @@ def task_auto_class(run_dir: Path) -> Any:
 def load_finished_run(run_dir: Path, config_class: Any) -> tuple[Any, Any, Any]:
     """A finished run's resolved config (as `config_class`), trained model and tokenizer."""
     from tunekit.config import validate_config
-    from tunekit.outputs import read_run_config
+    from tunekit.runs.folder import read_run_config
 
     config = validate_config(config_class, read_run_config(run_dir), str(run_dir / "config.yaml"))
     model, tokenizer = load_run_model(run_dir, task_auto_class(run_dir))

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from tunekit.errors import UserError
-from tunekit.runs import open_run
+from tunekit.runs.reading import open_run
 
 
 def preview_recipe(recipe: str, overrides: list[str], examples: int) -> None:
@@ -24,10 +24,10 @@ def preview_data(config: Any, data: Any, examples: int) -> None:
     """Tokenise every training row the way training will; show the first few with [[trained]] spans."""
     import typer
 
-    from tunekit.masking import tokenize_conversation, tokenize_text
-    from tunekit.methods.sft import load_sft_tokenizer
+    from tunekit.data.masking import tokenize_conversation, tokenize_text
+    from tunekit.models import load_chat_tokenizer
 
-    tokenizer = load_sft_tokenizer(config)
+    tokenizer = load_chat_tokenizer(config.model)
     max_length = config.train.get("max_length")
     trained = masked = 0
     for index, (row, where) in enumerate(data.train.examples()):

@@ -31,7 +31,7 @@ def train_command(
         relaunch,
     )
     from tunekit.models import check_model_reference
-    from tunekit.outputs import check_run_dir, default_run_dir, find_checkpoint, run_status
+    from tunekit.runs.folder import check_run_dir, default_run_dir, find_checkpoint, run_status
 
     overrides = list(overrides or [])
     if peft_default:  # `tunekit lora`: the adapter is on unless the user chose another method

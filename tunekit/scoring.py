@@ -9,14 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tunekit.data.masking import prompts_of_file
 from tunekit.errors import UserError
+from tunekit.files import write_atomic
 from tunekit.generation import generate, load_chat_model, settings_with
-from tunekit.masking import prompts_of_file
 from tunekit.methods import method_of
 from tunekit.methods.sft import heldout_prompts
-from tunekit.outputs import write_atomic
 from tunekit.runner import library_output_to_stderr
-from tunekit.runs import open_run
+from tunekit.runs.reading import open_run
 
 
 def eval_on_data(run: Path, data: str) -> dict[str, Any]:

@@ -14,10 +14,10 @@ from typing import Any
 from transformers import TrainerCallback
 
 from tunekit.config import Recipe
-from tunekit.engine import check_started, describe_for_tests
+from tunekit.distributed import check_started, describe_for_tests
 from tunekit.errors import Interrupted, TrainingFailure, UserError
 from tunekit.faults import inject_fault
-from tunekit.outputs import RunFolder, checkpoint_step
+from tunekit.runs.folder import RunFolder, checkpoint_step
 
 
 def training_arguments(config: Recipe, run: RunFolder) -> Any:

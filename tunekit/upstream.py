@@ -15,7 +15,7 @@ class LeanSFTTrainer(SFTTrainer):
 
     TRL 1.16's `SFTTrainer.compute_loss` also computes per-token entropy and top-1 accuracy over
     the full logits on every step, for its logs; on a CPU that costs about a quarter of the step
-    time (measured in bench/sft.py). tunekit builds its own labels (tunekit.masking), so the
+    time (measured in bench/sft.py). tunekit builds its own labels (tunekit.data.masking), so the
     model's own loss is the SFT loss, averaged over the trained tokens of the whole batch.
     """
 
@@ -117,7 +117,7 @@ def fsdp_on_cpu() -> None:
 
     original = AcceleratorState.__init__
     if getattr(original, "tunekit_fsdp_on_cpu", False) or "fsdp_plugin" not in inspect.signature(original).parameters:
-        return  # already switched, or an accelerate whose set-up differs (tunekit.engine.check_started then says so)
+        return  # already switched, or an accelerate whose set-up differs (tunekit.distributed.check_started then says so)
 
     def init(self: Any, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) -> None:
         original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)

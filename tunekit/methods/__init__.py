@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from tunekit.errors import UserError
 
 if TYPE_CHECKING:
-    from tunekit.prepare import Prepared
+    from tunekit.data.prepare import Prepared
 
 
 def method_of(command: str) -> ModuleType:

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import Field
 
 from tunekit.config import Recipe, Section, to_yaml
-from tunekit.data import Table, pick_column, read_table
+from tunekit.data.tables import Table, pick_column, read_table
 from tunekit.errors import UserError
 
 TEXT_COLUMNS = ("sentence", "text", "sentence1", "premise", "question")
@@ -182,7 +182,7 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
     from transformers import DataCollatorWithPadding, Trainer
 
     from tunekit.models import count_parameters, load_tokenizer
-    from tunekit.outputs import RunFolder
+    from tunekit.runs.folder import RunFolder
     from tunekit.training import MetricsLog, effective_batch_size, fit, once, training_arguments
 
     run = RunFolder(run_dir)
@@ -214,7 +214,7 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
 
 def trainer_metrics(regression: bool) -> Any:
     """compute_metrics for evaluations during training (train.eval_strategy), same figures as eval.json."""
-    from tunekit.metrics import classification_metrics, regression_metrics
+    from tunekit.runs.metrics import classification_metrics, regression_metrics
 
     def compute(prediction: Any) -> dict[str, float]:
         scorer = regression_metrics if regression else classification_metrics
@@ -224,7 +224,7 @@ def trainer_metrics(regression: bool) -> Any:
 
 
 def evaluate_model(model: Any, tokenizer: Any, split: Examples, config: Config) -> dict[str, float]:
-    from tunekit.metrics import classification_metrics, regression_metrics
+    from tunekit.runs.metrics import classification_metrics, regression_metrics
 
     logits = predict_logits(model, tokenizer, split, config)
     if model.config.num_labels == 1:

@@ -18,8 +18,8 @@ from typing import Any
 from pydantic import Field
 
 from tunekit.config import Recipe, Section, to_yaml
+from tunekit.data.preference import PreferenceData, Preferences, Side, load_preferences, longer_wins
 from tunekit.generation import GenerationSection
-from tunekit.preference import PreferenceData, Preferences, Side, load_preferences, longer_wins
 
 RESERVED = {
     "chat_template_path": "use model.chat_template",
@@ -117,7 +117,7 @@ def load_models(config: Config) -> tuple[Any, Any, Any]:
     """Policy, reference (None with an adapter: the adapter is switched off instead) and tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from tunekit.chat import ensure_chat_template
+    from tunekit.data.chat import ensure_chat_template
     from tunekit.models import load_for_training, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
@@ -135,7 +135,7 @@ def run(config: Config, data: Preferences, run_dir: Path, overwrite: bool = Fals
     from datasets import Dataset
 
     from tunekit.models import count_parameters
-    from tunekit.outputs import RunFolder
+    from tunekit.runs.folder import RunFolder
     from tunekit.training import MetricsLog, effective_batch_size, fit, training_arguments
     from tunekit.upstream import LeanDPOTrainer
 

@@ -17,9 +17,9 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from tunekit.config import Recipe, Section, to_yaml
-from tunekit.corpus import Source, packed, sources, streamed, texts
+from tunekit.data.corpus import Source, packed, sources, streamed, texts
+from tunekit.data.prepare import Prepared
 from tunekit.errors import UserError
-from tunekit.prepare import Prepared
 
 
 class PretrainData(Section):
@@ -125,8 +125,8 @@ def build_tokenizer(config: Config, data: Data) -> Any:
     """The recipe's tokenizer, or a BPE tokenizer trained on the training corpus (cached under it)."""
     from transformers import AutoTokenizer
 
-    from tunekit import cache
-    from tunekit.chat import train_tokenizer
+    from tunekit.data import cache
+    from tunekit.data.chat import train_tokenizer
     from tunekit.models import load_tokenizer
 
     if config.model.tokenizer or config.model.name:
@@ -173,7 +173,7 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
     from transformers import DataCollatorForLanguageModeling, Trainer
 
     from tunekit.models import count_parameters
-    from tunekit.outputs import RunFolder
+    from tunekit.runs.folder import RunFolder
     from tunekit.training import (
         MetricsLog,
         effective_batch_size,

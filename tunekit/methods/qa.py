@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from tunekit.config import Recipe, Section, to_yaml
-from tunekit.data import Table, read_table
+from tunekit.data.tables import Table, read_table
 from tunekit.errors import UserError
 
 
@@ -239,7 +239,7 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
     from transformers import DataCollatorWithPadding, Trainer
 
     from tunekit.models import count_parameters, load_tokenizer
-    from tunekit.outputs import RunFolder
+    from tunekit.runs.folder import RunFolder
     from tunekit.training import MetricsLog, effective_batch_size, fit, training_arguments
 
     run = RunFolder(run_dir)
@@ -273,7 +273,7 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
 
 
 def evaluate_model(model: Any, tokenizer: Any, split: Examples, config: Config) -> dict[str, float]:
-    from tunekit.metrics import squad_metrics
+    from tunekit.runs.metrics import squad_metrics
 
     predictions = predict_answers(model, tokenizer, split, config)
     return squad_metrics(predictions, {qid: [text for text, _ in answers] for qid, answers in zip(split.ids, split.answers)})

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from tunekit.config import Recipe, to_yaml, validate_config
+from tunekit.data.preference import PreferenceData, Preferences, full_text, load_preferences, longer_wins
 from tunekit.errors import UserError
-from tunekit.preference import PreferenceData, Preferences, full_text, load_preferences, longer_wins
+from tunekit.rl.reward_scores import DEFAULT_MAX_LENGTH, encode, score_ids, score_texts
 
 RESERVED = {
     "chat_template_path": "use model.chat_template",
@@ -46,7 +47,7 @@ class Config(Recipe):
             "num_train_epochs": 1,
             "per_device_train_batch_size": 16,
             "per_device_eval_batch_size": 64,
-            "max_length": 512,  # tokens per side; longer texts keep their end
+            "max_length": DEFAULT_MAX_LENGTH,  # tokens per side; longer texts keep their end
             "warmup_steps": 0.05,
             "weight_decay": 0.01,
             "logging_steps": 10,
@@ -62,53 +63,7 @@ def check(config: Config) -> Preferences:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizing and scoring (shared with the PPO trainer, which scores policy responses)
-
-
-def encode(tokenizer: Any, text: str, max_length: int) -> list[int]:
-    """Token ids of one text to score: the tokenizer's EOS appended when it has one (the causal-LM
-    head reads the last token), its own special tokens otherwise ([CLS] ... [SEP] for BERT); a long
-    text keeps its end, where the response to judge is."""
-    eos = tokenizer.eos_token
-    if eos is not None and not text.endswith(eos):
-        text += eos
-    side = tokenizer.truncation_side
-    tokenizer.truncation_side = "left"
-    try:
-        return tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-    finally:
-        tokenizer.truncation_side = side
-
-
-def score_ids(model: Any, pad_token_id: int, ids: list[list[int]], batch_size: int = 32) -> list[float]:
-    """The reward of each token sequence, batched by length (right padding), in input order."""
-    import torch
-
-    device = next(model.parameters()).device
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    scores = [0.0] * len(ids)
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            width = max(len(ids[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                mask[row, : len(ids[i])] = 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-            for i, value in zip(chunk, logits[:, 0].float().cpu().tolist()):
-                scores[i] = value
-    model.train(was_training)
-    return scores
-
-
-def score_texts(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32, max_length: int = 512) -> list[float]:
-    """The reward model's score of each text (prompt and response together, as one string)."""
-    ids = [encode(tokenizer, text, max_length) for text in texts]
-    return score_ids(model, tokenizer.pad_token_id, ids, batch_size)
+# Tokenizing (the same way tunekit.rl.reward_scores scores at PPO time)
 
 
 def encode_pairs(tokenizer: Any, pairs: Any, max_length: int) -> list[dict[str, list[int]]]:
@@ -151,7 +106,7 @@ def softplus(x: float) -> float:
 def load_model_and_tokenizer(config: Config, conversational: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForSequenceClassification
 
-    from tunekit.chat import ensure_chat_template
+    from tunekit.data.chat import ensure_chat_template
     from tunekit.models import load_for_training, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
@@ -171,7 +126,7 @@ def run(config: Config, data: Preferences, run_dir: Path, overwrite: bool = Fals
     from trl import RewardTrainer
 
     from tunekit.models import count_parameters
-    from tunekit.outputs import RunFolder
+    from tunekit.runs.folder import RunFolder
     from tunekit.training import MetricsLog, effective_batch_size, fit, training_arguments
 
     run = RunFolder(run_dir)
@@ -207,7 +162,7 @@ PREDICT_TEXT_COLUMNS = ("text", "sentence", "response", "completion")
 
 
 def run_config(run_dir: Path) -> Config:
-    from tunekit.outputs import read_run_config
+    from tunekit.runs.folder import read_run_config
 
     return validate_config(Config, read_run_config(run_dir), str(run_dir / "config.yaml"))
 
@@ -223,8 +178,8 @@ def load_run(run_dir: Path) -> tuple[Any, Any]:
 
 def eval_run(run_dir: Path, data_file: str) -> dict[str, float]:
     """Pairwise accuracy and margin of a reward run on another preference file (same layout options)."""
-    from tunekit.data import read_table
-    from tunekit.preference import detect_format, read_pairs
+    from tunekit.data.preference import detect_format, read_pairs
+    from tunekit.data.tables import read_table
 
     config = run_config(run_dir)
     table = read_table(data_file, "--data")
@@ -236,8 +191,8 @@ def eval_run(run_dir: Path, data_file: str) -> dict[str, float]:
 def predict_run(run_dir: Path, data_file: str) -> list[dict[str, Any]]:
     """A `reward` for every row: a conversation (`messages`), a `prompt` with a response
     (`completion` or `response`), or a text column alone (text, sentence)."""
-    from tunekit.data import pick_column, read_table
-    from tunekit.masking import check_messages
+    from tunekit.data.masking import check_messages
+    from tunekit.data.tables import pick_column, read_table
 
     config = run_config(run_dir)
     table = read_table(data_file, "--data")

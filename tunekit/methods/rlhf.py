@@ -21,12 +21,12 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from tunekit.config import Recipe, Section, to_yaml
-from tunekit.data import read_table
+from tunekit.data.masking import prompts_of_table
+from tunekit.data.tables import read_table
 from tunekit.errors import UserError
 from tunekit.generation import GenerationSection
-from tunekit.masking import prompts_of_table
-from tunekit.plots import plot_rewards
 from tunekit.rl.rewards import RewardFunctionSection, as_sections, check_reward_functions
+from tunekit.runs.plots import plot_rewards
 
 # TrainingArguments keys that tunekit's PPO reads; the `ppo:` section holds the rest. Any other key
 # is refused unless it keeps its device default (tunekit.config.device_defaults).
@@ -234,11 +234,11 @@ def check(config: Config) -> Data:
 
 
 def load_policy(config: Config) -> tuple[Any, Any]:
-    from tunekit.methods.sft import load_model_and_tokenizer
+    from tunekit.models import load_causal_lm
 
     if config.peft.quantize != "none":
         raise UserError(f"{config.source}: peft.quantize: not supported by rlhf yet; set peft.quantize: none")
-    model, tokenizer = load_model_and_tokenizer(config)
+    model, tokenizer = load_causal_lm(config.model, config.peft)
     tokenizer.padding_side = "left"
     return model, tokenizer
 
@@ -264,9 +264,9 @@ def frozen_reference(config: Config, policy: Any) -> Any:
 def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
     from tunekit.launch import is_first_rank
     from tunekit.models import count_parameters
-    from tunekit.outputs import RunFolder
     from tunekit.rl.rewards import build_rewards
     from tunekit.rl.rollout import evaluate, make_prompts
+    from tunekit.runs.folder import RunFolder
     from tunekit.training import status_on_error
 
     run = RunFolder(run_dir, enabled=is_first_rank())

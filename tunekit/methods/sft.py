@@ -1,7 +1,7 @@
 """`tunekit sft`: instruction fine-tuning of a causal LM on TRL's SFTTrainer, loss on the response only.
 
 Alpaca rows, prompt/completion pairs and conversations all become conversations; tunekit's one
-masking function (tunekit.masking) turns each into input ids and labels (-100 on the prompt), and
+masking function (tunekit.data.masking) turns each into input ids and labels (-100 on the prompt), and
 SFTTrainer trains on those labels as given. The end-of-turn token is trained, so the model learns
 to stop. eval.json reports the held-out response-only loss before and after training.
 """
@@ -19,13 +19,13 @@ from pydantic import Field
 from transformers import TrainerCallback
 
 from tunekit.config import Recipe, Section, to_yaml
-from tunekit.data import Table, join, read_table
+from tunekit.data.masking import detect_format, to_messages
+from tunekit.data.prepare import Prepared
+from tunekit.data.tables import Table, join, read_table
 from tunekit.errors import UserError
 from tunekit.generation import GenerationSection
-from tunekit.masking import detect_format, to_messages
-from tunekit.prepare import Prepared
 
-# SFTTrainer options that tunekit decides itself (the labels come from tunekit.masking).
+# SFTTrainer options that tunekit decides itself (the labels come from tunekit.data.masking).
 RESERVED = {
     "completion_only_loss": "use sft.completion_only_loss",
     "assistant_only_loss": "use sft.completion_only_loss (it covers assistant turns too)",
@@ -149,7 +149,7 @@ def checked(train: Split, held_out: Split | None) -> Split:
     loss measures examples the model has not been trained on."""
     import numpy as np
 
-    from tunekit import cache
+    from tunekit.data import cache
 
     marker = cache.folder("checks") / f"{cache.digest(train.table.key, held_out and held_out.table.key, train.kind)}.json"
     found = cache.read_marker(marker)
@@ -169,7 +169,7 @@ def checked(train: Split, held_out: Split | None) -> Split:
 
 @dataclass
 class Encoder:
-    """Tokenises and masks a batch of rows with tunekit.masking, one example at a time (the one
+    """Tokenises and masks a batch of rows with tunekit.data.masking, one example at a time (the one
     function that decides labels); used by `Dataset.map(batched=True, with_indices=True)`."""
 
     tokenizer: Any
@@ -178,7 +178,7 @@ class Encoder:
     train_all: bool
 
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[list[int]]]:
-        from tunekit.masking import tokenize_conversation, tokenize_text
+        from tunekit.data.masking import tokenize_conversation, tokenize_text
 
         ids, labels = [], []
         for index, values in zip(indices, zip(*batch.values())):
@@ -198,7 +198,7 @@ class Encoder:
 def tokenize_split(tokenizer: Any, split: Split, config: Config) -> Prepared:
     """The split's input ids and labels (Arrow), built in parallel once and cached under the rows,
     the tokenizer with its chat template, and the masking and length options."""
-    from tunekit import cache, prepare
+    from tunekit.data import cache, prepare
 
     max_length = config.train.get("max_length")
     train_all = not config.sft.completion_only_loss
@@ -210,7 +210,9 @@ def tokenize_split(tokenizer: Any, split: Split, config: Config) -> Prepared:
 def prepare(config: Config, data: Data, tokenizer: Any = None) -> list[tuple[str, Prepared]]:
     """Tokenise and mask both splits (from the cache when an earlier run did)."""
     if tokenizer is None:
-        tokenizer = load_sft_tokenizer(config)
+        from tunekit.models import load_chat_tokenizer
+
+        tokenizer = load_chat_tokenizer(config.model)
     prepared = [("train", tokenize_split(tokenizer, data.train, config))]
     if data.eval is not None:
         prepared.append(("eval", tokenize_split(tokenizer, data.eval, config)))
@@ -286,37 +288,16 @@ def tokens_per_sample(dataset: Any) -> float:
     return (pc.sum(pc.list_value_length(column)).as_py() or 0) / max(len(dataset), 1)
 
 
-def load_sft_tokenizer(config: Config) -> Any:
-    from tunekit.chat import ensure_chat_template
-    from tunekit.models import load_tokenizer
-
-    tokenizer = load_tokenizer(config.model)
-    ensure_chat_template(tokenizer, config.model.chat_template)
-    return tokenizer
-
-
-def load_model_and_tokenizer(config: Config) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM
-
-    from tunekit.models import load_for_training
-
-    tokenizer = load_sft_tokenizer(config)
-    model = load_for_training(AutoModelForCausalLM, config.model, config.peft, "CAUSAL_LM")
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
 def build_trainer(config: Config, data: Data, run: Any, args: Any, overwrite: bool = False) -> Any:
     """The trainer `tunekit sft` trains with (model, tokenised and packed data, collator, metrics
     log), with the run folder started; bench/gpu.py times this same trainer."""
 
-    from tunekit.models import count_parameters
+    from tunekit.models import count_parameters, load_causal_lm
     from tunekit.progress import show_progress
     from tunekit.training import MetricsLog, effective_batch_size, first_on_each_machine
     from tunekit.upstream import LeanSFTTrainer
 
-    model, tokenizer = load_model_and_tokenizer(config)
+    model, tokenizer = load_causal_lm(config.model, config.peft)
     with first_on_each_machine(args, "tokenising"):  # the other ranks then load rank 0's cached result
         prepared = dict(prepare(config, data, tokenizer))
     train = prepared["train"].dataset
@@ -340,7 +321,7 @@ def build_trainer(config: Config, data: Data, run: Any, args: Any, overwrite: bo
 
 
 def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
-    from tunekit.outputs import RunFolder
+    from tunekit.runs.folder import RunFolder
     from tunekit.training import fit, training_arguments
 
     run = RunFolder(run_dir)
@@ -369,8 +350,8 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
 def heldout_prompts(run_dir: Path, count: int) -> list[list[dict[str, str]]]:
     """The prompts of the first `count` held-out conversations of a finished SFT run."""
     from tunekit.config import validate_config
-    from tunekit.masking import prompt_part
-    from tunekit.outputs import read_run_config
+    from tunekit.data.masking import prompt_part
+    from tunekit.runs.folder import read_run_config
 
     config = validate_config(Config, read_run_config(run_dir), str(run_dir / "config.yaml"))
     data = check(config)

@@ -337,7 +337,7 @@ class PPOTrainer:
         from safetensors.torch import save_model
 
         from tunekit.faults import inject_fault
-        from tunekit.outputs import write_json
+        from tunekit.files import write_json
 
         tmp = folder.with_name(f".{folder.name}.tmp")
         self.accelerator.wait_for_everyone()

@@ -26,7 +26,7 @@ class Prompt:
 
     def reward_text(self, tokenizer: Any, response: str) -> str:
         """Prompt and response as the reward model scores them (tunekit reward's own layout)."""
-        from tunekit.preference import full_text
+        from tunekit.data.preference import full_text
 
         if isinstance(self.reward_prompt, str):
             return full_text(tokenizer, self.reward_prompt, response)
@@ -55,7 +55,7 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification
 
         from tunekit.models import load_run_model
-        from tunekit.outputs import run_method
+        from tunekit.runs.folder import run_method
 
         path = Path(run_dir)
         if not (path / "run.json").is_file():
@@ -66,26 +66,26 @@ class RewardModel:
         self.model.eval().requires_grad_(False)
         self.batch_size = batch_size
         # Texts are cut where the reward run cut them in training (as `predict` does).
-        self.max_length = int(resolved_train(path).get("max_length", 512))
+        self.max_length = reward_max_length(path)
 
     def to(self, device: Any) -> RewardModel:
         self.model.to(device)
         return self
 
     def score(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
-        from tunekit.methods.reward import score_texts
+        from tunekit.rl.reward_scores import score_texts
 
         texts = [p.reward_text(self.tokenizer, r) for p, r in zip(prompts, responses)]
         scores = score_texts(self.model, self.tokenizer, texts, self.batch_size, self.max_length)
         return torch.tensor(scores, dtype=torch.float32)
 
 
-def resolved_train(run_dir: Path) -> dict[str, Any]:
-    """A reward run's `train:` section as it ran: its saved values over the reward command's defaults."""
-    from tunekit.methods.reward import Config
-    from tunekit.outputs import read_run_config
+def reward_max_length(run_dir: Path) -> int:
+    """The tokens per text a reward run trained with (its saved, resolved `train.max_length`)."""
+    from tunekit.rl.reward_scores import DEFAULT_MAX_LENGTH
+    from tunekit.runs.folder import read_run_config
 
-    return {**Config.train_defaults(), **(read_run_config(run_dir).get("train") or {})}
+    return int((read_run_config(run_dir).get("train") or {}).get("max_length", DEFAULT_MAX_LENGTH))
 
 
 def encode(tokenizer: Any, texts: list[str], device: Any) -> tuple[torch.Tensor, torch.Tensor]:

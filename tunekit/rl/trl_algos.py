@@ -114,7 +114,7 @@ def train_with_trl(config: Any, policy: Any, tokenizer: Any, reward: Any, prompt
     from datasets import Dataset
     from trl import GRPOTrainer, RLOOTrainer
 
-    from tunekit.outputs import checkpoint_step
+    from tunekit.runs.folder import checkpoint_step
     from tunekit.training import CheckpointMarks, train_interruptibly
 
     args = trl_arguments(config, run)

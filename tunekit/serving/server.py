@@ -2,8 +2,8 @@
 
 `GET /v1/models`, `POST /v1/chat/completions` (the run's chat template) and `POST /v1/completions`
 (raw text), streamed as server-sent events on request. The HTTP layer is FastAPI on uvicorn; the
-model belongs to one worker thread (tunekit/batching.py) that decodes concurrent requests as one
-batch; tunekit/openai_format.py holds the wire format. Errors are OpenAI's JSON and never stop the
+model belongs to one worker thread (tunekit/serving/batching.py) that decodes concurrent requests as one
+batch; tunekit/serving/openai_format.py holds the wire format. Errors are OpenAI's JSON and never stop the
 server. Prompts are not logged unless `log_prompts` is set."""
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from tunekit.batching import Engine
 from tunekit.errors import UserError
-from tunekit.openai_format import (
+from tunekit.serving.batching import BatchDecoder
+from tunekit.serving.openai_format import (
     ApiError,
     ChatRequest,
     Common,
@@ -36,14 +36,14 @@ from tunekit.openai_format import (
     error_body,
 )
 
-log = logging.getLogger("tunekit.serve")
+log = logging.getLogger("tunekit.serving.server")
 
 
 # ---------------------------------------------------------------------------------------------
 # The app
 
 
-def create_app(engine: Engine, options: ServeOptions) -> Any:
+def create_app(engine: BatchDecoder, options: ServeOptions) -> Any:
     """The FastAPI app over a started engine; every route needs the API key when one is set."""
 
     def authorise(request: Request) -> None:
@@ -125,7 +125,7 @@ def context_length(model: Any, tokenizer: Any) -> int:
 
 
 def build(target: str, api_key: str | None = None, model_id: str | None = None, max_batch: int = 64,
-          wait_ms: float = 10.0, log_prompts: bool = False) -> tuple[Any, Engine]:
+          wait_ms: float = 10.0, log_prompts: bool = False) -> tuple[Any, BatchDecoder]:
     """Load the model of `target` (run folder, model id/folder) and return the app and its started engine."""
     from pathlib import Path
 
@@ -143,7 +143,7 @@ def build(target: str, api_key: str | None = None, model_id: str | None = None, 
         **{k: defaults[k] for k in ("temperature", "top_p") if k in defaults},
         **({"max_tokens": defaults["max_new_tokens"]} if "max_new_tokens" in defaults else {}),
     )
-    engine = Engine(model, tokenizer, max_batch=max_batch, wait_s=wait_ms / 1000).start()
+    engine = BatchDecoder(model, tokenizer, max_batch=max_batch, wait_s=wait_ms / 1000).start()
     return create_app(engine, options), engine
 
 
@@ -183,7 +183,7 @@ def serve(target: str, host: str = "127.0.0.1", port: int = 8000, api_key: str |
 
 
 @contextlib.contextmanager
-def background(target: str, **options: Any) -> Iterator[tuple[str, Engine]]:
+def background(target: str, **options: Any) -> Iterator[tuple[str, BatchDecoder]]:
     """A server in a thread on a free loopback port, for tests, benchmarks and notebooks:
     yields (base URL, engine) and shuts both down on exit."""
     import threading

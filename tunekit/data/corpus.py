@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunekit import cache
-from tunekit.data import Table, check_file, file_suffix, read_table
+from tunekit.data import cache
+from tunekit.data.readers import text_chunks
+from tunekit.data.tables import Table, check_file, file_suffix, read_table
 from tunekit.errors import UserError
-from tunekit.readers import text_chunks
 
 PIECE = 256 << 10  # characters of a text file tokenised at a time
 UNIT = 1 << 20  # characters sent to a worker process at once (a fast tokenizer's output costs ~100x the text)
@@ -205,7 +205,7 @@ def blocks(pieces: Iterator[tuple[list[int], bool]], eos: int, block_size: int) 
 def write_blocks(chunks: Iterator[Any], target: Path) -> None:
     import pyarrow as pa
 
-    from tunekit.prepare import token_features
+    from tunekit.data.prepare import token_features
 
     schema = token_features(False).arrow_schema
     with pa.ipc.new_stream(str(target), schema) as writer:
@@ -223,7 +223,7 @@ def packed(corpus: list[Source], tokenizer: Any, block_size: int, num_proc: int 
     """The corpus as blocks (a prepared, cached dataset of `input_ids`), built once."""
     import os
 
-    from tunekit import prepare
+    from tunekit.data import prepare
 
     key = cache.digest("pretrain", [s.key for s in corpus], cache.tokenizer_key(tokenizer), block_size,
                        end_token(tokenizer))

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from tunekit.data import hub_dataset_name
+from tunekit.data.tables import hub_dataset_name
 
 PIPELINE_TAGS = {  # the model head a run trained -> the Hub's pipeline (its widget and search filter)
     "causal-lm": "text-generation",

@@ -1,4 +1,4 @@
-"""`tunekit data fetch`: put the recipes' public datasets (tunekit/catalog.py) into data/, from their
+"""`tunekit data fetch`: put the recipes' public datasets (tunekit/data/catalog.py) into data/, from their
 official download or from a local mirror with the same layout, each file checked by sha256.
 
 A file is written under a temporary name in its folder and renamed into place only once its sha256
@@ -18,10 +18,10 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from tunekit import catalog
-from tunekit.catalog import DATA_DIR, DataFile, Dataset
+from tunekit.data import catalog
+from tunekit.data.catalog import DATA_DIR, DataFile, Dataset
 from tunekit.errors import UserError
-from tunekit.outputs import write_atomic
+from tunekit.files import write_atomic
 
 MIRROR_HINT = "copy the data from a mirror: `tunekit data fetch {name} --from DIR` (`make data DATA_MIRROR=DIR`)"
 

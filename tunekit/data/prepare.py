@@ -1,5 +1,5 @@
 """Preprocessing that runs once: tokenised (and masked) examples built with `Dataset.map(batched=True,
-num_proc=...)`, written to the cache (tunekit.cache) under a key of what decides them, and
+num_proc=...)`, written to the cache (tunekit.data.cache) under a key of what decides them, and
 memory-mapped from there by every later run, `--resume` and the other ranks of a multi-process run.
 
 `tunekit data prepare RECIPE` runs this alone (what a cluster job runs on one node before training
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunekit import cache
+from tunekit.data import cache
 
 ROWS_PER_PROCESS = 2000  # below this a worker process costs more than it saves
 

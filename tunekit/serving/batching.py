@@ -21,7 +21,7 @@ from typing import Any
 
 from tunekit.upstream import can_join, forward_with_cache, join_caches
 
-log = logging.getLogger("tunekit.serve")
+log = logging.getLogger("tunekit.serving.server")
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def choose_tokens(logits: Any, rows: list[Row]) -> list[int]:
     return chosen.tolist()
 
 
-class Engine:
+class BatchDecoder:
     """The worker thread and its queue. `submit` is safe from any thread; results come back
     through each job's `emit`."""
 
@@ -146,7 +146,7 @@ class Engine:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         return eos if isinstance(eos, list) else [eos]
 
-    def start(self) -> Engine:
+    def start(self) -> BatchDecoder:
         self._thread.start()
         return self
 

@@ -1,7 +1,7 @@
 """Reading training data: local files (jsonl, json, csv, tsv, parquet, txt, optionally gzipped) or a
 Hub dataset, checked record by record so that a bad line is reported with its number before training.
 
-A file is read once, as a stream, into an Arrow file in the cache (tunekit.cache) and memory-mapped
+A file is read once, as a stream, into an Arrow file in the cache (tunekit.data.cache) and memory-mapped
 from there: a million rows never sit in memory as Python objects. A second read of the same file
 (same path, size and modification time) opens the cached Arrow file at once.
 """
@@ -15,10 +15,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tunekit import cache
-from tunekit.catalog import missing_file_message
-from tunekit.errors import UserError
-from tunekit.readers import (
+from tunekit.data import cache
+from tunekit.data.catalog import missing_file_message
+from tunekit.data.readers import (
     csv_rows,
     json_list_rows,
     jsonl_rows,
@@ -27,8 +26,9 @@ from tunekit.readers import (
     tsv_rows,
     write_rows,
 )
+from tunekit.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 ITER_BATCH = 1000  # rows turned into Python objects at a time when iterating a table
 

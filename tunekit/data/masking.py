@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from tunekit.chat import ROLES
-from tunekit.data import Table, read_table
+from tunekit.data.chat import ROLES
+from tunekit.data.tables import Table, read_table
 from tunekit.errors import UserError
 
 FORMATS = ("alpaca", "prompt_completion", "messages", "text")

@@ -1,5 +1,5 @@
 """The public datasets that the shipped recipes read, as one typed list: where each file comes from
-and the sha256 it must have. `tunekit data fetch` (tunekit/fetch.py) fills the project's `data/`
+and the sha256 it must have. `tunekit data fetch` (tunekit/data/fetch.py) fills the project's `data/`
 folder from it, and a recipe whose file is missing there is told which dataset to fetch.
 data/README.md describes the same datasets for people.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 GLUE = "https://dl.fbaipublicfiles.com/glue/data"
 SQUAD = "https://rajpurkar.github.io/SQuAD-explorer/dataset"
 

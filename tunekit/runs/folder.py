@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from tunekit.engine import running
+from tunekit.distributed import running
 from tunekit.errors import UserError
+from tunekit.files import read_json, write_atomic, write_json
 
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD")
 
@@ -33,24 +34,6 @@ def check_run_dir(path: Path, overwrite: bool) -> None:
         raise UserError(f"{path}: exists and is not a folder; choose another --output-dir")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UserError(f"{path}: run folder exists; pass --overwrite to replace it or --output-dir to choose another")
-
-
-def write_atomic(path: Path, text: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(text.encode("utf-8") if isinstance(text, str) else text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 _invocation: list[str] = []
@@ -146,7 +129,7 @@ class RunFolder:
         """`model/` for full fine-tuning; `adapter/` (PEFT format) for an adapter, with the base
         model's config beside it (labels, quantisation) so the run reloads as it was trained. A model
         sharded over processes (FSDP) is gathered first, by every rank, and saved whole by rank 0."""
-        from tunekit.engine import full_state_dict
+        from tunekit.distributed import full_state_dict
 
         weights = full_state_dict(model)
         if hasattr(model, "peft_config"):
@@ -156,8 +139,8 @@ class RunFolder:
     def finish(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        from tunekit.modelcard import model_card
-        from tunekit.plots import plot_losses
+        from tunekit.runs.modelcard import model_card
+        from tunekit.runs.plots import plot_losses
 
         self.update(status="done", wall_time_s=round(time.time() - self.started, 1))
         plot_losses(self.path / "metrics.jsonl", self.path / "loss.png", self.info.get("method"))

@@ -27,9 +27,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from tunekit.config import Section
-from tunekit.data import Table, pick_column, read_table
+from tunekit.data.masking import check_messages, is_hh_dialogue, parse_hh
+from tunekit.data.tables import Table, pick_column, read_table
 from tunekit.errors import UserError
-from tunekit.masking import check_messages, is_hh_dialogue, parse_hh
 
 FORMATS = ("pairs", "prompt_pairs", "conversation", "hh", "label_pairs")
 # How a conversation reads as plain text for a model without a chat template (an encoder): the

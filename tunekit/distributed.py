@@ -17,13 +17,13 @@ from typing import Any, Literal
 
 from tunekit.errors import TrainingFailure
 
-EngineName = Literal["single", "ddp", "fsdp", "deepspeed"]
+ParallelismName = Literal["single", "ddp", "fsdp", "deepspeed"]
 INSPECT = "TUNEKIT_INSPECT"  # tests only: a folder where each rank describes its model as training starts
 
 
 @dataclass(frozen=True)
-class Engine:
-    name: EngineName
+class Parallelism:
+    name: ParallelismName
     sharding: str  # what is split over the processes, in words, for run.json and the banner
 
 
@@ -31,16 +31,16 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def running() -> Engine:
+def running() -> Parallelism:
     """The engine this process was launched for (`accelerate launch` exports the config as variables)."""
     processes = world_size()
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return Engine("fsdp", fsdp_sharding(processes))
+        return Parallelism("fsdp", fsdp_sharding(processes))
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return Engine("deepspeed", zero_sharding(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?"), processes))
+        return Parallelism("deepspeed", zero_sharding(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?"), processes))
     if processes > 1:
-        return Engine("ddp", f"none: each of {processes} processes holds the whole model and optimizer")
-    return Engine("single", "none: one process")
+        return Parallelism("ddp", f"none: each of {processes} processes holds the whole model and optimizer")
+    return Parallelism("single", "none: one process")
 
 
 def fsdp_sharding(processes: int) -> str:
@@ -59,7 +59,7 @@ def zero_sharding(stage: str, processes: int) -> str:
     return f"{parts} over {processes} processes (ZeRO stage {stage})"
 
 
-def engine_of_accelerator(accelerator: Any) -> EngineName:
+def engine_of_accelerator(accelerator: Any) -> ParallelismName:
     """The engine an Accelerator actually set up."""
     kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
     if kind == "FSDP":

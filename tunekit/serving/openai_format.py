@@ -17,9 +17,9 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunekit.batching import Engine, Event, Job, Sampling
+from tunekit.serving.batching import BatchDecoder, Event, Job, Sampling
 
-log = logging.getLogger("tunekit.serve")
+log = logging.getLogger("tunekit.serving.server")
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ async def stream_events(reply: Reply, jobs: list[Job], chat: bool, head: dict[st
             job.cancel()
 
 
-async def answer(request: Request, engine: Engine, options: ServeOptions, body: Common, prompts: list[list[int]]) -> Any:
+async def answer(request: Request, engine: BatchDecoder, options: ServeOptions, body: Common, prompts: list[list[int]]) -> Any:
     """Submit one job per prompt and answer with the whole response or a stream of chunks."""
     chat = isinstance(body, ChatRequest)
     samplings = [sampling_of(body, len(p), options) for p in prompts]

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Literal
 
 from tunekit.errors import UserError
-from tunekit.outputs import Task, read_json, task_of
+from tunekit.files import read_json
+from tunekit.runs.folder import Task, task_of
 
 # What a command needs of the folder:
 #   causal_lm  a causal LM to sample from (generate, chat, serve, eval --task): a run, or a model folder

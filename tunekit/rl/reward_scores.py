@@ -1,0 +1,54 @@
+"""Scoring texts with a reward model: the one way tunekit tokenises a text for a reward model, used
+when `tunekit reward` trains one and when PPO, GRPO and RLOO score policy responses with it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+DEFAULT_MAX_LENGTH = 512  # tokens a reward model reads per text, unless its run's train.max_length says otherwise
+
+
+def encode(tokenizer: Any, text: str, max_length: int) -> list[int]:
+    """Token ids of one text to score: the tokenizer's EOS appended when it has one (the causal-LM
+    head reads the last token), its own special tokens otherwise ([CLS] ... [SEP] for BERT); a long
+    text keeps its end, where the response to judge is."""
+    eos = tokenizer.eos_token
+    if eos is not None and not text.endswith(eos):
+        text += eos
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        return tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+    finally:
+        tokenizer.truncation_side = side
+
+
+def score_ids(model: Any, pad_token_id: int, ids: list[list[int]], batch_size: int = 32) -> list[float]:
+    """The reward of each token sequence, batched by length (right padding), in input order."""
+    import torch
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    scores = [0.0] * len(ids)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(ids[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                mask[row, : len(ids[i])] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            for i, value in zip(chunk, logits[:, 0].float().cpu().tolist()):
+                scores[i] = value
+    model.train(was_training)
+    return scores
+
+
+def score_texts(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32, max_length: int = 512) -> list[float]:
+    """The reward model's score of each text (prompt and response together, as one string)."""
+    ids = [encode(tokenizer, text, max_length) for text in texts]
+    return score_ids(model, tokenizer.pad_token_id, ids, batch_size)
