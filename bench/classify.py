@@ -38,8 +38,9 @@ from transformers import (  # noqa: E402
 )
 
 from tunekit.config import load_config  # noqa: E402
-from tunekit.methods import classify  # noqa: E402
+from tunekit.methods import classify, method_named  # noqa: E402
 from tunekit.models import load_tokenizer, resolve_model_path  # noqa: E402
+from tunekit.training import execute  # noqa: E402
 
 BATCH, LR = 32, 1e-4
 
@@ -50,7 +51,7 @@ def tunekit_run(rows: int, workdir: Path) -> float:
         "train.logging_steps=100000", f"train.per_device_train_batch_size={BATCH}", f"train.learning_rate={LR}",
     ])
     data = classify.check(config)
-    classify.run(config, data, workdir / "a")
+    execute(method_named("classify"), config, data, workdir / "a")
     import json
 
     last = json.loads((workdir / "a" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -167,11 +167,11 @@ class Bench:
         """tunekit sft's own trainer (sft.build_trainer), timed between warm-up and the last step."""
         from tunekit.methods import sft
         from tunekit.runs.folder import RunFolder
-        from tunekit.training import training_arguments
+        from tunekit.training import MetricsLog, training_arguments
 
         run = RunFolder(Path(tempfile.mkdtemp(dir=self.work)))
         args = training_arguments(config, run)
-        trainer = sft.build_trainer(config, sft.check(config), run, args, overwrite=True)
+        trainer = sft.build_trainer(config, sft.check(config), args, [MetricsLog(run)])
         counter = Counter(trainer.data_collator, trainer.processing_class.pad_token_id)
         trainer.data_collator = counter
         timer = step_timer(self.plan.warmup)

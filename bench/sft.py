@@ -35,7 +35,8 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling  # noqa: E40
 
 from tunekit.config import validate_config  # noqa: E402
 from tunekit.data.chat import train_tokenizer  # noqa: E402
-from tunekit.methods import sft  # noqa: E402
+from tunekit.methods import method_named, sft  # noqa: E402
+from tunekit.training import execute  # noqa: E402
 
 DATA = ROOT / "data" / "alpaca" / "alpaca_data_1k.json"
 BATCH, MAX_LEN, LR = 8, 512, 5e-4
@@ -78,7 +79,7 @@ def run_tunekit(base: Path, rows: int, packing: bool, workdir: Path) -> float:
 
     config = tunekit_config(base, rows, packing)
     out = workdir / f"tunekit-{packing}"
-    sft.run(config, sft.check(config), out)
+    execute(method_named("sft"), config, sft.check(config), out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return next(r["train_runtime"] for r in records if "train_runtime" in r)
 

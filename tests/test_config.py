@@ -7,7 +7,7 @@ from conftest import ROOT, SHARED, write
 
 from tunekit.config import apply_override, load_config, shipped_recipes
 from tunekit.errors import UserError
-from tunekit.methods import classify
+from tunekit.methods import classify, load_recipe, method_named
 
 RECIPE = f"""\
 method: classify
@@ -22,7 +22,7 @@ train:
 
 
 def load(tmp_path, text=RECIPE, overrides=()):
-    return load_config(classify.Config, str(write(tmp_path / "r.yaml", text)), list(overrides))
+    return load_recipe(method_named("classify"), str(write(tmp_path / "r.yaml", text)), list(overrides))
 
 
 def error_of(tmp_path, text=RECIPE, overrides=()) -> str:

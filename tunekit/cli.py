@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from tunekit.console import library_output_to_stderr
 from tunekit.errors import Interrupted, TrainingFailure, UserError
-from tunekit.methods import method_of
-from tunekit.runner import library_output_to_stderr, recipe_command, train_command
+from tunekit.methods import METHODS, Method, method_named
+from tunekit.runner import recipe_command, train_command
 
 app = typer.Typer(
     name="tunekit",
@@ -41,74 +43,23 @@ RunArg = Annotated[Path, typer.Argument(help="a run folder written by a tunekit 
 DataOpt = Annotated[str, typer.Option("--data", help="data file with the same columns as the run's training data")]
 
 
-@app.command()
-def classify(
-    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None, overwrite: OverwriteOpt = False,
-    dry_run: DryRunOpt = False, nproc: NprocOpt = None, accelerate_config: AccelerateOpt = None, resume: ResumeOpt = None,
-) -> None:
-    """Fine-tune an encoder with a classification (or regression) head, BERT style."""
-    train_command("classify", method_of("classify"), recipe, set_, output_dir, overwrite, dry_run,
-                  nproc=nproc, accelerate_config=accelerate_config, resume=resume)
+def training_command(method: Method) -> Callable[..., None]:
+    """The CLI command of a training method: every one takes the same options."""
+
+    def command(
+        recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None, overwrite: OverwriteOpt = False,
+        dry_run: DryRunOpt = False, nproc: NprocOpt = None, accelerate_config: AccelerateOpt = None,
+        resume: ResumeOpt = None,
+    ) -> None:
+        train_command(method.name, method, recipe, set_, output_dir, overwrite, dry_run,
+                      nproc=nproc, accelerate_config=accelerate_config, resume=resume)
+
+    command.__doc__ = method.summary
+    return command
 
 
-@app.command()
-def qa(
-    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None, overwrite: OverwriteOpt = False,
-    dry_run: DryRunOpt = False, nproc: NprocOpt = None, accelerate_config: AccelerateOpt = None, resume: ResumeOpt = None,
-) -> None:
-    """Fine-tune an encoder for extractive question answering (SQuAD style spans)."""
-    train_command("qa", method_of("qa"), recipe, set_, output_dir, overwrite, dry_run,
-                  nproc=nproc, accelerate_config=accelerate_config, resume=resume)
-
-
-@app.command()
-def pretrain(
-    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None, overwrite: OverwriteOpt = False,
-    dry_run: DryRunOpt = False, nproc: NprocOpt = None, accelerate_config: AccelerateOpt = None, resume: ResumeOpt = None,
-) -> None:
-    """Pre-train a language model (causal or masked) on text, from a config or a checkpoint."""
-    train_command("pretrain", method_of("pretrain"), recipe, set_, output_dir, overwrite, dry_run,
-                  nproc=nproc, accelerate_config=accelerate_config, resume=resume)
-
-
-@app.command()
-def sft(
-    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None, overwrite: OverwriteOpt = False,
-    dry_run: DryRunOpt = False, nproc: NprocOpt = None, accelerate_config: AccelerateOpt = None, resume: ResumeOpt = None,
-) -> None:
-    """Instruction fine-tuning of a causal LM, with the loss on the responses only."""
-    train_command("sft", method_of("sft"), recipe, set_, output_dir, overwrite, dry_run,
-                  nproc=nproc, accelerate_config=accelerate_config, resume=resume)
-
-
-@app.command()
-def reward(
-    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None, overwrite: OverwriteOpt = False,
-    dry_run: DryRunOpt = False, nproc: NprocOpt = None, accelerate_config: AccelerateOpt = None, resume: ResumeOpt = None,
-) -> None:
-    """Train a reward model on preference pairs (chosen scores above rejected: Bradley-Terry loss)."""
-    train_command("reward", method_of("reward"), recipe, set_, output_dir, overwrite, dry_run,
-                  nproc=nproc, accelerate_config=accelerate_config, resume=resume)
-
-
-@app.command()
-def dpo(
-    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None, overwrite: OverwriteOpt = False,
-    dry_run: DryRunOpt = False, nproc: NprocOpt = None, accelerate_config: AccelerateOpt = None, resume: ResumeOpt = None,
-) -> None:
-    """Tune a causal LM directly on preference pairs with DPO (no reward model)."""
-    train_command("dpo", method_of("dpo"), recipe, set_, output_dir, overwrite, dry_run,
-                  nproc=nproc, accelerate_config=accelerate_config, resume=resume)
-
-
-@app.command()
-def rlhf(
-    recipe: RecipeArg, set_: SetOpt = None, output_dir: OutputOpt = None, overwrite: OverwriteOpt = False,
-    dry_run: DryRunOpt = False, nproc: NprocOpt = None, accelerate_config: AccelerateOpt = None, resume: ResumeOpt = None,
-) -> None:
-    """Tune a causal LM against a reward model: PPO (tunekit's own), or --set rlhf.algo=grpo|rloo."""
-    train_command("rlhf", method_of("rlhf"), recipe, set_, output_dir, overwrite, dry_run,
-                  nproc=nproc, accelerate_config=accelerate_config, resume=resume)
+for _method in METHODS:
+    app.command(_method.name)(training_command(_method))
 
 
 @app.command()
@@ -120,7 +71,7 @@ def lora(
     from tunekit.config import find_recipe
 
     path = find_recipe(recipe)
-    train_command("lora", method_of(recipe_command(path)), str(path), set_, output_dir, overwrite, dry_run, peft_default="lora",
+    train_command("lora", method_named(recipe_command(path)), str(path), set_, output_dir, overwrite, dry_run, peft_default="lora",
                   nproc=nproc, accelerate_config=accelerate_config, resume=resume)
 
 
@@ -131,7 +82,7 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
     path = find_recipe(recipe)
     command = recipe_command(path)
-    train_command(command, method_of(command), str(path), set_, None, True, True)
+    train_command(command, method_named(command), str(path), set_, None, True, True)
 
 
 @app.command("eval")

@@ -229,30 +229,22 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 # Validation
 
 
-METHODS = ("classify", "qa", "pretrain", "sft", "reward", "dpo", "rlhf")  # the training commands, as `method:` names them
-
-
 def load_config(cls: type[Recipe], recipe: str, overrides: list[str] = ()) -> Recipe:
     """Read, override, validate: the one way a method gets its config."""
+    path, data = read_recipe(recipe, overrides)
+    return validate_config(cls, data, str(path))
+
+
+def read_recipe(recipe: str, overrides: list[str] = ()) -> tuple[Path, dict[str, Any]]:
+    """A recipe's file and its mapping with the `--set` overrides applied (not validated yet)."""
     path = find_recipe(recipe)
     data = read_yaml_mapping(path)
     for override in overrides:
         apply_override(data, override)
-    return validate_config(cls, data, str(path))
+    return path, data
 
 
 def validate_config(cls: type[Recipe], data: dict[str, Any], source: str) -> Recipe:
-    named = data.get("method")
-    if named is not None and cls.command and named != cls.command:  # before the keys, which differ per method
-        if not (isinstance(named, str) and named.isidentifier()):
-            raise UserError(f"{source}: method: expected {cls.command!r} (the command it was given to), got {named!r}")
-        if named not in METHODS:
-            close = difflib.get_close_matches(named, METHODS, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise UserError(f"{source}: method: {named!r} is not a tunekit command; {hint}"
-                            f"for `tunekit {cls.command}` write method: {cls.command} (commands: {', '.join(METHODS)})")
-        raise UserError(f"{source}: recipe is for `tunekit {named}` (method: {named}), not `tunekit {cls.command}`; "
-                        f"run `tunekit {named} {source}` (`tunekit lora` runs any method's recipe with an adapter)")
     try:
         config = cls.model_validate(data)
     except ValidationError as err:

@@ -9,8 +9,8 @@ from typing import Any
 from pydantic import Field
 
 from tunekit.config import Section, validate_section
+from tunekit.console import library_output_to_stderr
 from tunekit.errors import UserError
-from tunekit.runner import library_output_to_stderr
 from tunekit.runs.reading import open_run
 
 

@@ -217,8 +217,8 @@ def evaluate_tasks(targets: list[str], task_paths: list[str], out: Path | None) 
     to `out` (one JSON file) when given."""
     import sys
 
+    from tunekit.console import library_output_to_stderr
     from tunekit.files import write_json
-    from tunekit.runner import library_output_to_stderr
 
     with library_output_to_stderr():
         results = compare(targets, task_paths)

@@ -206,9 +206,9 @@ def task_auto_class(run_dir: Path) -> Any:
     """The transformers Auto class of a finished run's task (an explicit choice per method)."""
     import transformers
 
-    from tunekit.runs.folder import run_method, task_of
+    from tunekit.runs.folder import task_of
 
-    task = task_of(run_dir, run_method(run_dir))
+    task = task_of(run_dir)
     if task == "sequence-classification":
         return transformers.AutoModelForSequenceClassification
     if task == "question-answering":

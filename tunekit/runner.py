@@ -3,25 +3,25 @@ here, or re-launch under accelerate. The CLI's training commands are one call to
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
+from typing import TYPE_CHECKING
 
 import typer
 
 from tunekit.errors import Interrupted, TrainingFailure
 
+if TYPE_CHECKING:
+    from tunekit.methods import Method
+
 
 def train_command(
-    command: str, method: ModuleType, recipe: str, overrides: list[str] | None,
+    command: str, method: Method, recipe: str, overrides: list[str] | None,
     output_dir: str | None, overwrite: bool, dry_run: bool, peft_default: str | None = None,
     nproc: int | None = None, accelerate_config: str | None = None, resume: str | None = None,
 ) -> None:
     """Validate everything before a model loads, then run the method (or its workers); the run
     folder is printed last on stdout, so a Makefile can chain steps."""
-    from tunekit.config import load_config, to_yaml
+    from tunekit.config import to_yaml
     from tunekit.launch import (
         check_accelerate_config,
         check_engine,
@@ -30,13 +30,14 @@ def train_command(
         leave_process_group,
         relaunch,
     )
+    from tunekit.methods import load_recipe
     from tunekit.models import check_model_reference
     from tunekit.runs.folder import check_run_dir, default_run_dir, find_checkpoint, run_status
 
     overrides = list(overrides or [])
     if peft_default:  # `tunekit lora`: the adapter is on unless the user chose another method
         overrides.insert(0, f"peft.method={peft_default}")
-    config = load_config(method.Config, recipe, overrides)
+    config = load_recipe(method, recipe, overrides)
     run_dir = Path(output_dir or config.output_dir or default_run_dir(command, config.source))
     checkpoint = find_checkpoint(run_dir, resume, config) if resume else None
     if not resume and not dry_run and not is_worker() and is_first_rank():
@@ -59,8 +60,10 @@ def train_command(
         if code != 0:
             raise TrainingFailure(f"a process of the {nproc or 'configured'}-process run failed (exit code {code}); see above")
         return
+    from tunekit.training import execute
+
     with library_output_to_stderr():
-        method.run(config, data, run_dir, overwrite=overwrite and not checkpoint, resume=checkpoint)
+        execute(method, config, data, run_dir, overwrite=overwrite and not checkpoint, resume=checkpoint)
     leave_process_group()
     if is_first_rank():
         typer.echo(str(run_dir))
@@ -71,14 +74,3 @@ def recipe_command(path: Path) -> str:
     from tunekit.config import read_yaml_mapping
 
     return read_yaml_mapping(path).get("method") or path.parent.name
-
-
-@contextlib.contextmanager
-def library_output_to_stderr() -> Iterator[None]:
-    """For commands that load models: the libraries' own progress bars off (tunekit shows one
-    display of its own), and what they print goes to stderr, so stdout holds the result alone."""
-    from tunekit.progress import hide_library_bars
-
-    hide_library_bars()
-    with contextlib.redirect_stdout(sys.stderr):
-        yield

@@ -1,6 +1,6 @@
 """`tunekit eval --data`, `tunekit predict` and `tunekit generate`: a finished run scores, predicts or
-generates for a data file. The run's method module (`method_of(run.json's method)`) knows how to load
-its model and read the file."""
+generates for a data file. The run's method (its `eval_run` / `predict_run`, tunekit.methods) knows how
+to load its model and read the file."""
 
 from __future__ import annotations
 
@@ -9,27 +9,34 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tunekit.console import library_output_to_stderr
 from tunekit.data.masking import prompts_of_file
 from tunekit.errors import UserError
 from tunekit.files import write_atomic
 from tunekit.generation import generate, load_chat_model, settings_with
-from tunekit.methods import method_of
+from tunekit.methods import Method, with_own_task
 from tunekit.methods.sft import heldout_prompts
-from tunekit.runner import library_output_to_stderr
 from tunekit.runs.reading import open_run
 
 
 def eval_on_data(run: Path, data: str) -> dict[str, Any]:
     """The run's own metrics on another data file."""
-    method = method_of(open_run(run, "eval --data", "own_task").method)
+    method = own_task_method(run, "eval --data")
     with library_output_to_stderr():
         return method.eval_run(run, data)
+
+
+def own_task_method(run: Path, command: str) -> Method:
+    """The method of a finished run whose data files `command` scores, or one line saying which do."""
+    info = open_run(run, command, "finished")
+    return with_own_task(command, info.method, f"{info.path}: a run of `tunekit {info.method}` ({info.task})",
+                         causal=info.task == "causal-lm")
 
 
 def predict_to_file(run: Path, data: str, out: Path | None) -> Path:
     """Predictions for every row of `data`, written atomically: JSON lines, or for QA one
     {id: answer} object (the official SQuAD evaluation format)."""
-    method = method_of(open_run(run, "predict", "own_task").method)
+    method = own_task_method(run, "predict")
     with library_output_to_stderr():
         rows = method.predict_run(run, data)
     if isinstance(rows, dict):

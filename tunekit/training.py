@@ -1,5 +1,11 @@
-"""What every Trainer-based method shares: TrainingArguments from the recipe, the metrics log,
-the training-health check, and the train -> evaluate -> save sequence."""
+"""The one run skeleton every method goes through, and what the Trainer-based methods share.
+
+`execute` is the sequence: run folder, banner, metrics log, fit (with the watchdog and the
+training-health check), evaluation, save, model card, finish. A method supplies only its parts
+(`Setup`: its model, tokenizer, how it trains and what it reports), so no method writes that
+sequence again. Also here: TrainingArguments from the recipe, the metrics log and tokenising once
+per machine.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,9 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from transformers import TrainerCallback
 
@@ -18,6 +25,70 @@ from tunekit.distributed import check_started, describe_for_tests
 from tunekit.errors import Interrupted, TrainingFailure, UserError
 from tunekit.faults import inject_fault
 from tunekit.runs.folder import RunFolder, checkpoint_step
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+class RunnableMethod(Protocol):
+    """What the skeleton reads of a method (tunekit.methods.Method)."""
+
+    name: str
+    loss_units: str
+    step_unit: str
+
+    def setup(self, config: Any, data: Any, run: RunFolder) -> Setup: ...
+    def task(self, config: Any) -> str: ...
+
+
+@dataclass
+class Setup:
+    """What a method supplies to the run skeleton, built after its data and model are loaded."""
+
+    model: Any  # the model to train (its parameters are counted for run.json)
+    tokenizer: Any  # saved with the model
+    info: dict[str, Any]  # run.json facts of this run: data, rows, processes, effective batch, ...
+    train: Callable[[RunFolder, Path | None], Any]  # trains (from a checkpoint, if given); returns the trainer
+    evaluate: Callable[[Any], dict[str, Any]]  # eval.json, from what `train` returned
+    trained_model: Callable[[Any], Any] = lambda trainer: trainer.model  # what is saved, from what `train` returned
+
+
+def execute(method: RunnableMethod, config: Recipe, data: Any, run_dir: Path, overwrite: bool = False,
+            resume: Path | None = None) -> dict[str, Any]:
+    """Run a method: its parts, in the one sequence every run follows. Only the first process writes."""
+    from tunekit.config import to_yaml
+    from tunekit.launch import is_first_rank
+    from tunekit.models import count_parameters
+
+    run = RunFolder(run_dir, enabled=is_first_rank())
+    setup = method.setup(config, data, run)
+    trainable, total = count_parameters(setup.model)
+    info = {"base_model": config.model.name, **setup.info}
+    run.start(method.name, to_yaml(config), overwrite, task=method.task(config), loss_units=method.loss_units,
+              step_unit=method.step_unit, trainable_params=trainable, total_params=total, **info)
+    trained = setup.train(run, resume)
+    metrics = setup.evaluate(trained)
+    run.write_eval(metrics)
+    run.save_model(setup.trained_model(trained), setup.tokenizer)
+    run.finish(metrics)
+    return metrics
+
+
+def trainer_fit(make_trainer: Callable[[list[Any]], Any], tokens_per_sample: float | None = None) -> Callable[..., Any]:
+    """`Setup.train` for a Trainer-based method: its Trainer (built with the metrics log as a
+    callback) trained with tunekit's progress display, clean stop and failure status."""
+
+    def train(run: RunFolder, resume: Path | None) -> Any:
+        trainer = make_trainer([MetricsLog(run)])
+        fit(trainer, run, resume, tokens_per_sample)
+        return trainer
+
+    return train
+
+
+def batch_info(args: Any) -> dict[str, Any]:
+    """The run.json facts of how a Trainer-based run batches: processes and effective batch size."""
+    return {"num_processes": args.world_size, "effective_batch_size": effective_batch_size(args)}
 
 
 def training_arguments(config: Recipe, run: RunFolder) -> Any:
@@ -95,6 +166,22 @@ class MetricsLog(CheckpointMarks):
                 )
 
 
+class LossAtStart(TrainerCallback):
+    """The held-out loss of the model as it starts training, measured once the Trainer has prepared
+    it: under FSDP2 a model is sharded together with its optimizer, inside train(), so an evaluation
+    before train() cannot prepare it (accelerate 1.15 refuses a model alone)."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.loss: float | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        import torch
+
+        with torch.random.fork_rng():  # the evaluation draws from the RNG; training must not see it
+            self.loss = self.trainer.evaluate()["eval_loss"]
+
+
 class Watchdog:
     """Ends a multi-process run when a rank makes no progress for `limit` seconds (train.ddp_timeout).
 
@@ -155,12 +242,6 @@ def once(args: Any, name: str, build: Any) -> Any:
 
 def effective_batch_size(args: Any) -> int:
     return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-
-
-def strip_prefix(metrics: dict[str, Any], prefix: str = "eval_") -> dict[str, Any]:
-    """Trainer's `eval_accuracy` -> `accuracy`; runtime counters dropped (they are not results)."""
-    noise = ("runtime", "samples_per_second", "steps_per_second", "epoch")
-    return {k.removeprefix(prefix): v for k, v in metrics.items() if not k.removeprefix(prefix).endswith(noise)}
 
 
 def fit(trainer: Any, run: RunFolder, resume: Path | None = None, tokens_per_sample: float | None = None) -> None:

@@ -135,6 +135,9 @@ def csv_rows(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
             raise UserError(f"{source}: line {reader.line_num + 1}: not UTF-8 text; re-save the file as UTF-8") from None
 
 
+JSON_SPACE = " \t\r\n"  # the whitespace JSON allows between values (RFC 8259)
+
+
 def json_list_rows(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """The records of a JSON list (`[{...}, {...}]`), decoded one at a time; the line given for a
     record is the line where it starts."""
@@ -153,7 +156,7 @@ def json_list_rows(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any
     def skip_space() -> str:
         nonlocal pos, line
         while True:
-            while pos < len(buffer) and buffer[pos] in " \t\r\n":
+            while pos < len(buffer) and buffer[pos] in JSON_SPACE:
                 line += buffer[pos] == "\n"
                 pos += 1
             if pos < len(buffer) or not more():
@@ -192,7 +195,7 @@ def json_list_rows(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any
 
 def starts_with_list(path: Path) -> bool:
     for piece in text_chunks(path):
-        stripped = piece.lstrip()
+        stripped = piece.lstrip(JSON_SPACE)  # what json_list_rows skips: a form feed is no JSON space
         if stripped:
             return stripped[0] == "["
     return False

@@ -1,52 +1,127 @@
-"""One module per training command. `method_of` maps a command to its module (an explicit list, no
-registry) and imports only that one, so a command never pays for the others' imports."""
+"""The training methods, one module each, and METHODS: the one explicit list of them.
+
+Each `Method` record names what a command is made of: its recipe `Config`, `check` (read and
+validate the data; no model loads), `setup` (its parts for the run skeleton, tunekit.training.execute)
+and the optional parts (`prepare` for `tunekit data prepare`, `eval_run` / `predict_run` for a
+finished run's own task). Every other list of methods is derived from METHODS: the CLI's training
+commands, the `method:` key's check, the run kinds that score data files, `data prepare`'s.
+Adding a method is its module, its recipes, and one record here.
+"""
 
 from __future__ import annotations
 
-from types import ModuleType
-from typing import TYPE_CHECKING
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from tunekit.errors import UserError
+from tunekit.methods import classify, dpo, pretrain, qa, reward, rlhf, sft
 
 if TYPE_CHECKING:
+    from tunekit.config import Recipe
     from tunekit.data.prepare import Prepared
+    from tunekit.runs.folder import Task
 
 
-def method_of(command: str) -> ModuleType:
-    """The module of a training command."""
-    from tunekit.config import METHODS
+@dataclass(frozen=True)
+class Method:
+    name: str  # the command, and the `method:` a recipe names
+    summary: str  # the command's help line
+    Config: type[Recipe]
+    check: Callable[[Any], Any]  # config -> checked data
+    setup: Callable[..., Any]  # (config, data, run folder) -> tunekit.training.Setup
+    task: Callable[[Any], Task]  # config -> the model head the run trains
+    loss_units: str  # what its logged loss is, for loss.png's axis
+    step_unit: str = "optimizer updates"  # what one logged step is
+    prepare: Callable[..., list[tuple[str, Prepared]]] | None = None  # config, data -> tokenised splits
+    eval_run: Callable[..., dict[str, Any]] | None = None  # run folder, data file -> metrics
+    predict_run: Callable[..., Any] | None = None  # run folder, data file -> predictions
 
-    if command not in METHODS:
-        raise UserError(f"unknown method {command!r}; one of: {', '.join(METHODS)}")
-    if command == "classify":
-        from tunekit.methods import classify as module
-    elif command == "qa":
-        from tunekit.methods import qa as module
-    elif command == "pretrain":
-        from tunekit.methods import pretrain as module
-    elif command == "sft":
-        from tunekit.methods import sft as module
-    elif command == "reward":
-        from tunekit.methods import reward as module
-    elif command == "dpo":
-        from tunekit.methods import dpo as module
-    else:
-        from tunekit.methods import rlhf as module
-    return module
+
+def constant(task: Task) -> Callable[[Any], Task]:
+    return lambda config: task
+
+
+METHODS = (
+    Method("classify", "Fine-tune an encoder with a classification (or regression) head, BERT style.",
+           classify.Config, classify.check, classify.setup, constant("sequence-classification"),
+           "cross-entropy, nats; MSE if regression", eval_run=classify.eval_run, predict_run=classify.predict_run),
+    Method("qa", "Fine-tune an encoder for extractive question answering (SQuAD style spans).",
+           qa.Config, qa.check, qa.setup, constant("question-answering"), "start/end cross-entropy, nats",
+           eval_run=qa.eval_run, predict_run=qa.predict_run),
+    Method("pretrain", "Pre-train a language model (causal or masked) on text, from a config or a checkpoint.",
+           pretrain.Config, pretrain.check, pretrain.setup, pretrain.task, "cross-entropy per token, nats",
+           prepare=pretrain.prepare),
+    Method("sft", "Instruction fine-tuning of a causal LM, with the loss on the responses only.",
+           sft.Config, sft.check, sft.setup, constant("causal-lm"), "cross-entropy per token, nats", prepare=sft.prepare),
+    Method("reward", "Train a reward model on preference pairs (chosen scores above rejected: Bradley-Terry loss).",
+           reward.Config, reward.check, reward.setup, constant("sequence-classification"),
+           "−log σ(chosen − rejected), nats", eval_run=reward.eval_run, predict_run=reward.predict_run),
+    Method("dpo", "Tune a causal LM directly on preference pairs with DPO (no reward model).",
+           dpo.Config, dpo.check, dpo.setup, constant("causal-lm"), "DPO loss, nats",
+           eval_run=dpo.eval_run, predict_run=dpo.predict_run),
+    Method("rlhf", "Tune a causal LM against a reward model: PPO (tunekit's own), or --set rlhf.algo=grpo|rloo.",
+           rlhf.Config, rlhf.check, rlhf.setup, constant("causal-lm"), "in reward units", step_unit="rounds of rollouts"),
+)
+NAMES = tuple(m.name for m in METHODS)
+
+
+def method_named(name: str) -> Method:
+    """The method of a command, or one line naming the ones there are."""
+    for method in METHODS:
+        if method.name == name:
+            return method
+    raise UserError(f"unknown method {name!r}; one of: {', '.join(NAMES)}")
+
+
+def check_method_key(named: Any, command: str, source: str) -> None:
+    """A recipe's `method:` must be the command it was given to (before its keys, which differ per method)."""
+    if named is None or named == command:
+        return
+    if not (isinstance(named, str) and named.isidentifier()):
+        raise UserError(f"{source}: method: expected {command!r} (the command it was given to), got {named!r}")
+    if named not in NAMES:
+        close = difflib.get_close_matches(named, NAMES, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UserError(f"{source}: method: {named!r} is not a tunekit command; {hint}"
+                        f"for `tunekit {command}` write method: {command} (commands: {', '.join(NAMES)})")
+    raise UserError(f"{source}: recipe is for `tunekit {named}` (method: {named}), not `tunekit {command}`; "
+                    f"run `tunekit {named} {source}` (`tunekit lora` runs any method's recipe with an adapter)")
+
+
+def load_recipe(method: Method, recipe: str, overrides: list[str] = ()) -> Recipe:
+    """A recipe read for `method`: its `method:` key checked first, then every key."""
+    from tunekit.config import read_recipe, validate_config
+
+    path, data = read_recipe(recipe, overrides)
+    check_method_key(data.get("method"), method.name, str(path))
+    return validate_config(method.Config, data, str(path))
+
+
+def with_own_task(command: str, method_name: str | None, what: str, causal: bool) -> Method:
+    """The method of a run whose data files `command` scores (eval --data, predict), or one line."""
+    method = next((m for m in METHODS if m.name == method_name), None)
+    if method is None or method.eval_run is None or method.predict_run is None:
+        kinds = ", ".join(m.name for m in METHODS if m.eval_run is not None)
+        hint = "; for a causal LM use `tunekit eval --task` or `tunekit generate`" if causal else ""
+        raise UserError(f"{what}; `tunekit {command}` reads data files of {kinds} runs{hint}")
+    return method
 
 
 def data_prepare(recipe: str, overrides: list[str]) -> list[tuple[str, Prepared]]:
     """`tunekit data prepare`: the recipe's data checked, tokenised and cached, nothing trained."""
-    from tunekit.config import find_recipe, load_config, read_yaml_mapping
+    from tunekit.config import find_recipe, read_yaml_mapping
 
     path = find_recipe(recipe)
-    method = read_yaml_mapping(path).get("method") or path.parent.name
-    if method not in ("sft", "pretrain"):
-        raise UserError(f"{path}: data prepare covers sft and pretrain recipes (this one is {method!r}); "
+    name = read_yaml_mapping(path).get("method") or path.parent.name
+    method = next((m for m in METHODS if m.name == name), None)
+    if method is None or method.prepare is None:
+        covered = " and ".join(m.name for m in METHODS if m.prepare is not None)
+        raise UserError(f"{path}: data prepare covers {covered} recipes (this one is {name!r}); "
                         "the other methods prepare their data when they train")
-    module = method_of(method)
-    config = load_config(module.Config, str(path), overrides)
-    return module.prepare(config, module.check(config))
+    config = load_recipe(method, str(path), overrides)
+    return method.prepare(config, method.check(config))
 
 
 def prepare_summary(prepared: list[tuple[str, Prepared]]) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import Field
 
-from tunekit.config import Recipe, Section, to_yaml
+from tunekit.config import Recipe, Section
 from tunekit.data.tables import Table, pick_column, read_table
 from tunekit.errors import UserError
 
@@ -178,38 +178,30 @@ def load_model(config: Config, names: list[str] | None) -> Any:
                              heads=("classifier", "score"), **extra)
 
 
-def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
+def setup(config: Config, data: Data, run: Any) -> Any:
     from transformers import DataCollatorWithPadding, Trainer
 
-    from tunekit.models import count_parameters, load_tokenizer
-    from tunekit.runs.folder import RunFolder
-    from tunekit.training import MetricsLog, effective_batch_size, fit, once, training_arguments
+    from tunekit.models import load_tokenizer
+    from tunekit.training import Setup, batch_info, once, trainer_fit, training_arguments
 
-    run = RunFolder(run_dir)
     args = training_arguments(config, run)
-    run.enabled = args.process_index == 0
     tokenizer = load_tokenizer(config.model)
     train = once(args, "train", lambda: tokenize(tokenizer, data.train, config.data.max_length))
     model = load_model(config, data.label_names)
-    trainable, total = count_parameters(model)
-    run.start(
-        "classify", to_yaml(config), overwrite, base_model=config.model.name, train_data=config.data.train,
-        eval_data=config.data.eval, train_rows=len(train), eval_rows=len(data.eval.texts) if data.eval else 0,
-        trainable_params=trainable, total_params=total, num_processes=args.world_size,
-        effective_batch_size=effective_batch_size(args),
-    )
-    trainer = Trainer(
-        model=model, args=args, train_dataset=train, processing_class=tokenizer,
-        eval_dataset=tokenize(tokenizer, data.eval, config.data.max_length) if data.eval else None,
-        compute_metrics=trainer_metrics(data.label_names is None),
-        data_collator=DataCollatorWithPadding(tokenizer), callbacks=[MetricsLog(run)],
-    )
-    fit(trainer, run, resume)
-    metrics = evaluate_model(model, tokenizer, data.eval, config) if data.eval else {}
-    run.write_eval(metrics)
-    run.save_model(model, tokenizer)
-    run.finish(metrics)
-    return metrics
+
+    def make_trainer(callbacks: list[Any]) -> Any:
+        return Trainer(
+            model=model, args=args, train_dataset=train, processing_class=tokenizer,
+            eval_dataset=tokenize(tokenizer, data.eval, config.data.max_length) if data.eval else None,
+            compute_metrics=trainer_metrics(data.label_names is None),
+            data_collator=DataCollatorWithPadding(tokenizer), callbacks=callbacks,
+        )
+
+    info = {"train_data": config.data.train, "eval_data": config.data.eval, "train_rows": len(train),
+            "eval_rows": len(data.eval.texts) if data.eval else 0, **batch_info(args)}
+    return Setup(model, tokenizer, info, trainer_fit(make_trainer),
+                 lambda trainer: evaluate_model(model, tokenizer, data.eval, config) if data.eval else {},
+                 trained_model=lambda trainer: model)
 
 
 def trainer_metrics(regression: bool) -> Any:

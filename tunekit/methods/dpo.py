@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import Field
 
-from tunekit.config import Recipe, Section, to_yaml
+from tunekit.config import Recipe, Section
 from tunekit.data.preference import PreferenceData, Preferences, Side, load_preferences, longer_wins
 from tunekit.generation import GenerationSection
 
@@ -115,56 +115,42 @@ def trl_rows(tokenizer: Any, preferences: Any, budget: int) -> list[dict[str, An
 
 def load_models(config: Config) -> tuple[Any, Any, Any]:
     """Policy, reference (None with an adapter: the adapter is switched off instead) and tokenizer."""
-    from transformers import AutoModelForCausalLM
+    from tunekit.models import load_causal_lm
 
-    from tunekit.data.chat import ensure_chat_template
-    from tunekit.models import load_for_training, load_tokenizer
-
-    tokenizer = load_tokenizer(config.model)
-    ensure_chat_template(tokenizer, config.model.chat_template)
-    model = load_for_training(AutoModelForCausalLM, config.model, config.peft, "CAUSAL_LM")
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model, tokenizer = load_causal_lm(config.model, config.peft)
     reference = None
     if not hasattr(model, "peft_config"):
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     return model, reference, tokenizer
 
 
-def run(config: Config, data: Preferences, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
+def setup(config: Config, data: Preferences, run: Any) -> Any:
     from datasets import Dataset
 
-    from tunekit.models import count_parameters
-    from tunekit.runs.folder import RunFolder
-    from tunekit.training import MetricsLog, effective_batch_size, fit, training_arguments
+    from tunekit.training import Setup, batch_info, trainer_fit, training_arguments
     from tunekit.upstream import LeanDPOTrainer
 
-    run = RunFolder(run_dir)
     args = training_arguments(config, run)
-    run.enabled = args.process_index == 0
     model, reference, tokenizer = load_models(config)
     budget = config.dpo.max_prompt_length or args.max_length // 2
     train = Dataset.from_list(trl_rows(tokenizer, data.train, budget))
     held_out = Dataset.from_list(trl_rows(tokenizer, data.eval, budget)) if data.eval else None
-    trainable, total = count_parameters(model)
-    run.start(
-        "dpo", to_yaml(config), overwrite, base_model=config.model.name, train_data=config.data.train,
-        eval_data=config.data.eval or (f"last {config.data.eval_size} rows" if data.eval else None),
-        train_rows=len(train), eval_rows=len(held_out) if held_out is not None else 0,
-        trainable_params=trainable, total_params=total, num_processes=args.world_size,
-        effective_batch_size=effective_batch_size(args), data_format=data.train.kind,
-        reference="the base model, adapter off" if reference is None else "a frozen copy of the base model",
-    )
-    trainer = LeanDPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train, eval_dataset=held_out,
-                             processing_class=tokenizer, callbacks=[MetricsLog(run)])
-    fit(trainer, run, resume)
-    metrics = {}
-    if held_out is not None:
-        metrics = {**reward_metrics(trainer), "baseline_longer_wins": longer_wins(data.eval)}
-    run.write_eval(metrics)
-    run.save_model(trainer.model, tokenizer)
-    run.finish(metrics)
-    return metrics
+
+    def make_trainer(callbacks: list[Any]) -> Any:
+        return LeanDPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train, eval_dataset=held_out,
+                              processing_class=tokenizer, callbacks=callbacks)
+
+    def evaluate(trainer: Any) -> dict[str, Any]:
+        if held_out is None:
+            return {}
+        return {**reward_metrics(trainer), "baseline_longer_wins": longer_wins(data.eval)}
+
+    info = {"train_data": config.data.train,
+            "eval_data": config.data.eval or (f"last {config.data.eval_size} rows" if data.eval else None),
+            "train_rows": len(train), "eval_rows": len(held_out) if held_out is not None else 0, **batch_info(args),
+            "data_format": data.train.kind,
+            "reference": "the base model, adapter off" if reference is None else "a frozen copy of the base model"}
+    return Setup(model, tokenizer, info, trainer_fit(make_trainer), evaluate)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,12 +11,11 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from tunekit.config import Recipe, Section, to_yaml
+from tunekit.config import Recipe, Section
 from tunekit.data.corpus import Source, packed, sources, streamed, texts
 from tunekit.data.prepare import Prepared
 from tunekit.errors import UserError
@@ -169,51 +168,45 @@ def rows_of(dataset: Any) -> int | str:
     return "streamed" if dataset is not None and not hasattr(dataset, "__len__") else len(dataset or [])
 
 
-def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
+def setup(config: Config, data: Data, run: Any) -> Any:
     from transformers import DataCollatorForLanguageModeling, Trainer
 
-    from tunekit.models import count_parameters
-    from tunekit.runs.folder import RunFolder
-    from tunekit.training import (
-        MetricsLog,
-        effective_batch_size,
-        first_on_each_machine,
-        fit,
-        training_arguments,
-    )
+    from tunekit.training import Setup, batch_info, first_on_each_machine, trainer_fit, training_arguments
 
-    run = RunFolder(run_dir)
     args = training_arguments(config, run)
-    run.enabled = args.process_index == 0
     with first_on_each_machine(args, "preparing the corpus"):  # the other ranks then load the cache
         tokenizer = build_tokenizer(config, data)
         if config.pretrain.objective == "mlm" and tokenizer.mask_token is None:
             raise UserError("model.tokenizer: the tokenizer has no mask token; masked-LM pre-training needs one")
         train, held_out = training_blocks(config, data, tokenizer, args.seed)
     model = build_model(config, tokenizer)
-    trainable, total = count_parameters(model)
-    run.start(
-        "pretrain", to_yaml(config), overwrite, base_model=config.model.name or "random init (model.config)",
-        train_data=config.data.train, eval_data=config.data.eval or f"{config.data.eval_fraction:.0%} of blocks",
-        train_rows=rows_of(train), eval_rows=rows_of(held_out), trainable_params=trainable, total_params=total,
-        num_processes=args.world_size, effective_batch_size=effective_batch_size(args),
-        tokens_per_block=config.data.block_size,
-    )
     collator = DataCollatorForLanguageModeling(
         tokenizer, mlm=config.pretrain.objective == "mlm", mlm_probability=config.pretrain.mlm_probability)
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
-                      processing_class=tokenizer, data_collator=collator, callbacks=[MetricsLog(run)])
-    fit(trainer, run, resume, tokens_per_sample=config.data.block_size)
-    metrics = {}
-    if held_out is not None:
-        loss = trainer.evaluate()["eval_loss"]
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
-        if not config.data.streaming:
-            metrics["eval_tokens"] = len(held_out) * config.data.block_size
-    run.write_eval(metrics)
-    if getattr(model, "generation_config", None) is not None:  # causal LMs: generation stops at EOS
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    run.save_model(model, tokenizer)
-    run.finish(metrics)
-    return metrics
+
+    def make_trainer(callbacks: list[Any]) -> Any:
+        return Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                       processing_class=tokenizer, data_collator=collator, callbacks=callbacks)
+
+    def evaluate(trainer: Any) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        if held_out is not None:
+            loss = trainer.evaluate()["eval_loss"]
+            metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+            if not config.data.streaming:
+                metrics["eval_tokens"] = len(held_out) * config.data.block_size
+        if getattr(model, "generation_config", None) is not None:  # causal LMs: generation stops at EOS
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return metrics
+
+    info = {"base_model": config.model.name or "random init (model.config)", "train_data": config.data.train,
+            "eval_data": config.data.eval or f"{config.data.eval_fraction:.0%} of blocks",
+            "train_rows": rows_of(train), "eval_rows": rows_of(held_out), **batch_info(args),
+            "tokens_per_block": config.data.block_size}
+    return Setup(model, tokenizer, info, trainer_fit(make_trainer, config.data.block_size), evaluate,
+                 trained_model=lambda trainer: model)
+
+
+def task(config: Config) -> str:
+    """The head this recipe trains: masked LM (BERT) or causal LM (GPT)."""
+    return "masked-lm" if config.pretrain.objective == "mlm" else "causal-lm"

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tunekit.config import Recipe, to_yaml, validate_config
+from tunekit.config import Recipe, validate_config
 from tunekit.data.preference import PreferenceData, Preferences, full_text, load_preferences, longer_wins
 from tunekit.errors import UserError
 from tunekit.rl.reward_scores import DEFAULT_MAX_LENGTH, encode, score_ids, score_texts
@@ -121,38 +121,31 @@ def load_model_and_tokenizer(config: Config, conversational: bool) -> tuple[Any,
     return model, tokenizer
 
 
-def run(config: Config, data: Preferences, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
+def setup(config: Config, data: Preferences, run: Any) -> Any:
     from datasets import Dataset
     from trl import RewardTrainer
 
-    from tunekit.models import count_parameters
-    from tunekit.runs.folder import RunFolder
-    from tunekit.training import MetricsLog, effective_batch_size, fit, training_arguments
+    from tunekit.training import Setup, batch_info, trainer_fit, training_arguments
 
-    run = RunFolder(run_dir)
     args = training_arguments(config, run)
-    run.enabled = args.process_index == 0
     model, tokenizer = load_model_and_tokenizer(config, data.train.pairs[0].conversational)
     train = Dataset.from_list(encode_pairs(tokenizer, data.train, args.max_length))
     held_out = Dataset.from_list(encode_pairs(tokenizer, data.eval, args.max_length)) if data.eval else None
-    trainable, total = count_parameters(model)
-    run.start(
-        "reward", to_yaml(config), overwrite, base_model=config.model.name, train_data=config.data.train,
-        eval_data=config.data.eval or (f"last {config.data.eval_size} rows" if data.eval else None),
-        train_rows=len(train), eval_rows=len(held_out) if held_out is not None else 0,
-        trainable_params=trainable, total_params=total, num_processes=args.world_size,
-        effective_batch_size=effective_batch_size(args), data_format=data.train.kind,
-    )
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
-                            processing_class=tokenizer, callbacks=[MetricsLog(run)])
-    fit(trainer, run, resume)
-    metrics = {}
-    if data.eval:
-        metrics = pair_metrics(trainer.model, tokenizer, data.eval, args.max_length, args.per_device_eval_batch_size)
-    run.write_eval(metrics)
-    run.save_model(trainer.model, tokenizer)
-    run.finish(metrics)
-    return metrics
+
+    def make_trainer(callbacks: list[Any]) -> Any:
+        return RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                             processing_class=tokenizer, callbacks=callbacks)
+
+    def evaluate(trainer: Any) -> dict[str, Any]:
+        if not data.eval:
+            return {}
+        return pair_metrics(trainer.model, tokenizer, data.eval, args.max_length, args.per_device_eval_batch_size)
+
+    info = {"train_data": config.data.train,
+            "eval_data": config.data.eval or (f"last {config.data.eval_size} rows" if data.eval else None),
+            "train_rows": len(train), "eval_rows": len(held_out) if held_out is not None else 0, **batch_info(args),
+            "data_format": data.train.kind}
+    return Setup(model, tokenizer, info, trainer_fit(make_trainer), evaluate)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tunekit.config import Recipe, Section, to_yaml
+from tunekit.config import Recipe, Section
 from tunekit.data.masking import prompts_of_table
 from tunekit.data.tables import read_table
 from tunekit.errors import UserError
@@ -261,15 +261,13 @@ def frozen_reference(config: Config, policy: Any) -> Any:
     return copy.deepcopy(policy).eval().requires_grad_(False)
 
 
-def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
-    from tunekit.launch import is_first_rank
-    from tunekit.models import count_parameters
+def setup(config: Config, data: Data, run: Any) -> Any:
+    """rlhf's parts: the policy, its reward and prompts; training is tunekit's PPO loop or TRL's GRPO /
+    RLOO, between two evaluations on the held-out prompts (same prompts, seed and sampling)."""
     from tunekit.rl.rewards import build_rewards
     from tunekit.rl.rollout import evaluate, make_prompts
-    from tunekit.runs.folder import RunFolder
-    from tunekit.training import status_on_error
+    from tunekit.training import Setup, status_on_error
 
-    run = RunFolder(run_dir, enabled=is_first_rank())
     policy, tokenizer = load_policy(config)
     reward = build_rewards(config.rlhf.reward_model, config.rlhf.reward_model_weight, config.rlhf.reward_fn,
                            config.rlhf.reward_batch_size)
@@ -278,30 +276,35 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
     reward.to(device)
     train = make_prompts(data.train, tokenizer, config.rlhf.chat_template, data.train_rows)
     held_out = make_prompts(data.eval, tokenizer, config.rlhf.chat_template, data.eval_rows)
-    trainable, total = count_parameters(policy)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    run.start("rlhf", to_yaml(config), overwrite, base_model=config.model.name, train_data=config.data.train,
-              eval_data=config.data.eval or f"last {config.data.eval_size} rows", train_rows=len(train),
-              eval_rows=len(held_out), trainable_params=trainable, total_params=total, num_processes=world,
-              effective_batch_size=config.ppo.rollout_batch_size * world, algo=config.rlhf.algo,
-              reward_model=config.rlhf.reward_model,
-              reward_fn=", ".join(f.name for f in config.rlhf.reward_fn) or None)
-    with status_on_error(run):
-        before = evaluate(policy, None, tokenizer, reward, held_out, config.generation, config.generation.seed,
-                          with_kl=False)  # the policy is its own reference here
-        trained, reference = train_policy(config, policy, tokenizer, reward, train, run, resume)
-        after = evaluate(trained, reference, tokenizer, reward, held_out, config.generation, config.generation.seed)
-    metrics = {"reward_before": before["reward"], "reward_after": after["reward"], "kl": after["kl"],
-               "response_length_before": before["response_length"], "response_length_after": after["response_length"]}
-    for key in before:  # the reward's components, when it has several: reward/exact_answer -> exact_answer_before
-        if key.startswith("reward/"):
-            metrics[f"{key.removeprefix('reward/')}_before"] = before[key]
-            metrics[f"{key.removeprefix('reward/')}_after"] = after[key]
-    run.write_eval(metrics)
-    run.save_model(trained, tokenizer)
-    run.finish(metrics)
-    plot_rewards(run.path / "metrics.jsonl", run.path / "reward.png", kl_per_token=config.rlhf.algo != "ppo")
-    return metrics
+    measured: dict[str, dict[str, float]] = {}
+
+    def train_model(run: Any, resume: Path | None) -> tuple[Any, Any]:
+        with status_on_error(run):
+            measured["before"] = evaluate(policy, None, tokenizer, reward, held_out, config.generation,
+                                          config.generation.seed, with_kl=False)  # the policy is its own reference
+            trained, reference = train_policy(config, policy, tokenizer, reward, train, run, resume)
+            measured["after"] = evaluate(trained, reference, tokenizer, reward, held_out, config.generation,
+                                         config.generation.seed)
+        return trained, reference
+
+    def report(trained: Any) -> dict[str, Any]:
+        before, after = measured["before"], measured["after"]
+        metrics = {"reward_before": before["reward"], "reward_after": after["reward"], "kl": after["kl"],
+                   "response_length_before": before["response_length"],
+                   "response_length_after": after["response_length"]}
+        for key in before:  # the reward's components, when it has several: reward/exact_answer -> exact_answer_before
+            if key.startswith("reward/"):
+                metrics[f"{key.removeprefix('reward/')}_before"] = before[key]
+                metrics[f"{key.removeprefix('reward/')}_after"] = after[key]
+        plot_rewards(run.path / "metrics.jsonl", run.path / "reward.png", kl_per_token=config.rlhf.algo != "ppo")
+        return metrics
+
+    info = {"train_data": config.data.train, "eval_data": config.data.eval or f"last {config.data.eval_size} rows",
+            "train_rows": len(train), "eval_rows": len(held_out), "num_processes": world,
+            "effective_batch_size": config.ppo.rollout_batch_size * world, "algo": config.rlhf.algo,
+            "reward_model": config.rlhf.reward_model, "reward_fn": ", ".join(f.name for f in config.rlhf.reward_fn) or None}
+    return Setup(policy, tokenizer, info, train_model, report, trained_model=lambda result: result[0])
 
 
 def train_policy(config: Config, policy: Any, tokenizer: Any, reward: Any, prompts: list[Any], run: Any,

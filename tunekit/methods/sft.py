@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
-from transformers import TrainerCallback
 
-from tunekit.config import Recipe, Section, to_yaml
+from tunekit.config import Recipe, Section
 from tunekit.data.masking import detect_format, to_messages
 from tunekit.data.prepare import Prepared
 from tunekit.data.tables import Table, join, read_table
@@ -264,22 +263,6 @@ class PackedRows:
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
-class LossAtStart(TrainerCallback):
-    """The held-out loss of the model as it starts training, measured once the Trainer has prepared
-    it: under FSDP2 a model is sharded together with its optimizer, inside train(), so an evaluation
-    before train() cannot prepare it (accelerate 1.15 refuses a model alone)."""
-
-    def __init__(self, trainer: Any) -> None:
-        self.trainer = trainer
-        self.loss: float | None = None
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        import torch
-
-        with torch.random.fork_rng():  # the evaluation draws from the RNG; training must not see it
-            self.loss = self.trainer.evaluate()["eval_loss"]
-
-
 def tokens_per_sample(dataset: Any) -> float:
     """Mean tokens of a training row (a packed row when packing is on), for the progress display."""
     import pyarrow.compute as pc
@@ -288,63 +271,73 @@ def tokens_per_sample(dataset: Any) -> float:
     return (pc.sum(pc.list_value_length(column)).as_py() or 0) / max(len(dataset), 1)
 
 
-def build_trainer(config: Config, data: Data, run: Any, args: Any, overwrite: bool = False) -> Any:
-    """The trainer `tunekit sft` trains with (model, tokenised and packed data, collator, metrics
-    log), with the run folder started; bench/gpu.py times this same trainer."""
-
-    from tunekit.models import count_parameters, load_causal_lm
-    from tunekit.progress import show_progress
-    from tunekit.training import MetricsLog, effective_batch_size, first_on_each_machine
-    from tunekit.upstream import LeanSFTTrainer
+def tokenised(config: Config, data: Data, args: Any) -> tuple[Any, Any, Any, Any]:
+    """The model, its tokenizer and both splits tokenised (once per machine: the other ranks load
+    the first one's cached result)."""
+    from tunekit.models import load_causal_lm
+    from tunekit.training import first_on_each_machine
 
     model, tokenizer = load_causal_lm(config.model, config.peft)
-    with first_on_each_machine(args, "tokenising"):  # the other ranks then load rank 0's cached result
+    with first_on_each_machine(args, "tokenising"):
         prepared = dict(prepare(config, data, tokenizer))
-    train = prepared["train"].dataset
     held_out = prepared["eval"].dataset if "eval" in prepared else None
-    trainable, total = count_parameters(model)
-    run.start(
-        "sft", to_yaml(config), overwrite, base_model=config.model.name, train_data=config.data.train,
-        eval_data=config.data.eval or f"last {config.data.eval_size} rows", train_rows=len(train),
-        eval_rows=len(held_out) if held_out is not None else 0, trainable_params=trainable, total_params=total,
-        num_processes=args.world_size, effective_batch_size=effective_batch_size(args), data_format=data.train.kind,
-    )
+    return model, tokenizer, prepared["train"].dataset, held_out
+
+
+def sft_trainer(args: Any, model: Any, tokenizer: Any, train: Any, held_out: Any, callbacks: list[Any]) -> Any:
+    """The trainer `tunekit sft` trains with: packed rows when train.packing, collated as separate
+    rows (PackedRows), not by TRL."""
+    from tunekit.progress import show_progress
+    from tunekit.upstream import LeanSFTTrainer
+
     collator = None
-    if args.packing:  # packed here, collated as separate rows (PackedRows), not by TRL
+    if args.packing:
         train = packed(train, args.max_length, args.packing_strategy)
         collator = PackedRows(tokenizer.pad_token_id)
         args.packing = args.padding_free = False
     trainer = LeanSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
-                             processing_class=tokenizer, data_collator=collator, callbacks=[MetricsLog(run)])
+                             processing_class=tokenizer, data_collator=collator, callbacks=callbacks)
     show_progress(trainer, tokens_per_sample(trainer.train_dataset))
     return trainer
 
 
-def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resume: Any = None) -> dict[str, float]:
-    from tunekit.runs.folder import RunFolder
-    from tunekit.training import fit, training_arguments
+def build_trainer(config: Config, data: Data, args: Any, callbacks: list[Any]) -> Any:
+    """What `tunekit sft` trains, in one call (bench/gpu.py times this same trainer)."""
+    return sft_trainer(args, *tokenised(config, data, args), callbacks)
 
-    run = RunFolder(run_dir)
+
+def setup(config: Config, data: Data, run: Any) -> Any:
+    from tunekit.training import LossAtStart, Setup, batch_info, fit, training_arguments
+
     args = training_arguments(config, run)
-    run.enabled = args.process_index == 0
-    trainer = build_trainer(config, data, run, args, overwrite)
-    held_out = trainer.eval_dataset
-    before = run.logged("eval_loss", step=0) if resume else None  # measured before the interruption
-    at_start = LossAtStart(trainer) if not resume and held_out is not None else None
-    if at_start:
-        trainer.add_callback(at_start)
-    fit(trainer, run, resume)
-    metrics: dict[str, float] = {}
-    if held_out is not None:
-        before = at_start.loss if at_start else before
+    model, tokenizer, train, held_out = tokenised(config, data, args)
+    info = {"train_data": config.data.train, "eval_data": config.data.eval or f"last {config.data.eval_size} rows",
+            "train_rows": len(train), "eval_rows": len(held_out) if held_out is not None else 0, **batch_info(args),
+            "data_format": data.train.kind}
+    at_start: LossAtStart | None = None
+
+    def train_model(run: Any, resume: Path | None) -> Any:
+        nonlocal at_start
+        from tunekit.training import MetricsLog
+
+        trainer = sft_trainer(args, model, tokenizer, train, held_out, [MetricsLog(run)])
+        at_start = LossAtStart(trainer) if not resume and held_out is not None else None
+        if at_start:
+            trainer.add_callback(at_start)
+        fit(trainer, run, resume)
+        return trainer
+
+    def evaluate(trainer: Any) -> dict[str, Any]:
+        if held_out is None:
+            return {}
+        before = at_start.loss if at_start else run.logged("eval_loss", step=0)  # resumed: as measured before
         after = trainer.evaluate()["eval_loss"]
         metrics = {"loss": after, "perplexity": math.exp(min(after, 50))}
         if before is not None:  # None only for a resumed run whose metrics.jsonl lost step 0
             metrics.update(loss_before=before, perplexity_before=math.exp(min(before, 50)))
-    run.write_eval(metrics)
-    run.save_model(trainer.model, trainer.processing_class)
-    run.finish(metrics)
-    return metrics
+        return metrics
+
+    return Setup(model, tokenizer, info, train_model, evaluate)
 
 
 def heldout_prompts(run_dir: Path, count: int) -> list[list[dict[str, str]]]:

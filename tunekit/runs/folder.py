@@ -143,9 +143,10 @@ class RunFolder:
         from tunekit.runs.plots import plot_losses
 
         self.update(status="done", wall_time_s=round(time.time() - self.started, 1))
-        plot_losses(self.path / "metrics.jsonl", self.path / "loss.png", self.info.get("method"))
+        plot_losses(self.path / "metrics.jsonl", self.path / "loss.png", self.info.get("method"),
+                    self.info.get("loss_units"), self.info.get("step_unit"))
         peft = (read_run_config(self.path).get("peft") or {}).get("method", "none")
-        card = model_card(self.info, metrics, task_of(self.path, self.info.get("method")), None if peft == "none" else peft,
+        card = model_card(self.info, metrics, self.info["task"], None if peft == "none" else peft,
                           adapter=(self.path / "adapter").is_dir())
         write_atomic(self.path / "README.md", card)
 
@@ -208,14 +209,25 @@ def run_method(run_dir: Path) -> str:
 Task = Literal["causal-lm", "masked-lm", "sequence-classification", "question-answering"]
 
 
-def task_of(run_dir: Path, method: str | None) -> Task:
-    """The model head a run trained (an explicit choice per method)."""
-    if method in ("classify", "reward"):
-        return "sequence-classification"
-    if method == "qa":
-        return "question-answering"
-    if method == "pretrain" and (read_run_config(run_dir).get("pretrain") or {}).get("objective") == "mlm":
-        return "masked-lm"
+# The head a saved model's class names, for run folders whose run.json does not record its task
+ARCHITECTURE_TASKS: tuple[tuple[str, Task], ...] = (
+    ("ForSequenceClassification", "sequence-classification"), ("ForQuestionAnswering", "question-answering"),
+    ("ForMaskedLM", "masked-lm"),
+)
+
+
+def task_of(run_dir: Path) -> Task:
+    """The model head a run trained: run.json's `task` (the method decided it when the run
+    started), else what its saved model's class says."""
+    info_path = Path(run_dir) / "run.json"
+    task = read_json(info_path).get("task") if info_path.is_file() else None
+    if task:
+        return task
+    for saved in ("model", "adapter"):
+        config = Path(run_dir) / saved / "config.json"
+        if config.is_file():
+            architectures = read_json(config).get("architectures") or []
+            return next((t for a in architectures for suffix, t in ARCHITECTURE_TASKS if a.endswith(suffix)), "causal-lm")
     return "causal-lm"
 
 

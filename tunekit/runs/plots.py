@@ -10,18 +10,6 @@ from typing import Any
 
 # metrics.jsonl key -> legend label, for the loss panel (PPO logs its two losses, Trainers `loss`)
 LOSSES = {"loss": "training loss", "eval_loss": "evaluation loss", "policy_loss": "policy loss", "value_loss": "value loss"}
-# What each method's loss is, for the y axis (the Trainer logs the mean over the logging window)
-LOSS_UNITS = {
-    "classify": "cross-entropy, nats; MSE if regression",
-    "qa": "start/end cross-entropy, nats",
-    "pretrain": "cross-entropy per token, nats",
-    "sft": "cross-entropy per token, nats",
-    "reward": "−log σ(chosen − rejected), nats",
-    "dpo": "DPO loss, nats",
-    "rlhf": "in reward units",
-}
-
-
 def read_records(metrics_path: Path) -> list[dict[str, Any]]:
     if not metrics_path.exists():
         return []
@@ -32,14 +20,17 @@ def series(records: list[dict[str, Any]], key: str) -> list[tuple[float, float]]
     return [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float) and "step" in r]
 
 
-def step_label(method: str | None) -> str:
-    """What one step is: a PPO/GRPO step is a round of rollouts, a Trainer step one optimizer update."""
-    return "step (rounds of rollouts)" if method == "rlhf" else "step (optimizer updates)"
+def step_label(unit: str | None) -> str:
+    """What one step is (the method says): a PPO/GRPO step is a round of rollouts, a Trainer step one
+    optimizer update."""
+    return f"step ({unit or 'optimizer updates'})"
 
 
-def plot_losses(metrics_path: Path, out: Path, method: str | None = None) -> bool:
-    """loss.png; False (and no file) when the run logged no loss."""
-    fig = loss_figure(read_records(metrics_path), method, metrics_path.parent.name)
+def plot_losses(metrics_path: Path, out: Path, method: str | None = None, units: str | None = None,
+                step_unit: str | None = None) -> bool:
+    """loss.png; False (and no file) when the run logged no loss. `units` says what the method's
+    loss is, for the y axis (tunekit.methods.Method.loss_units)."""
+    fig = loss_figure(read_records(metrics_path), method, metrics_path.parent.name, units, step_unit)
     if fig is not None:
         save(fig, out)
     return fig is not None
@@ -53,7 +44,8 @@ def plot_rewards(metrics_path: Path, out: Path, kl_per_token: bool = False) -> b
     return fig is not None
 
 
-def loss_figure(records: list[dict[str, Any]], method: str | None, name: str) -> Any:
+def loss_figure(records: list[dict[str, Any]], method: str | None, name: str, units: str | None = None,
+                step_unit: str | None = None) -> Any:
     """Losses against step and, below, the learning rate schedule when it was logged."""
     losses = {label: points for key, label in LOSSES.items() if (points := series(records, key))}
     if not losses:
@@ -69,7 +61,7 @@ def loss_figure(records: list[dict[str, Any]], method: str | None, name: str) ->
     for label, points in losses.items():
         top.plot(*zip(*points), label=label, marker="o" if len(points) < 12 or label == "evaluation loss" else None,
                  markersize=3)
-    top.set_ylabel(f"loss\n{LOSS_UNITS.get(method or '', 'mean over the logging window')}")
+    top.set_ylabel(f"loss\n{units or 'mean over the logging window'}")
     top.set_title(f"tunekit {method or ''}: {name}", fontsize=10)
     top.legend(loc="best", fontsize=8, framealpha=0.9)
     top.grid(alpha=0.3)
@@ -79,7 +71,7 @@ def loss_figure(records: list[dict[str, Any]], method: str | None, name: str) ->
         low.set_ylabel("learning rate")
         low.yaxis.set_major_formatter("{x:g}")  # 2e-05 on the tick itself, no offset text above the panel
         low.grid(alpha=0.3)
-    axes[-1][0].set_xlabel(step_label(method))
+    axes[-1][0].set_xlabel(step_label(step_unit))
     return layout(fig)
 
 
@@ -101,7 +93,7 @@ def reward_figure(records: list[dict[str, Any]], kl_per_token: bool, name: str) 
         low.plot(*zip(*kl), color="tab:orange", marker="o" if len(kl) < 12 else None, markersize=3)
         low.set_ylabel("KL to reference\n" + ("nats per token" if kl_per_token else "nats per response"))
         low.grid(alpha=0.3)
-    axes[-1][0].set_xlabel(step_label("rlhf"))
+    axes[-1][0].set_xlabel(step_label("rounds of rollouts"))
     return layout(fig)
 
 

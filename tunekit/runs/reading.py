@@ -18,12 +18,11 @@ from tunekit.runs.folder import Task, task_of
 
 # What a command needs of the folder:
 #   causal_lm  a causal LM to sample from (generate, chat, serve, eval --task): a run, or a model folder
-#   own_task   a run whose method scores and predicts data files of its task (eval --data, predict)
+#   finished   a finished run with its model (eval --data, predict: the method then says if it scores files)
 #   adapter    a run that saved an adapter (merge)
 #   sft        an SFT run's resolved recipe (preview), finished or not
-Want = Literal["causal_lm", "own_task", "adapter", "sft"]
+Want = Literal["causal_lm", "finished", "adapter", "sft"]
 
-OWN_TASK_METHODS = ("classify", "qa", "reward", "dpo")  # the methods with eval_run / predict_run
 CAUSAL_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
@@ -61,7 +60,7 @@ def open_run(target: str | Path, command: str, want: Want) -> RunInfo | None:
     method = info.get("method")
     if want != "sft":
         check_finished(path, info.get("status"), info.get("reason"))
-    run = RunInfo(path, method, task_of(path, method), adapter=(path / "adapter").is_dir())
+    run = RunInfo(path, method, task_of(path), adapter=(path / "adapter").is_dir())
     check_kind(run, command, want)
     return run
 
@@ -85,9 +84,6 @@ def check_kind(run: RunInfo, command: str, want: Want) -> None:
     what = f"{run.path}: a run of `tunekit {run.method}` ({run.task})"
     if want == "causal_lm" and run.task != "causal-lm":
         raise UserError(f"{what}; `tunekit {command}` needs a causal LM: an sft, dpo, rlhf or causal pretrain run")
-    if want == "own_task" and run.method not in OWN_TASK_METHODS:
-        hint = "; for a causal LM use `tunekit eval --task` or `tunekit generate`" if run.task == "causal-lm" else ""
-        raise UserError(f"{what}; `tunekit {command}` reads data files of {', '.join(OWN_TASK_METHODS)} runs{hint}")
     if want == "adapter" and not run.adapter:
         raise UserError(f"{run.path}: a full fine-tuning run (model/, no adapter/): nothing to merge; "
                         "its model/ already loads with transformers as it is")
