@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from tunekit.console import library_output_to_stderr
 from tunekit.errors import Interrupted, TrainingFailure
 
 if TYPE_CHECKING:
