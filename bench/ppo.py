@@ -170,8 +170,8 @@ def main() -> None:
     steps += options.set
     config = load_config(rlhf.Config, str(RECIPE), [*steps, f"rlhf.eval_prompts={options.eval_prompts}"])
     data = rlhf.check(config)
-    settings = {**config.ppo.model_dump(), **config.generation.model_dump(), "learning_rate": config.train["learning_rate"],
-                "lr_scheduler_type": config.train.get("lr_scheduler_type", "constant"), "seed": config.train.get("seed", 42)}
+    settings = {**config.ppo.model_dump(), **config.generation.model_dump(), "learning_rate": config.args.learning_rate,
+                "lr_scheduler_type": config.args.lr_scheduler_type, "seed": config.args.seed}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         results = {}

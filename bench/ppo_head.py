@@ -19,7 +19,8 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # not bench/: bench/p
 import torch  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from tunekit.rl.ppo import PolicyWithValue, last_logits, response_logprobs  # noqa: E402
+from tunekit.rl.ppo_model import PolicyWithValue  # noqa: E402
+from tunekit.rl.rollout import last_logits, response_logprobs  # noqa: E402
 
 BATCH, QUERY, RESPONSE = 8, 192, 64
 

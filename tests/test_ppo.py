@@ -99,8 +99,8 @@ def test_lm_head_runs_on_the_response_positions_only():
     also for a model that ignores logits_to_keep."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tunekit.rl.ppo import PolicyWithValue, forward_responses, position_ids, response_logprobs
-    from tunekit.rl.rollout import Samples, lm_logprobs
+    from tunekit.rl.ppo_model import PolicyWithValue, forward_responses
+    from tunekit.rl.rollout import Samples, lm_logprobs, position_ids, response_logprobs
 
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -69,7 +69,7 @@ import torch
 from accelerate import Accelerator
 
 from tunekit.rl import ppo
-from tunekit.rl.ppo import AdaptiveKLController
+from tunekit.rl.ppo_math import AdaptiveKLController
 
 accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
@@ -175,7 +175,7 @@ def test_bf16_first_step_kl_is_zero_and_no_kl_before_training(tmp_path, cli, tin
 
 
 def test_reward_texts_are_cut_at_the_reward_runs_max_length(reward_run, tmp_path, monkeypatch):
-    from tunekit.methods import reward as reward_method
+    from tunekit.rl import reward_scores
     from tunekit.rl.rollout import RewardModel, make_prompts
 
     run = tmp_path / "reward"
@@ -183,8 +183,8 @@ def test_reward_texts_are_cut_at_the_reward_runs_max_length(reward_run, tmp_path
     text = (run / "config.yaml").read_text()
     write(run / "config.yaml", text + "train:\n  max_length: 8\n")
     lengths = []
-    encode = reward_method.encode
-    monkeypatch.setattr(reward_method, "encode", lambda t, text, n: lengths.append(n) or encode(t, text, n))
+    encode = reward_scores.encode
+    monkeypatch.setattr(reward_scores, "encode", lambda t, text, n: lengths.append(n) or encode(t, text, n))
     model = RewardModel(str(run))
     prompts = make_prompts([[{"role": "user", "content": "the film is"}]], model.tokenizer, chat_template=False)
     model.score(prompts, [" good " * 40])
@@ -223,7 +223,7 @@ def test_forward_batches_bound_memory_and_keep_the_update(tiny_gpt):
     minibatch update are those of the whole batch at once."""
     from accelerate import Accelerator
 
-    from tunekit.rl.ppo import Batch, PolicyWithValue, minibatch_epochs, rollout_forward
+    from tunekit.rl.ppo_model import Batch, PolicyWithValue, minibatch_epochs, rollout_forward
     from tunekit.rl.rollout import lm_logprobs, sample
 
     lm, tokenizer = tiny_lm(tiny_gpt)
@@ -261,7 +261,7 @@ def test_forward_batches_bound_memory_and_keep_the_update(tiny_gpt):
 def test_forward_batches_leave_out_all_padding_columns_with_the_same_loss(tiny_gpt):
     """A forward batch drops the columns that are padding in all its rows (left of the longest
     query, right of the longest response); its loss and gradients are those of the padded batch."""
-    from tunekit.rl.ppo import Batch, PolicyWithValue, ppo_loss, rollout_forward
+    from tunekit.rl.ppo_model import Batch, PolicyWithValue, ppo_loss, rollout_forward
     from tunekit.rl.rollout import sample
 
     lm, tokenizer = tiny_lm(tiny_gpt)

@@ -127,11 +127,30 @@ class Recipe(Section):
     train: dict[str, Any] = Field(default_factory=dict, description="TrainingArguments fields, passed through")
 
     _source: str = PrivateAttr("")
+    _args: Any = PrivateAttr(None)
 
     @property
     def source(self) -> str:
         """The recipe file this config was read from."""
         return self._source
+
+    @property
+    def args(self) -> Any:
+        """The typed training arguments (the method's TrainingArguments or TRL config), built once from
+        the checked and defaulted `train:` section. Code reads `config.args.x`; `train:` itself stays
+        what config.yaml shows."""
+        if self._args is None:
+            self._args = self.build_args()
+        return self._args
+
+    def build_args(self) -> Any:
+        from tunekit.upstream import fsdp_on_cpu
+
+        fsdp_on_cpu()  # before accelerate's state is set up by the arguments
+        try:
+            return self.train_args_class()(**self.train)  # output_dir: the run folder, set when the run starts
+        except (ValueError, TypeError) as err:
+            raise UserError(f"{self.source}: train: {str(err).splitlines()[0]}") from None
 
     @classmethod
     def train_args_class(cls) -> type:

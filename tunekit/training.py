@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from tunekit.config import Recipe
 from tunekit.distributed import check_started, describe_for_tests
-from tunekit.errors import Interrupted, TrainingFailure, UserError
+from tunekit.errors import Interrupted, TrainingFailure
 from tunekit.faults import inject_fault
 from tunekit.runs.folder import RunFolder, checkpoint_step
 
@@ -92,21 +92,18 @@ def batch_info(args: Any) -> dict[str, Any]:
 
 
 def training_arguments(config: Recipe, run: RunFolder) -> Any:
-    """The method's TrainingArguments class filled from `train:` (already checked and defaulted)."""
+    """The recipe's typed training arguments, writing into the run folder, with the world size checked
+    and the seed set (before the model is built: a randomly initialised model is reproducible too)."""
     from transformers import set_seed
 
     from tunekit.launch import check_world_size
-    from tunekit.upstream import fsdp_on_cpu
 
-    fsdp_on_cpu()
-    try:
-        args = config.train_args_class()(output_dir=str(run.path), **config.train)
-    except (ValueError, TypeError) as err:
-        raise UserError(f"train: {str(err).splitlines()[0]}") from None
+    args = config.args
+    args.output_dir = str(run.path)
     problem = check_world_size(args.world_size)
     if problem:
         raise TrainingFailure(problem)
-    set_seed(args.seed)  # before the model is built: a randomly initialised model is reproducible too
+    set_seed(args.seed)
     return args
 
 

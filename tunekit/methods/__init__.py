@@ -96,7 +96,9 @@ def load_recipe(method: Method, recipe: str, overrides: list[str] = ()) -> Recip
 
     path, data = read_recipe(recipe, overrides)
     check_method_key(data.get("method"), method.name, str(path))
-    return validate_config(method.Config, data, str(path))
+    config = validate_config(method.Config, data, str(path))
+    config.args  # noqa: B018 - built now, so that a value the arguments refuse is reported before any model loads
+    return config
 
 
 def with_own_task(command: str, method_name: str | None, what: str, causal: bool) -> Method:

@@ -241,7 +241,7 @@ def predict_logits(model: Any, tokenizer: Any, split: Examples, config: Config) 
     features = [{k: v for k, v in f.items() if k != "labels"} for f in tokenize(tokenizer, split, config.data.max_length)]
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     collate = DataCollatorWithPadding(tokenizer)
-    batch_size = config.train.get("per_device_eval_batch_size", 128)
+    batch_size = config.args.per_device_eval_batch_size
     device = next(model.parameters()).device
     model.eval()
     outputs = np.zeros((len(features), model.config.num_labels), dtype=np.float32)

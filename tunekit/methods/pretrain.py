@@ -103,15 +103,16 @@ def split_blocks(count: int, fraction: float, seed: int) -> tuple[Any, Any]:
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-def prepare(config: Config, data: Data, tokenizer: Any = None, seed: int = 42) -> list[tuple[str, Prepared]]:
-    """The corpus tokenised and packed into blocks (cached), split into training and held-out blocks."""
+def prepare(config: Config, data: Data, tokenizer: Any = None, seed: int | None = None) -> list[tuple[str, Prepared]]:
+    """The corpus tokenised and packed into blocks (cached), split into training and held-out blocks
+    (drawn with `seed`, default train.seed)."""
     if tokenizer is None:
         tokenizer = build_tokenizer(config, data)
     size, procs = config.data.block_size, config.data.num_proc
     blocks = packed(data.train, tokenizer, size, procs)
     if data.eval:
         return [("train", blocks), ("eval", packed(data.eval, tokenizer, size, procs))]
-    train, held = split_blocks(blocks.rows, config.data.eval_fraction, seed)
+    train, held = split_blocks(blocks.rows, config.data.eval_fraction, config.args.seed if seed is None else seed)
     return [("train", subset(blocks, train, size)), ("eval", subset(blocks, held, size))]
 
 

@@ -273,7 +273,7 @@ def evaluate_model(model: Any, tokenizer: Any, split: Examples, config: Config) 
 
 def predict_answers(model: Any, tokenizer: Any, split: Examples, config: Config) -> dict[str, str]:
     windows = make_windows(tokenizer, split, config)
-    starts, ends = window_logits(model, tokenizer, windows.inputs, config.train.get("per_device_eval_batch_size", 64))
+    starts, ends = window_logits(model, tokenizer, windows.inputs, config.args.per_device_eval_batch_size)
     cls = [cls_index(tokenizer, inputs) for inputs in windows.inputs]
     return best_answers(split, windows, starts, ends, cls, config.qa)
 

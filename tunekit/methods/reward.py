@@ -178,7 +178,7 @@ def eval_run(run_dir: Path, data_file: str) -> dict[str, float]:
     table = read_table(data_file, "--data")
     pairs = read_pairs(table, detect_format(table, config.data.format), config.data, None)
     model, tokenizer = load_run(run_dir)
-    return pair_metrics(model, tokenizer, pairs, config.train["max_length"], config.train["per_device_eval_batch_size"])
+    return pair_metrics(model, tokenizer, pairs, config.args.max_length, config.args.per_device_eval_batch_size)
 
 
 def predict_run(run_dir: Path, data_file: str) -> list[dict[str, Any]]:
@@ -200,5 +200,5 @@ def predict_run(run_dir: Path, data_file: str) -> list[dict[str, Any]]:
         if not isinstance(response, (str, list)):
             raise UserError(f"{table.where(i)}: {column!r} is missing or not text")
         texts.append(full_text(tokenizer, row.get("prompt") or ([] if isinstance(response, list) else ""), response))
-    scores = score_texts(model, tokenizer, texts, config.train["per_device_eval_batch_size"], config.train["max_length"])
+    scores = score_texts(model, tokenizer, texts, config.args.per_device_eval_batch_size, config.args.max_length)
     return [{"reward": round(score, 6)} for score in scores]

@@ -28,11 +28,6 @@ from tunekit.generation import GenerationSection
 from tunekit.rl.rewards import RewardFunctionSection, as_sections, check_reward_functions
 from tunekit.runs.plots import plot_rewards
 
-# TrainingArguments keys that tunekit's PPO reads; the `ppo:` section holds the rest. Any other key
-# is refused unless it keeps its device default (tunekit.config.device_defaults).
-PPO_TRAIN_KEYS = ("learning_rate", "seed", "logging_steps", "weight_decay", "adam_beta1", "adam_beta2",
-                  "adam_epsilon", "bf16", "fp16", "save_steps", "use_cpu", "report_to", "lr_scheduler_type",
-                  "warmup_steps")
 NOT_FOR_PPO = {
     "activation_checkpointing": "PPO keeps the policy in eval mode (no dropout), where transformers skips "
                                 "checkpointing; lower ppo.forward_batch_size to save memory",
@@ -136,6 +131,12 @@ class Config(Recipe):
     def reserved_train_keys(cls) -> dict[str, str]:
         return RESERVED
 
+    def build_args(self) -> Any:
+        """PPO's typed `train:` keys; GRPO and RLOO build TRL's config from `train:` (tunekit.rl.trl_algos)."""
+        from tunekit.rl.ppo import PpoTraining
+
+        return PpoTraining.model_validate(self.train)
+
     @classmethod
     def train_defaults(cls) -> dict[str, Any]:
         return {"learning_rate": 1e-5, "logging_steps": 10, "save_steps": 25}
@@ -188,13 +189,16 @@ def check_columns(config: Config, row: dict[str, Any], key: str, spec: str) -> N
 
 
 def check_ppo(config: Config) -> None:
-    """What tunekit's PPO cannot honour, refused in one line before any model is loaded."""
+    """What tunekit's PPO cannot honour, refused in one line before any model is loaded: a `train:`
+    key it does not read (tunekit.rl.ppo.PpoTraining), unless the user left it at its device default."""
     from tunekit.config import device_defaults
+    from tunekit.rl.ppo import PpoTraining
 
-    defaults = device_defaults(on_gpu=not config.train.get("use_cpu"))
+    read = tuple(PpoTraining.model_fields)
+    defaults = device_defaults(on_gpu=not config.args.use_cpu)
     for key, value in config.train.items():
-        if key not in PPO_TRAIN_KEYS and not (key in defaults and value == defaults[key]):
-            why = NOT_FOR_PPO.get(key, f"it reads {', '.join(PPO_TRAIN_KEYS)}; the `ppo:` section holds the rest")
+        if key not in read and not (key in defaults and value == defaults[key]):
+            why = NOT_FOR_PPO.get(key, f"it reads {', '.join(read)}; the `ppo:` section holds the rest")
             raise UserError(f"{config.source}: train.{key}: not used by tunekit's PPO ({why})")
     if config.generation.top_p < 1:
         # PPO's ratio and KL measure the full tempered softmax (for the policy and the reference
@@ -247,7 +251,7 @@ def this_process_device(config: Config) -> Any:
     """This process's GPU (LOCAL_RANK) when there is one and train.use_cpu is off, else the CPU."""
     import torch
 
-    if torch.cuda.is_available() and not config.train.get("use_cpu"):
+    if torch.cuda.is_available() and not config.args.use_cpu:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
@@ -326,18 +330,7 @@ def train_policy(config: Config, policy: Any, tokenizer: Any, reward: Any, promp
 def ppo_trainer(config: Config, policy: Any, tokenizer: Any, reward: Any, prompts: list[Any], run: Any,
                 reference: Any) -> Any:
     """tunekit's PPO trainer with the recipe's settings (bench/gpu.py times this same trainer)."""
-    from tunekit.rl.ppo import OptimizerSettings, PPOTrainer
+    from tunekit.rl.ppo import PPOTrainer
 
-    train = config.train
-    optimizer = OptimizerSettings(lr=train["learning_rate"], weight_decay=train.get("weight_decay", 0.0),
-                                  betas=(train.get("adam_beta1", 0.9), train.get("adam_beta2", 0.999)),
-                                  eps=train.get("adam_epsilon", 1e-8),
-                                  scheduler=train.get("lr_scheduler_type", "constant"),
-                                  warmup_steps=train.get("warmup_steps", 0))
-    precision = "bf16" if train.get("bf16") else "fp16" if train.get("fp16") else "no"
-    return PPOTrainer(policy, tokenizer, reward, prompts, config.ppo, config.generation, optimizer,
-                      seed=train.get("seed", 42), logging_steps=train["logging_steps"], log=run.log,
-                      reference=reference, shown_samples=config.rlhf.shown_samples, mixed_precision=precision,
-                      save_steps=train.get("save_steps"), checkpoints=run, cpu=bool(train.get("use_cpu")),
-                      report_to=train.get("report_to"))
-
+    return PPOTrainer(policy, tokenizer, reward, prompts, config.ppo, config.generation, config.args, log=run.log,
+                      reference=reference, shown_samples=config.rlhf.shown_samples, checkpoints=run)

@@ -199,7 +199,7 @@ def tokenize_split(tokenizer: Any, split: Split, config: Config) -> Prepared:
     the tokenizer with its chat template, and the masking and length options."""
     from tunekit.data import cache, prepare
 
-    max_length = config.train.get("max_length")
+    max_length = config.args.max_length
     train_all = not config.sft.completion_only_loss
     key = cache.digest("sft", split.table.key, split.kind, cache.tokenizer_key(tokenizer), max_length, train_all)
     encoder = Encoder(tokenizer, split, max_length, train_all)

@@ -22,165 +22,27 @@ tests/test_ppo.py).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from pydantic import ConfigDict
 
+from tunekit.config import Section
 from tunekit.rl.ppo_math import (
     AdaptiveKLController,
-    entropy,
     gae,
     kl_penalized_rewards,
     masked_mean,
-    policy_loss,
-    value_loss,
     whiten,
 )
-from tunekit.rl.rollout import in_chunks, last_logits, position_ids, reference_of, response_logprobs
-
-# ---------------------------------------------------------------------------------------------
-# The model: policy + value head
-
-
-class PolicyWithValue(nn.Module):
-    """A causal LM (or a PeftModel around one) and a linear value head on its last hidden state."""
-
-    def __init__(self, policy: nn.Module) -> None:
-        super().__init__()
-        self.policy = policy
-        hidden = policy.config.hidden_size
-        self.value_head = nn.Linear(hidden, 1)
-        nn.init.zeros_(self.value_head.weight)  # values start at 0: no made-up baseline at step 0
-        nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, values); with `keep` > 0 the logits of the last `keep` positions only (see
-        last_logits), the values of every position."""
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                          output_hidden_states=True, use_cache=False, logits_to_keep=keep)
-        hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)
-        return out.logits, self.value_head(hidden).squeeze(-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# The update
-
-
-@dataclass
-class Batch:
-    """One rollout batch after scoring: tensors over the query + response tokens."""
-
-    query_responses: torch.Tensor  # (B, Q + R) left-padded query, right-padded response
-    attention_mask: torch.Tensor  # (B, Q + R)
-    responses: torch.Tensor  # (B, R)
-    response_mask: torch.Tensor  # (B, R) 1 up to and including EOS
-    logprobs: torch.Tensor  # (B, R) under the rollout policy
-    values: torch.Tensor  # (B, R)
-    advantages: torch.Tensor  # (B, R)
-    returns: torch.Tensor  # (B, R)
-
-    def rows(self, index: list[int] | slice) -> Batch:
-        return Batch(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
-
-    @property
-    def context(self) -> int:
-        return self.query_responses.shape[1] - self.responses.shape[1]
-
-    def without_padding(self) -> Batch:
-        """The same rows without the columns that are padding in all of them: left of the longest
-        query and right of the longest response. The rollout batch is padded to its longest prompt
-        and response; a few of its rows in a forward pass then cost only what they hold. The result
-        is the same: masked keys add nothing to attention, positions come from the attention mask,
-        and a causal model's earlier positions do not see later columns."""
-        # the response's first column is never padding; one query column stays to predict it from
-        first = min(int(self.attention_mask.any(dim=0).float().argmax()), max(self.context - 1, 0))
-        length = int(self.response_mask.any(dim=0).sum())  # 1 from a response's start up to its end
-        full = slice(first, self.context + length)
-        return Batch(self.query_responses[:, full], self.attention_mask[:, full],
-                     *(getattr(self, f)[:, :length] for f in list(self.__dataclass_fields__)[2:]))
-
-
-def forward_responses(model: Any, batch_ids: torch.Tensor, mask: torch.Tensor, context: int, temperature: float
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tempered logits and values at the positions that predict the response tokens, and the
-    response tokens' log-probs."""
-    responses = batch_ids.shape[1] - context
-    logits, values = model(batch_ids, mask, keep=responses + 1)
-    logits = last_logits(logits, responses).float() / max(temperature, 1e-6)
-    return logits, values[:, context - 1 : -1], response_logprobs(logits, batch_ids[:, context:], 1.0)
-
-
-def rollout_forward(model: Any, samples: Any, temperature: float, forward_batch_size: int | None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Values, log-probs and per-token entropies of the sampled responses under the policy with its
-    value head, without gradients, `forward_batch_size` rows per forward pass."""
-    parts = []
-    with torch.no_grad():
-        for rows in in_chunks(forward_batch_size, len(samples.responses)):
-            logits, values, logprobs = forward_responses(model, samples.query_responses[rows],
-                                                         samples.attention_mask[rows], samples.context, temperature)
-            parts.append((values, logprobs, entropy(logits)))
-    values, logprobs, entropies = (torch.cat(part) for part in zip(*parts))
-    return values, logprobs, entropies
-
-
-def ppo_loss(model: Any, mini: Batch, settings: Any, temperature: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped policy loss + vf_coef * clipped value loss of a minibatch (or a forward batch of one)."""
-    _, values, logprobs = forward_responses(model, mini.query_responses, mini.attention_mask, mini.context, temperature)
-    pg, clip_fraction, approx_kl = policy_loss(logprobs, mini.logprobs, mini.advantages, mini.response_mask,
-                                               settings.clip_range)
-    vf, vf_clip = value_loss(values, mini.values, mini.returns, mini.response_mask, settings.value_clip_range)
-    loss = pg + settings.vf_coef * vf
-    return loss, {"loss": loss, "policy_loss": pg, "value_loss": vf, "clip_fraction": clip_fraction,
-                  "value_clip_fraction": vf_clip, "approx_kl": approx_kl}
-
-
-def minibatch_epochs(model: Any, optimizer: Any, accelerator: Any, batch: Batch, settings: Any, temperature: float,
-                     seed: int, scheduler: Any = None) -> dict[str, float]:
-    """PPO's inner loop: `settings.epochs` passes over the batch in shuffled minibatches, one
-    optimizer step each. A minibatch goes through the model `settings.forward_batch_size` rows at a
-    time, gradients accumulated: each forward batch's loss is weighted by its share of the
-    minibatch's response tokens, so the step is the one of the whole minibatch at once. Each forward
-    batch leaves out the columns that are padding in all its rows (Batch.without_padding)."""
-    order = list(range(len(batch.responses)))
-    totals: dict[str, float] = {}
-    updates = 0
-    rng = random.Random(seed)
-    for _ in range(settings.epochs):
-        rng.shuffle(order)
-        for start in range(0, len(order), settings.minibatch_size):
-            mini = batch.rows(order[start : start + settings.minibatch_size])
-            tokens = mini.response_mask.sum().clamp(min=1)
-            chunks = in_chunks(settings.forward_batch_size, len(mini.responses))
-            for number, rows in enumerate(chunks):
-                part = mini.rows(rows).without_padding()
-                weight = part.response_mask.sum() / tokens
-                loss, stats = ppo_loss(model, part, settings, temperature)
-                # DDP: gradients are all-reduced once, with the minibatch's last backward
-                syncing = contextlib.nullcontext() if number == len(chunks) - 1 else accelerator.no_sync(model)
-                with syncing:
-                    accelerator.backward(loss * weight)
-                for key, value in stats.items():
-                    totals[key] = totals.get(key, 0.0) + float(value.detach() * weight)
-            if settings.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            optimizer.zero_grad()
-            updates += 1
-    return {key: value / max(updates, 1) for key, value in totals.items()}
-
+from tunekit.rl.ppo_model import Batch, PolicyWithValue, minibatch_epochs, rollout_forward
+from tunekit.rl.rollout import reference_of
 
 # ---------------------------------------------------------------------------------------------
 # The trainer
@@ -198,16 +60,33 @@ def prompt_batches(count: int, batch_size: int, seed: int, rank: int = 0, world:
         yield take[rank * batch_size : (rank + 1) * batch_size]
 
 
-@dataclass
-class OptimizerSettings:
-    """AdamW and its learning-rate schedule, from the recipe's `train:` section."""
+class PpoTraining(Section):
+    """The `train:` keys tunekit's PPO reads, typed (`config.args` of an rlhf recipe); the `ppo:`
+    section holds the rest. Defaults come from `train:` (tunekit.config.device_defaults and the
+    rlhf method's own); these are only for keys nobody set."""
 
-    lr: float
+    model_config = ConfigDict(extra="ignore")  # the device defaults of other trainers are not PPO's business
+
+    learning_rate: float
+    seed: int
+    logging_steps: int
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    scheduler: str = "constant"  # train.lr_scheduler_type
-    warmup_steps: float = 0  # train.warmup_steps: optimizer steps, or a fraction of them below 1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    bf16: bool = False
+    fp16: bool = False
+    save_steps: int | None = None
+    use_cpu: bool = False
+    report_to: str | list[str] | None = None
+    # A PPO step is a fresh batch of the policy's own samples: a constant rate, unless the recipe
+    # asks for a schedule (the Trainer methods' default is linear).
+    lr_scheduler_type: str = "constant"
+    warmup_steps: float = 0  # optimizer steps, or a fraction of them below 1
+
+    @property
+    def mixed_precision(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
 
 
 def trackers(report_to: str | list[str] | None) -> str | list[str] | None:
@@ -226,10 +105,8 @@ class PPOTrainer:
     processes."""
 
     def __init__(self, policy: Any, tokenizer: Any, reward: Any, prompts: list[Any], settings: Any, generation: Any,
-                 optimizer: OptimizerSettings, seed: int = 42, logging_steps: int = 10, log: Any = None,
-                 reference: Any = None, shown_samples: int = 3, mixed_precision: str = "no",
-                 save_steps: int | None = None, checkpoints: Any = None, cpu: bool = False,
-                 report_to: str | list[str] | None = None) -> None:
+                 train: PpoTraining, log: Any = None, reference: Any = None, shown_samples: int = 3,
+                 checkpoints: Any = None) -> None:
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
@@ -240,30 +117,30 @@ class PPOTrainer:
         # train.use_cpu keeps a run on the CPU of a GPU machine). An Accelerator made earlier in the
         # same process (another run) must not decide the device: TrainingArguments resets it too.
         AcceleratorState._reset_state(reset_partial_state=True)
-        log_with = trackers(report_to) if checkpoints else None
-        self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu or not torch.cuda.is_available(),
+        log_with = trackers(train.report_to) if checkpoints else None
+        self.accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=train.use_cpu or not torch.cuda.is_available(),
                                        log_with=log_with, project_dir=checkpoints.path / "runs" if log_with else None)
         problem = check_world_size(self.accelerator.num_processes)
         if problem:
             raise TrainingFailure(problem)
         if log_with:
             self.accelerator.init_trackers("ppo")
-        torch.manual_seed(seed + self.accelerator.process_index)  # each process samples differently
+        torch.manual_seed(train.seed + self.accelerator.process_index)  # each process samples differently
         model = PolicyWithValue(policy)
         # Dropout off (eval mode) throughout: the rollout's log-probs and the update's must agree.
         model.eval()
         trainable = [p for p in model.parameters() if p.requires_grad]
-        adamw = torch.optim.AdamW(trainable, lr=optimizer.lr, weight_decay=optimizer.weight_decay,
-                                  betas=optimizer.betas, eps=optimizer.eps)
+        adamw = torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay,
+                                  betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon)
         self.model, self.optimizer = self.accelerator.prepare(model, adamw)
-        self.scheduler = learning_rate_schedule(self.optimizer, optimizer, settings)
+        self.scheduler = learning_rate_schedule(self.optimizer, train, settings)
         self.reward = reward.to(self.accelerator.device)
         self.reference = reference.to(self.accelerator.device).eval() if reference is not None else None
         self.tokenizer, self.prompts, self.settings, self.generation = tokenizer, prompts, settings, generation
         self.kl = AdaptiveKLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
-        self.seed, self.logging_steps, self.log, self.shown = seed, logging_steps, log or (lambda record: None), shown_samples
+        self.seed, self.logging_steps, self.log, self.shown = train.seed, train.logging_steps, log or (lambda record: None), shown_samples
         # `checkpoints` is the run folder (RunFolder): checkpoint-N/ go there and are marked complete.
-        self.save_steps, self.checkpoints, self.step = save_steps, checkpoints, 0
+        self.save_steps, self.checkpoints, self.step = train.save_steps, checkpoints, 0
 
     @property
     def policy(self) -> Any:
@@ -428,10 +305,10 @@ class PPOTrainer:
         return dict(zip(stats, self.accelerator.reduce(values, reduction="mean").tolist()))
 
 
-def learning_rate_schedule(optimizer: Any, settings: OptimizerSettings, ppo: Any) -> Any:
+def learning_rate_schedule(optimizer: Any, settings: PpoTraining, ppo: Any) -> Any:
     """train.lr_scheduler_type over all of PPO's optimizer steps (steps x epochs x minibatches)."""
     from transformers import get_scheduler
 
     total = ppo.steps * ppo.epochs * -(-ppo.rollout_batch_size // ppo.minibatch_size)
     warmup = int(settings.warmup_steps * total) if settings.warmup_steps < 1 else int(settings.warmup_steps)
-    return get_scheduler(settings.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    return get_scheduler(settings.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
