@@ -129,9 +129,10 @@ def test_minilm_few_steps_reload_predicts_the_same(tmp_path, cli):
     with torch.no_grad():
         first, second = model(**batch).logits, model(**batch).logits
     assert torch.equal(first, second)
-    from tunekit.methods.classify import load_run
+    from tunekit.methods import classify
+    from tunekit.models import load_finished_run
 
-    _, reloaded, _ = load_run(out)
+    _, reloaded, _ = load_finished_run(out, classify.Config)
     with torch.no_grad():
         assert torch.allclose(reloaded.eval()(**batch).logits, first, atol=1e-6)
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import enum
 import re
-import types
-import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -26,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from tunekit.annotations import type_hints, type_name, value_fits
 from tunekit.errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -54,6 +54,8 @@ def parse_yaml(text: str) -> Any:
 
 # Keys of `train:` that tunekit owns: the run folder decides where things are written.
 RESERVED_TRAIN_KEYS = {"output_dir": "use --output-dir or the top-level `output_dir:` key"}
+# The Trainer methods' checkpoints: every 500 optimizer steps, the latest kept (enough for --resume).
+CHECKPOINTS = {"save_strategy": "steps", "save_steps": 500, "save_total_limit": 1}
 # Keys of `train:` that must be strictly positive when given.
 POSITIVE_TRAIN_KEYS = (
     "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
@@ -115,10 +117,27 @@ class PeftSection(Section):
         return self
 
 
+def trainer_arguments() -> type:
+    from transformers import TrainingArguments
+
+    return TrainingArguments
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """What a method's `train:` section is: the dataclass it is checked against and built as
+    (TrainingArguments, or the TRL config of the method; imported when first needed), the method's
+    defaults under the user's values (the user's always win), and the keys tunekit sets itself
+    (-> what the user should set instead)."""
+
+    arguments: Callable[[], type] = trainer_arguments
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    reserved: Mapping[str, str] = field(default_factory=dict)
+
+
 class Recipe(Section):
     """What every method's config shares. A method subclasses it and adds its own sections."""
 
-    command: ClassVar[str] = ""  # the tunekit command this config belongs to
     method: str | None = Field(None, description="the command this recipe is for (lets `tunekit lora` run it)")
     description: str = Field("", description="one line shown by `tunekit recipes`")
     output_dir: str | None = Field(None, description="run folder; default runs/<command>-<recipe name>")
@@ -152,22 +171,12 @@ class Recipe(Section):
         except (ValueError, TypeError) as err:
             raise UserError(f"{self.source}: train: {str(err).splitlines()[0]}") from None
 
+    train_section: ClassVar[TrainSection]  # what this method's `train:` is; set by every method
+
     @classmethod
     def train_args_class(cls) -> type:
-        """The TrainingArguments-like dataclass that `train:` is checked against and passed to."""
-        from transformers import TrainingArguments
-
-        return TrainingArguments
-
-    @classmethod
-    def train_defaults(cls) -> dict[str, Any]:
-        """Defaults a method puts under the user's `train:` values (the user's always win)."""
-        return {}
-
-    @classmethod
-    def reserved_train_keys(cls) -> dict[str, str]:
-        """`train:` keys this method sets itself -> what the user should set instead."""
-        return {}
+        """The TrainingArguments-like dataclass that `train:` is checked against and built as."""
+        return cls.train_section.arguments()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,8 +327,8 @@ def fields_at(cls: type[BaseModel], loc: list[str]) -> list[str]:
 def resolve_train(cls: type[Recipe], train: dict[str, Any], source: str) -> dict[str, Any]:
     """Check `train:` against the method's TrainingArguments fields and add the defaults."""
     fields = {f.name: f for f in dataclasses.fields(cls.train_args_class()) if f.init}
-    hints = _type_hints(cls.train_args_class())
-    reserved = {**RESERVED_TRAIN_KEYS, **cls.reserved_train_keys()}
+    hints = type_hints(cls.train_args_class())
+    reserved = {**RESERVED_TRAIN_KEYS, **cls.train_section.reserved}
     for key, value in train.items():
         if key in reserved:
             raise UserError(f"{source}: train.{key}: set by tunekit; {reserved[key]}")
@@ -334,7 +343,7 @@ def resolve_train(cls: type[Recipe], train: dict[str, Any], source: str) -> dict
             raise UserError(f"{source}: train.{key}: must be greater than 0, got {value!r}")
     if train.get("num_train_epochs", 1) <= 0 and train.get("max_steps", -1) <= 0:
         raise UserError(f"{source}: train.num_train_epochs: must be greater than 0 (or set train.max_steps)")
-    defaults = {**device_defaults(on_gpu=not train.get("use_cpu")), **cls.train_defaults()}
+    defaults = {**device_defaults(on_gpu=not train.get("use_cpu")), **cls.train_section.defaults}
     if "gradient_checkpointing" in train:  # the old name of the same switch: the user's choice wins
         defaults.pop("activation_checkpointing")
     return {**defaults, **train}
@@ -361,53 +370,6 @@ def device_defaults(on_gpu: bool = True) -> dict[str, Any]:
         "seed": 42,
         "logging_nan_inf_filter": False,  # a NaN loss must reach the health check, not be averaged away
     }
-
-
-def _type_hints(datacls: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(datacls)
-    except Exception:  # an annotation that does not resolve: check names only
-        return {}
-
-
-def value_fits(value: Any, expected: Any) -> bool:
-    if expected is Any:
-        return True
-    origin = typing.get_origin(expected)
-    if origin in (typing.Union, types.UnionType):
-        return any(value_fits(value, arg) for arg in typing.get_args(expected))
-    if origin is Literal:
-        return value in typing.get_args(expected)
-    if expected is type(None):
-        return value is None
-    if expected is bool:
-        return isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected is str:
-        return isinstance(value, str)
-    if isinstance(expected, type) and issubclass(expected, enum.Enum):
-        return value in [m.value for m in expected] or value in [m.name for m in expected]
-    if origin in (list, tuple) or expected in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if origin is dict or expected is dict:
-        return isinstance(value, dict)
-    return True  # a type we do not model (callables, objects): TrainingArguments checks it
-
-
-def type_name(expected: Any) -> str:
-    origin = typing.get_origin(expected)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(type_name(a) for a in typing.get_args(expected))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(expected))
-    if isinstance(expected, type) and issubclass(expected, enum.Enum):
-        return "one of " + ", ".join(repr(m.value) for m in expected)
-    if expected is type(None):
-        return "null"
-    return getattr(expected, "__name__", str(expected))
 
 
 def to_yaml(config: Recipe) -> str:

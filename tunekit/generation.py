@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field
 
-from tunekit.config import Section, validate_section
+from tunekit.config import Recipe, Section, validate_section
 from tunekit.console import library_output_to_stderr
 from tunekit.errors import UserError
 from tunekit.runs.reading import open_run
@@ -46,6 +46,13 @@ class GenerationSection(Section):
     temperature: float = Field(0.7, ge=0, description="sampling temperature; 0 = greedy")
     top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling mass")
     seed: int = Field(0, description="sampling seed")
+
+
+class ChatRecipe(Recipe):
+    """A recipe that trains a causal LM to answer: its `generation:` settings travel with the run
+    (`tunekit generate`, `chat` and `serve` sample with them)."""
+
+    generation: GenerationSection = GenerationSection()
 
 
 def sampling_options(settings: GenerationSection) -> dict[str, Any]:

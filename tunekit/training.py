@@ -14,9 +14,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
@@ -24,36 +23,14 @@ from tunekit.config import Recipe
 from tunekit.distributed import check_started, describe_for_tests
 from tunekit.errors import Interrupted, TrainingFailure
 from tunekit.faults import inject_fault
+from tunekit.method import Method
 from tunekit.runs.folder import RunFolder, checkpoint_step
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 
-class RunnableMethod(Protocol):
-    """What the skeleton reads of a method (tunekit.methods.Method)."""
-
-    name: str
-    loss_units: str
-    step_unit: str
-
-    def setup(self, config: Any, data: Any, run: RunFolder) -> Setup: ...
-    def task(self, config: Any) -> str: ...
-
-
-@dataclass
-class Setup:
-    """What a method supplies to the run skeleton, built after its data and model are loaded."""
-
-    model: Any  # the model to train (its parameters are counted for run.json)
-    tokenizer: Any  # saved with the model
-    info: dict[str, Any]  # run.json facts of this run: data, rows, processes, effective batch, ...
-    train: Callable[[RunFolder, Path | None], Any]  # trains (from a checkpoint, if given); returns the trainer
-    evaluate: Callable[[Any], dict[str, Any]]  # eval.json, from what `train` returned
-    trained_model: Callable[[Any], Any] = lambda trainer: trainer.model  # what is saved, from what `train` returned
-
-
-def execute(method: RunnableMethod, config: Recipe, data: Any, run_dir: Path, overwrite: bool = False,
+def execute(method: Method, config: Recipe, data: Any, run_dir: Path, overwrite: bool = False,
             resume: Path | None = None) -> dict[str, Any]:
     """Run a method: its parts, in the one sequence every run follows. Only the first process writes."""
     from tunekit.config import to_yaml

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from tunekit.data import cache
 from tunekit.data.catalog import missing_file_message
@@ -372,3 +372,14 @@ def pick_column(table: Table, wanted: str | None, candidates: tuple[str, ...], k
         f"{table.source}: none of the columns {', '.join(candidates)} (columns: {', '.join(table.columns)}); "
         f"name yours with {key}"
     )
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class Splits(Generic[T]):
+    """A method's checked training split and its held-out one (None when there is none)."""
+
+    train: T
+    eval: T | None

@@ -11,59 +11,18 @@ Adding a method is its module, its recipes, and one record here.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tunekit.errors import UserError
+from tunekit.method import Method
 from tunekit.methods import classify, dpo, pretrain, qa, reward, rlhf, sft
 
 if TYPE_CHECKING:
     from tunekit.config import Recipe
     from tunekit.data.prepare import Prepared
-    from tunekit.runs.folder import Task
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str  # the command, and the `method:` a recipe names
-    summary: str  # the command's help line
-    Config: type[Recipe]
-    check: Callable[[Any], Any]  # config -> checked data
-    setup: Callable[..., Any]  # (config, data, run folder) -> tunekit.training.Setup
-    task: Callable[[Any], Task]  # config -> the model head the run trains
-    loss_units: str  # what its logged loss is, for loss.png's axis
-    step_unit: str = "optimizer updates"  # what one logged step is
-    prepare: Callable[..., list[tuple[str, Prepared]]] | None = None  # config, data -> tokenised splits
-    eval_run: Callable[..., dict[str, Any]] | None = None  # run folder, data file -> metrics
-    predict_run: Callable[..., Any] | None = None  # run folder, data file -> predictions
-
-
-def constant(task: Task) -> Callable[[Any], Task]:
-    return lambda config: task
-
-
-METHODS = (
-    Method("classify", "Fine-tune an encoder with a classification (or regression) head, BERT style.",
-           classify.Config, classify.check, classify.setup, constant("sequence-classification"),
-           "cross-entropy, nats; MSE if regression", eval_run=classify.eval_run, predict_run=classify.predict_run),
-    Method("qa", "Fine-tune an encoder for extractive question answering (SQuAD style spans).",
-           qa.Config, qa.check, qa.setup, constant("question-answering"), "start/end cross-entropy, nats",
-           eval_run=qa.eval_run, predict_run=qa.predict_run),
-    Method("pretrain", "Pre-train a language model (causal or masked) on text, from a config or a checkpoint.",
-           pretrain.Config, pretrain.check, pretrain.setup, pretrain.task, "cross-entropy per token, nats",
-           prepare=pretrain.prepare),
-    Method("sft", "Instruction fine-tuning of a causal LM, with the loss on the responses only.",
-           sft.Config, sft.check, sft.setup, constant("causal-lm"), "cross-entropy per token, nats", prepare=sft.prepare),
-    Method("reward", "Train a reward model on preference pairs (chosen scores above rejected: Bradley-Terry loss).",
-           reward.Config, reward.check, reward.setup, constant("sequence-classification"),
-           "−log σ(chosen − rejected), nats", eval_run=reward.eval_run, predict_run=reward.predict_run),
-    Method("dpo", "Tune a causal LM directly on preference pairs with DPO (no reward model).",
-           dpo.Config, dpo.check, dpo.setup, constant("causal-lm"), "DPO loss, nats",
-           eval_run=dpo.eval_run, predict_run=dpo.predict_run),
-    Method("rlhf", "Tune a causal LM against a reward model: PPO (tunekit's own), or --set rlhf.algo=grpo|rloo.",
-           rlhf.Config, rlhf.check, rlhf.setup, constant("causal-lm"), "in reward units", step_unit="rounds of rollouts"),
-)
+METHODS = (classify.METHOD, qa.METHOD, pretrain.METHOD, sft.METHOD, reward.METHOD, dpo.METHOD, rlhf.METHOD)
 NAMES = tuple(m.name for m in METHODS)
 
 

@@ -12,9 +12,10 @@ from typing import Any
 
 from pydantic import Field
 
-from tunekit.config import Recipe, Section
+from tunekit.config import CHECKPOINTS, Recipe, Section, TrainSection
 from tunekit.data.tables import Table, pick_column, read_table
 from tunekit.errors import UserError
+from tunekit.method import Method, Setup
 
 TEXT_COLUMNS = ("sentence", "text", "sentence1", "premise", "question")
 PAIR_COLUMNS = {"sentence1": "sentence2", "premise": "hypothesis", "question": "sentence"}
@@ -36,28 +37,6 @@ class ClassifyTask(Section):
     labels: list[str] | None = Field(None, description="class names in id order (maps string labels, names int ones)")
 
 
-class Config(Recipe):
-    command = "classify"
-    data: ClassifyData
-    classify: ClassifyTask = ClassifyTask()
-
-    @classmethod
-    def train_defaults(cls) -> dict[str, Any]:
-        return {
-            "learning_rate": 5e-5,
-            "num_train_epochs": 3,
-            "per_device_train_batch_size": 32,
-            "per_device_eval_batch_size": 128,
-            "weight_decay": 0.01,
-            "warmup_steps": 0.06,  # a float below 1 is a share of the steps
-            "logging_steps": 50,
-            "save_strategy": "steps",
-            "save_steps": 500,
-            "save_total_limit": 1,
-            "train_sampling_strategy": "group_by_length",
-        }
-
-
 @dataclass
 class Examples:
     """Texts and label ids of one split, checked."""
@@ -73,6 +52,23 @@ class Data:
     train: Examples
     eval: Examples | None
     label_names: list[str] | None  # None = regression
+
+
+# `train:` defaults of `tunekit classify` (the user's values win)
+TRAIN_DEFAULTS = {
+    "learning_rate": 5e-5, "num_train_epochs": 3, "weight_decay": 0.01,
+    "warmup_steps": 0.06,  # a float below 1 is a share of the steps
+    "per_device_train_batch_size": 32, "per_device_eval_batch_size": 128,
+    "train_sampling_strategy": "group_by_length", "logging_steps": 50, **CHECKPOINTS,
+}
+
+
+class Config(Recipe):
+    """A classification recipe: an encoder, sentences (or pairs) with labels, the head's classes."""
+
+    train_section = TrainSection(defaults=TRAIN_DEFAULTS)
+    data: ClassifyData
+    classify: ClassifyTask = ClassifyTask()
 
 
 def check(config: Config) -> Data:
@@ -182,7 +178,7 @@ def setup(config: Config, data: Data, run: Any) -> Any:
     from transformers import DataCollatorWithPadding, Trainer
 
     from tunekit.models import load_tokenizer
-    from tunekit.training import Setup, batch_info, once, trainer_fit, training_arguments
+    from tunekit.training import batch_info, once, trainer_fit, training_arguments
 
     args = training_arguments(config, run)
     tokenizer = load_tokenizer(config.model)
@@ -257,15 +253,10 @@ def predict_logits(model: Any, tokenizer: Any, split: Examples, config: Config) 
 # Using a finished run: `tunekit eval` and `tunekit predict`
 
 
-def load_run(run_dir: Path) -> tuple[Config, Any, Any]:
-    """The run's resolved config, its trained model (full or adapter) and tokenizer."""
+def eval_run(run_dir: Path, data_file: str) -> dict[str, float]:
     from tunekit.models import load_finished_run
 
-    return load_finished_run(run_dir, Config)
-
-
-def eval_run(run_dir: Path, data_file: str) -> dict[str, float]:
-    config, model, tokenizer = load_run(run_dir)
+    config, model, tokenizer = load_finished_run(run_dir, Config)
     split = examples(read_table(data_file, "--data"), config)
     names = None if model.config.num_labels == 1 else [model.config.id2label[i] for i in range(model.config.num_labels)]
     split.labels = encode_labels(split, names)
@@ -276,7 +267,9 @@ def predict_run(run_dir: Path, data_file: str) -> list[dict[str, Any]]:
     """One prediction per input row: the label and its probability (or the value, for regression)."""
     import torch
 
-    config, model, tokenizer = load_run(run_dir)
+    from tunekit.models import load_finished_run
+
+    config, model, tokenizer = load_finished_run(run_dir, Config)
     split = examples(read_table(data_file, "--data"), config, with_labels=False)
     logits = torch.from_numpy(predict_logits(model, tokenizer, split, config))
     if model.config.num_labels == 1:
@@ -287,3 +280,8 @@ def predict_run(run_dir: Path, data_file: str) -> list[dict[str, Any]]:
         {"label": model.config.id2label[int(b)], "score": round(float(p[b]), 6)}
         for b, p in zip(best, probs)
     ]
+
+
+METHOD = Method("classify", "Fine-tune an encoder with a classification (or regression) head, BERT style.",
+                Config, check, setup, task=lambda config: "sequence-classification",
+                loss_units="cross-entropy, nats; MSE if regression", eval_run=eval_run, predict_run=predict_run)

@@ -17,9 +17,10 @@ from typing import Any
 
 from pydantic import Field
 
-from tunekit.config import Recipe, Section
+from tunekit.config import CHECKPOINTS, Section, TrainSection
 from tunekit.data.preference import PreferenceData, Preferences, Side, load_preferences, longer_wins
-from tunekit.generation import GenerationSection
+from tunekit.generation import ChatRecipe
+from tunekit.method import Method, Setup
 
 RESERVED = {
     "chat_template_path": "use model.chat_template",
@@ -27,42 +28,31 @@ RESERVED = {
 }
 
 
+def arguments() -> type:
+    from trl import DPOConfig
+
+    return DPOConfig
+
+
 class DpoTask(Section):
     max_prompt_length: int | None = Field(
         None, gt=0, description="longer prompts keep their last tokens (whole turns first); default: half of train.max_length")
 
 
-class Config(Recipe):
-    command = "dpo"
+# `train:` defaults of `tunekit dpo` (the user's values win)
+TRAIN_DEFAULTS = {
+    "learning_rate": 1e-6,  # full fine-tuning; an adapter wants ~1e-4
+    "num_train_epochs": 1, "warmup_steps": 0.05, "beta": 0.1, "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 16, "max_length": 512, "logging_steps": 10, **CHECKPOINTS,
+}
+
+
+class Config(ChatRecipe):
+    """A DPO recipe: a causal LM, preference pairs and the prompt budget."""
+
+    train_section = TrainSection(arguments=arguments, defaults=TRAIN_DEFAULTS, reserved=RESERVED)
     data: PreferenceData
     dpo: DpoTask = DpoTask()
-    generation: GenerationSection = GenerationSection()
-
-    @classmethod
-    def train_args_class(cls) -> type:
-        from trl import DPOConfig
-
-        return DPOConfig
-
-    @classmethod
-    def reserved_train_keys(cls) -> dict[str, str]:
-        return RESERVED
-
-    @classmethod
-    def train_defaults(cls) -> dict[str, Any]:
-        return {
-            "learning_rate": 1e-6,  # full fine-tuning; an adapter wants ~1e-4
-            "num_train_epochs": 1,
-            "per_device_train_batch_size": 8,
-            "per_device_eval_batch_size": 16,
-            "max_length": 512,
-            "beta": 0.1,
-            "warmup_steps": 0.05,
-            "logging_steps": 10,
-            "save_strategy": "steps",
-            "save_steps": 500,
-            "save_total_limit": 1,
-        }
 
 
 def check(config: Config) -> Preferences:
@@ -127,7 +117,7 @@ def load_models(config: Config) -> tuple[Any, Any, Any]:
 def setup(config: Config, data: Preferences, run: Any) -> Any:
     from datasets import Dataset
 
-    from tunekit.training import Setup, batch_info, trainer_fit, training_arguments
+    from tunekit.training import batch_info, trainer_fit, training_arguments
     from tunekit.upstream import LeanDPOTrainer
 
     args = training_arguments(config, run)
@@ -203,3 +193,8 @@ def predict_run(run_dir: Path, data_file: str) -> list[dict[str, Any]]:
     from tunekit.errors import UserError
 
     raise UserError(f"{run_dir}: a dpo run is a causal LM; use `tunekit generate {run_dir} --data FILE`")
+
+
+METHOD = Method("dpo", "Tune a causal LM directly on preference pairs with DPO (no reward model).", Config, check,
+                setup, task=lambda config: "causal-lm", loss_units="DPO loss, nats", eval_run=eval_run,
+                predict_run=predict_run)

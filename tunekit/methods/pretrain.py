@@ -15,10 +15,11 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from tunekit.config import Recipe, Section
+from tunekit.config import CHECKPOINTS, Recipe, Section, TrainSection
 from tunekit.data.corpus import Source, packed, sources, streamed, texts
 from tunekit.data.prepare import Prepared
 from tunekit.errors import UserError
+from tunekit.method import Method, Setup
 
 
 class PretrainData(Section):
@@ -41,8 +42,18 @@ class PretrainTask(Section):
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="share of tokens masked for mlm")
 
 
+# `train:` defaults of `tunekit pretrain` (the user's values win)
+TRAIN_DEFAULTS = {
+    "learning_rate": 1e-3, "num_train_epochs": 1, "weight_decay": 0.1, "warmup_steps": 0.05,
+    "lr_scheduler_type": "cosine", "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32,
+    "logging_steps": 20, **CHECKPOINTS,
+}
+
+
 class Config(Recipe):
-    command = "pretrain"
+    """A pre-training recipe: a model (or a config to build one), a corpus and the objective."""
+
+    train_section = TrainSection(defaults=TRAIN_DEFAULTS)
     data: PretrainData
     tokenizer: TokenizerSection = TokenizerSection()
     pretrain: PretrainTask = PretrainTask()
@@ -58,22 +69,6 @@ class Config(Recipe):
         if self.pretrain.objective == "mlm" and not (self.model.name or self.model.tokenizer):
             raise ValueError("pretrain.objective mlm needs a tokenizer with a mask token: set model.tokenizer")
         return self
-
-    @classmethod
-    def train_defaults(cls) -> dict[str, Any]:
-        return {
-            "learning_rate": 1e-3,
-            "num_train_epochs": 1,
-            "per_device_train_batch_size": 16,
-            "per_device_eval_batch_size": 32,
-            "weight_decay": 0.1,
-            "warmup_steps": 0.05,
-            "lr_scheduler_type": "cosine",
-            "logging_steps": 20,
-            "save_strategy": "steps",
-            "save_steps": 500,
-            "save_total_limit": 1,
-        }
 
 
 @dataclass
@@ -172,7 +167,7 @@ def rows_of(dataset: Any) -> int | str:
 def setup(config: Config, data: Data, run: Any) -> Any:
     from transformers import DataCollatorForLanguageModeling, Trainer
 
-    from tunekit.training import Setup, batch_info, first_on_each_machine, trainer_fit, training_arguments
+    from tunekit.training import batch_info, first_on_each_machine, trainer_fit, training_arguments
 
     args = training_arguments(config, run)
     with first_on_each_machine(args, "preparing the corpus"):  # the other ranks then load the cache
@@ -211,3 +206,7 @@ def setup(config: Config, data: Data, run: Any) -> Any:
 def task(config: Config) -> str:
     """The head this recipe trains: masked LM (BERT) or causal LM (GPT)."""
     return "masked-lm" if config.pretrain.objective == "mlm" else "causal-lm"
+
+
+METHOD = Method("pretrain", "Pre-train a language model (causal or masked) on text, from a config or a checkpoint.",
+                Config, check, setup, task, loss_units="cross-entropy per token, nats", prepare=prepare)

@@ -16,9 +16,10 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from tunekit.config import Recipe, Section
-from tunekit.data.tables import Table, read_table
+from tunekit.config import CHECKPOINTS, Recipe, Section, TrainSection
+from tunekit.data.tables import Splits, Table, read_table
 from tunekit.errors import UserError
+from tunekit.method import Method, Setup
 
 
 class QAData(Section):
@@ -53,26 +54,22 @@ class QATask(Section):
                           "default: on when the training data has unanswerable questions (SQuAD v2)")
 
 
+# `train:` defaults of `tunekit qa` (the user's values win)
+TRAIN_DEFAULTS = {
+    "learning_rate": 5e-5, "num_train_epochs": 2, "weight_decay": 0.01,
+    "warmup_steps": 0.1,  # a float below 1 is a share of the steps
+    "per_device_train_batch_size": 16, "per_device_eval_batch_size": 64,
+    "train_sampling_strategy": "group_by_length",  # windows of short contexts pad less together
+    "logging_steps": 50, **CHECKPOINTS,
+}
+
+
 class Config(Recipe):
-    command = "qa"
+    """An extractive-QA recipe: an encoder, SQuAD-style questions, how contexts are windowed and answers picked."""
+
+    train_section = TrainSection(defaults=TRAIN_DEFAULTS)
     data: QAData
     qa: QATask = QATask()
-
-    @classmethod
-    def train_defaults(cls) -> dict[str, Any]:
-        return {
-            "learning_rate": 5e-5,
-            "num_train_epochs": 2,
-            "per_device_train_batch_size": 16,
-            "per_device_eval_batch_size": 64,
-            "weight_decay": 0.01,
-            "warmup_steps": 0.1,  # a float below 1 is a share of the steps
-            "logging_steps": 50,
-            "save_strategy": "steps",
-            "save_steps": 500,
-            "save_total_limit": 1,
-            "train_sampling_strategy": "group_by_length",  # windows of short contexts pad less together
-        }
 
 
 @dataclass
@@ -86,13 +83,7 @@ class Examples:
     answers: list[list[tuple[str, int]]] | None  # None when predicting
 
 
-@dataclass
-class Data:
-    train: Examples
-    eval: Examples | None
-
-
-def check(config: Config) -> Data:
+def check(config: Config) -> Splits[Examples]:
     """Read and validate the data (no model is loaded); settle qa.unanswerable from the training data."""
     train = examples(read_table(config.data.train, "data.train").head(config.data.train_limit), config)
     evaluation = None
@@ -100,7 +91,7 @@ def check(config: Config) -> Data:
         evaluation = examples(read_table(config.data.eval, "data.eval").head(config.data.eval_limit), config)
     if config.qa.unanswerable is None:
         config.qa.unanswerable = any(not answers for answers in train.answers)
-    return Data(train, evaluation)
+    return Splits(train, evaluation)
 
 
 def examples(table: Table, config: Config, with_answers: bool = True) -> Examples:
@@ -235,11 +226,11 @@ def load_model(config: Config) -> Any:
     return apply_peft(model, config.peft, "QUESTION_ANS", modules_to_save=["qa_outputs"])  # the new head, in full
 
 
-def setup(config: Config, data: Data, run: Any) -> Any:
+def setup(config: Config, data: Splits[Examples], run: Any) -> Any:
     from transformers import DataCollatorWithPadding, Trainer
 
     from tunekit.models import load_tokenizer
-    from tunekit.training import Setup, batch_info, trainer_fit, training_arguments
+    from tunekit.training import batch_info, trainer_fit, training_arguments
 
     args = training_arguments(config, run)
     tokenizer = load_tokenizer(config.model)
@@ -331,22 +322,24 @@ def best_answers(split: Examples, windows: Windows, starts: list, ends: list, cl
 # Using a finished run: `tunekit eval` and `tunekit predict`
 
 
-def load_run(run_dir: Path) -> tuple[Config, Any, Any]:
-    """The run's resolved config, its trained model (full or adapter) and tokenizer."""
-    from tunekit.models import load_finished_run
-
-    return load_finished_run(run_dir, Config)
-
-
 def eval_run(run_dir: Path, data_file: str) -> dict[str, float]:
     """exact_match and f1 (0-100) of a finished run on a QA file with answers."""
-    config, model, tokenizer = load_run(run_dir)
+    from tunekit.models import load_finished_run
+
+    config, model, tokenizer = load_finished_run(run_dir, Config)
     split = examples(read_table(data_file, "--data"), config)
     return evaluate_model(model, tokenizer, split, config)
 
 
 def predict_run(run_dir: Path, data_file: str) -> dict[str, str]:
     """{question id: answer}, the input format of the official SQuAD evaluation script."""
-    config, model, tokenizer = load_run(run_dir)
+    from tunekit.models import load_finished_run
+
+    config, model, tokenizer = load_finished_run(run_dir, Config)
     split = examples(read_table(data_file, "--data"), config, with_answers=False)
     return predict_answers(model, tokenizer, split, config)
+
+
+METHOD = Method("qa", "Fine-tune an encoder for extractive question answering (SQuAD style spans).", Config, check,
+                setup, task=lambda config: "question-answering", loss_units="start/end cross-entropy, nats",
+                eval_run=eval_run, predict_run=predict_run)

@@ -15,9 +15,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tunekit.config import Recipe, validate_config
+from tunekit.config import CHECKPOINTS, Recipe, TrainSection, validate_config
 from tunekit.data.preference import PreferenceData, Preferences, full_text, load_preferences, longer_wins
 from tunekit.errors import UserError
+from tunekit.method import Method, Setup
 from tunekit.rl.reward_scores import DEFAULT_MAX_LENGTH, encode, score_ids, score_texts
 
 RESERVED = {
@@ -26,35 +27,26 @@ RESERVED = {
 }
 
 
+def arguments() -> type:
+    from trl import RewardConfig
+
+    return RewardConfig
+
+
+# `train:` defaults of `tunekit reward` (the user's values win)
+TRAIN_DEFAULTS = {
+    "learning_rate": 5e-5, "num_train_epochs": 1, "weight_decay": 0.01, "warmup_steps": 0.05,
+    "per_device_train_batch_size": 16, "per_device_eval_batch_size": 64,
+    "max_length": DEFAULT_MAX_LENGTH,  # tokens per side; longer texts keep their end
+    "logging_steps": 10, **CHECKPOINTS,
+}
+
+
 class Config(Recipe):
-    command = "reward"
+    """A reward-model recipe: a model with a one-output head and preference pairs."""
+
+    train_section = TrainSection(arguments=arguments, defaults=TRAIN_DEFAULTS, reserved=RESERVED)
     data: PreferenceData
-
-    @classmethod
-    def train_args_class(cls) -> type:
-        from trl import RewardConfig
-
-        return RewardConfig
-
-    @classmethod
-    def reserved_train_keys(cls) -> dict[str, str]:
-        return RESERVED
-
-    @classmethod
-    def train_defaults(cls) -> dict[str, Any]:
-        return {
-            "learning_rate": 5e-5,
-            "num_train_epochs": 1,
-            "per_device_train_batch_size": 16,
-            "per_device_eval_batch_size": 64,
-            "max_length": DEFAULT_MAX_LENGTH,  # tokens per side; longer texts keep their end
-            "warmup_steps": 0.05,
-            "weight_decay": 0.01,
-            "logging_steps": 10,
-            "save_strategy": "steps",
-            "save_steps": 500,
-            "save_total_limit": 1,
-        }
 
 
 def check(config: Config) -> Preferences:
@@ -125,7 +117,7 @@ def setup(config: Config, data: Preferences, run: Any) -> Any:
     from datasets import Dataset
     from trl import RewardTrainer
 
-    from tunekit.training import Setup, batch_info, trainer_fit, training_arguments
+    from tunekit.training import batch_info, trainer_fit, training_arguments
 
     args = training_arguments(config, run)
     model, tokenizer = load_model_and_tokenizer(config, data.train.pairs[0].conversational)
@@ -202,3 +194,8 @@ def predict_run(run_dir: Path, data_file: str) -> list[dict[str, Any]]:
         texts.append(full_text(tokenizer, row.get("prompt") or ([] if isinstance(response, list) else ""), response))
     scores = score_texts(model, tokenizer, texts, config.args.per_device_eval_batch_size, config.args.max_length)
     return [{"reward": round(score, 6)} for score in scores]
+
+
+METHOD = Method("reward", "Train a reward model on preference pairs (chosen scores above rejected: Bradley-Terry loss).",
+                Config, check, setup, task=lambda config: "sequence-classification",
+                loss_units="−log σ(chosen − rejected), nats", eval_run=eval_run, predict_run=predict_run)

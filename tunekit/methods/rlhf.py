@@ -20,11 +20,12 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tunekit.config import Recipe, Section
+from tunekit.config import Section, TrainSection
 from tunekit.data.masking import prompts_of_table
 from tunekit.data.tables import read_table
 from tunekit.errors import UserError
-from tunekit.generation import GenerationSection
+from tunekit.generation import ChatRecipe
+from tunekit.method import Method, Setup
 from tunekit.rl.rewards import RewardFunctionSection, as_sections, check_reward_functions
 from tunekit.runs.plots import plot_rewards
 
@@ -113,12 +114,17 @@ class PpoSection(Section):
         return self
 
 
-class Config(Recipe):
-    command = "rlhf"
+# `train:` defaults of `tunekit rlhf` (the user's values win)
+TRAIN_DEFAULTS = {"learning_rate": 1e-5, "logging_steps": 10, "save_steps": 25}
+
+
+class Config(ChatRecipe):
+    """An RLHF recipe: a policy, its prompts, the reward, and the algorithm's settings."""
+
+    train_section = TrainSection(defaults=TRAIN_DEFAULTS, reserved=RESERVED)
     data: PromptData
     rlhf: RlhfSection
     ppo: PpoSection = PpoSection()
-    generation: GenerationSection = GenerationSection()
 
     @model_validator(mode="before")
     @classmethod
@@ -127,19 +133,12 @@ class Config(Recipe):
             data = {**data, "generation": {**GENERATION_DEFAULTS, **data.get("generation", {})}}
         return data
 
-    @classmethod
-    def reserved_train_keys(cls) -> dict[str, str]:
-        return RESERVED
-
     def build_args(self) -> Any:
         """PPO's typed `train:` keys; GRPO and RLOO build TRL's config from `train:` (tunekit.rl.trl_algos)."""
         from tunekit.rl.ppo import PpoTraining
 
         return PpoTraining.model_validate(self.train)
 
-    @classmethod
-    def train_defaults(cls) -> dict[str, Any]:
-        return {"learning_rate": 1e-5, "logging_steps": 10, "save_steps": 25}
 
     @model_validator(mode="after")
     def _groups_fit(self) -> Config:
@@ -270,7 +269,7 @@ def setup(config: Config, data: Data, run: Any) -> Any:
     RLOO, between two evaluations on the held-out prompts (same prompts, seed and sampling)."""
     from tunekit.rl.rewards import build_rewards
     from tunekit.rl.rollout import evaluate, make_prompts
-    from tunekit.training import Setup, status_on_error
+    from tunekit.training import status_on_error
 
     policy, tokenizer = load_policy(config)
     reward = build_rewards(config.rlhf.reward_model, config.rlhf.reward_model_weight, config.rlhf.reward_fn,
@@ -334,3 +333,8 @@ def ppo_trainer(config: Config, policy: Any, tokenizer: Any, reward: Any, prompt
 
     return PPOTrainer(policy, tokenizer, reward, prompts, config.ppo, config.generation, config.args, log=run.log,
                       reference=reference, shown_samples=config.rlhf.shown_samples, checkpoints=run)
+
+
+METHOD = Method("rlhf", "Tune a causal LM against a reward model: PPO (tunekit's own), or --set rlhf.algo=grpo|rloo.",
+                Config, check, setup, task=lambda config: "causal-lm", loss_units="in reward units",
+                step_unit="rounds of rollouts")

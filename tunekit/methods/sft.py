@@ -17,12 +17,13 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from tunekit.config import Recipe, Section
+from tunekit.config import CHECKPOINTS, Section, TrainSection
 from tunekit.data.masking import detect_format, to_messages
 from tunekit.data.prepare import Prepared
-from tunekit.data.tables import Table, join, read_table
+from tunekit.data.tables import Splits, Table, join, read_table
 from tunekit.errors import UserError
-from tunekit.generation import GenerationSection
+from tunekit.generation import ChatRecipe
+from tunekit.method import Method, Setup
 
 # SFTTrainer options that tunekit decides itself (the labels come from tunekit.data.masking).
 RESERVED = {
@@ -30,6 +31,12 @@ RESERVED = {
     "assistant_only_loss": "use sft.completion_only_loss (it covers assistant turns too)",
     "dataset_text_field": "use data.columns",
 }
+
+
+def arguments() -> type:
+    from trl import SFTConfig
+
+    return SFTConfig
 
 
 class SftData(Section):
@@ -47,38 +54,21 @@ class SftTask(Section):
     completion_only_loss: bool = Field(True, description="loss on responses (assistant turns) only; false = every token")
 
 
-class Config(Recipe):
-    command = "sft"
+# `train:` defaults of `tunekit sft` (the user's values win)
+TRAIN_DEFAULTS = {
+    "learning_rate": 2e-5, "num_train_epochs": 3, "warmup_steps": 0.03, "lr_scheduler_type": "cosine",
+    "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16, "max_length": 1024,
+    "train_sampling_strategy": "group_by_length",  # batches of similar length: little padding
+    "logging_steps": 10, **CHECKPOINTS,
+}
+
+
+class Config(ChatRecipe):
+    """An SFT recipe: a causal LM, conversations (or prompt/response rows) and which tokens carry loss."""
+
+    train_section = TrainSection(arguments=arguments, defaults=TRAIN_DEFAULTS, reserved=RESERVED)
     data: SftData
     sft: SftTask = SftTask()
-    generation: GenerationSection = GenerationSection()
-
-    @classmethod
-    def train_args_class(cls) -> type:
-        from trl import SFTConfig
-
-        return SFTConfig
-
-    @classmethod
-    def reserved_train_keys(cls) -> dict[str, str]:
-        return RESERVED
-
-    @classmethod
-    def train_defaults(cls) -> dict[str, Any]:
-        return {
-            "learning_rate": 2e-5,
-            "num_train_epochs": 3,
-            "per_device_train_batch_size": 8,
-            "per_device_eval_batch_size": 16,
-            "max_length": 1024,
-            "warmup_steps": 0.03,
-            "lr_scheduler_type": "cosine",
-            "logging_steps": 10,
-            "save_strategy": "steps",
-            "save_steps": 500,
-            "save_total_limit": 1,
-            "train_sampling_strategy": "group_by_length",  # batches of similar length: little padding
-        }
 
 
 @dataclass
@@ -96,12 +86,6 @@ class Split:
         for i, row in enumerate(self.table.head(limit).rows):
             where = self.table.where(i)
             yield example(row, self.kind, where), where
-
-
-@dataclass
-class Data:
-    train: Split
-    eval: Split | None
 
 
 def example(row: dict[str, Any], kind: str, where: str) -> Any:
@@ -123,7 +107,7 @@ def read_split(specs: str | list[str], config: Config, key: str) -> Split:
     return Split(kinds.pop(), join(tables))
 
 
-def check(config: Config) -> Data:
+def check(config: Config) -> Splits[Split]:
     train = read_split(config.data.train, config, "data.train")
     if train.kind == "text" and config.sft.completion_only_loss:
         raise UserError(f"{config.source}: sft.completion_only_loss: text data has no prompt/response split; "
@@ -139,7 +123,7 @@ def check(config: Config) -> Data:
         cut = len(train) - config.data.eval_size
         evaluation = Split(train.kind, train.table.select(range(cut, len(train))))
         train = Split(train.kind, train.table.select(range(cut)))
-    return Data(checked(train, evaluation), evaluation)
+    return Splits(checked(train, evaluation), evaluation)
 
 
 def checked(train: Split, held_out: Split | None) -> Split:
@@ -206,7 +190,7 @@ def tokenize_split(tokenizer: Any, split: Split, config: Config) -> Prepared:
     return prepare.mapped(split.table, key, encoder, config.data.num_proc)
 
 
-def prepare(config: Config, data: Data, tokenizer: Any = None) -> list[tuple[str, Prepared]]:
+def prepare(config: Config, data: Splits[Split], tokenizer: Any = None) -> list[tuple[str, Prepared]]:
     """Tokenise and mask both splits (from the cache when an earlier run did)."""
     if tokenizer is None:
         from tunekit.models import load_chat_tokenizer
@@ -271,7 +255,7 @@ def tokens_per_sample(dataset: Any) -> float:
     return (pc.sum(pc.list_value_length(column)).as_py() or 0) / max(len(dataset), 1)
 
 
-def tokenised(config: Config, data: Data, args: Any) -> tuple[Any, Any, Any, Any]:
+def tokenised(config: Config, data: Splits[Split], args: Any) -> tuple[Any, Any, Any, Any]:
     """The model, its tokenizer and both splits tokenised (once per machine: the other ranks load
     the first one's cached result)."""
     from tunekit.models import load_causal_lm
@@ -301,13 +285,13 @@ def sft_trainer(args: Any, model: Any, tokenizer: Any, train: Any, held_out: Any
     return trainer
 
 
-def build_trainer(config: Config, data: Data, args: Any, callbacks: list[Any]) -> Any:
+def build_trainer(config: Config, data: Splits[Split], args: Any, callbacks: list[Any]) -> Any:
     """What `tunekit sft` trains, in one call (bench/gpu.py times this same trainer)."""
     return sft_trainer(args, *tokenised(config, data, args), callbacks)
 
 
-def setup(config: Config, data: Data, run: Any) -> Any:
-    from tunekit.training import LossAtStart, Setup, batch_info, fit, training_arguments
+def setup(config: Config, data: Splits[Split], run: Any) -> Any:
+    from tunekit.training import LossAtStart, batch_info, fit, training_arguments
 
     args = training_arguments(config, run)
     model, tokenizer, train, held_out = tokenised(config, data, args)
@@ -351,3 +335,7 @@ def heldout_prompts(run_dir: Path, count: int) -> list[list[dict[str, str]]]:
     if data.eval is None or data.eval.kind == "text":
         raise UserError(f"{run_dir}: the run has no held-out conversations (data.eval / data.eval_size)")
     return [prompt_part(messages) for messages, _ in data.eval.examples(count)]
+
+
+METHOD = Method("sft", "Instruction fine-tuning of a causal LM, with the loss on the responses only.", Config, check,
+                setup, task=lambda config: "causal-lm", loss_units="cross-entropy per token, nats", prepare=prepare)
