@@ -11,10 +11,11 @@ from pydantic import Field
 from tunekit.config import Recipe, Section, validate_section
 from tunekit.console import library_output_to_stderr
 from tunekit.errors import UserError
+from tunekit.jsontypes import JsonObject
 from tunekit.runs.reading import open_run
 
 
-def load_chat_model(target: str, command: str) -> tuple[Any, Any, dict[str, Any]]:
+def load_chat_model(target: str, command: str) -> tuple[Any, Any, JsonObject]:
     """Model, tokenizer and the run's `generation:` settings, from a run folder (model/ or adapter/)
     or from any model id/folder (with default settings). `command` names the caller in errors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -24,7 +25,7 @@ def load_chat_model(target: str, command: str) -> tuple[Any, Any, dict[str, Any]
     from tunekit.runs.folder import read_run_config
 
     path = Path(target)
-    settings: dict[str, Any] = {}
+    settings: JsonObject = {}
     run = open_run(target, command, "causal_lm")
     if run is not None and run.method is not None:
         settings = dict(read_run_config(path).get("generation") or {})
@@ -55,7 +56,7 @@ class ChatRecipe(Recipe):
     generation: GenerationSection = GenerationSection()
 
 
-def sampling_options(settings: GenerationSection) -> dict[str, Any]:
+def sampling_options(settings: GenerationSection) -> JsonObject:
     """generate()'s keywords for sampling exactly `temperature` and `top_p`, nothing else: top_k=0
     and neutral penalties are stated, so neither transformers' default (top_k=50) nor a model's
     generation_config reshapes the distribution (PPO's log-probs must measure the one sampled)."""
@@ -77,7 +78,7 @@ def generate_ids(model: Any, tokenizer: Any, ids: Any, mask: Any, settings: Gene
 
 
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], settings: GenerationSection,
-             batch_size: int = 16) -> list[dict[str, Any]]:
+             batch_size: int = 16) -> list[JsonObject]:
     """One response per conversation: text, whether it ended by itself (EOS), and its length."""
     import torch
 
@@ -98,7 +99,7 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
     return results
 
 
-def settings_with(settings: dict[str, Any], **overrides: Any) -> GenerationSection:
+def settings_with(settings: JsonObject, **overrides: Any) -> GenerationSection:
     """The run's generation settings with the command-line values that were given."""
     merged = {k: v for k, v in settings.items() if k in GenerationSection.model_fields}
     merged.update({k: v for k, v in overrides.items() if v is not None})

@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from tunekit.config import Section, read_yaml_mapping, validate_section
 from tunekit.data.tables import read_table
 from tunekit.errors import UserError
+from tunekit.jsontypes import Row
 
 
 class Task(Section):
@@ -47,7 +48,7 @@ def load_task(path: str) -> Task:
     return validate_section(Task, read_yaml_mapping(Path(path)), path)
 
 
-def fill(template: str, row: dict[str, Any], where: str) -> str:
+def fill(template: str, row: Row, where: str) -> str:
     try:
         return template.format(**row)
     except KeyError as err:
@@ -235,7 +236,7 @@ def table_of(results: dict[str, dict[str, dict[str, float]]]) -> str:
     headline = ("accuracy", "f1", "exact_match", "contains", "perplexity")
     rows = []
     for model, by_task in results.items():
-        row: dict[str, Any] = {"model": model}
+        row: Row = {"model": model}
         for name, metrics in by_task.items():
             key = next(k for k in headline if k in metrics)
             row[f"{name} {key}"] = metrics[key]

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunekit.jsontypes import JsonObject, Metrics
+
 if TYPE_CHECKING:
     from tunekit.config import Recipe
     from tunekit.data.prepare import Prepared
@@ -26,7 +28,7 @@ class Method:
     loss_units: str  # what its logged loss is, for loss.png's axis
     step_unit: str = "optimizer updates"  # what one logged step is
     prepare: Callable[..., list[tuple[str, Prepared]]] | None = None  # config, data -> tokenised splits
-    eval_run: Callable[..., dict[str, Any]] | None = None  # run folder, data file -> metrics
+    eval_run: Callable[..., Metrics] | None = None  # run folder, data file -> metrics
     predict_run: Callable[..., Any] | None = None  # run folder, data file -> predictions
 
 
@@ -36,7 +38,7 @@ class Setup:
 
     model: Any  # the model to train (its parameters are counted for run.json)
     tokenizer: Any  # saved with the model
-    info: dict[str, Any]  # run.json facts of this run: data, rows, processes, effective batch, ...
+    info: JsonObject  # run.json facts of this run: data, rows, processes, effective batch, ...
     train: Callable[[RunFolder, Path | None], Any]  # trains (from a checkpoint, if given); returns the trainer
-    evaluate: Callable[[Any], dict[str, Any]]  # eval.json, from what `train` returned
+    evaluate: Callable[[Any], Metrics]  # eval.json, from what `train` returned
     trained_model: Callable[[Any], Any] = lambda trainer: trainer.model  # what is saved, from what `train` returned

@@ -14,12 +14,13 @@ from tunekit.data.masking import prompts_of_file
 from tunekit.errors import UserError
 from tunekit.files import write_atomic
 from tunekit.generation import generate, load_chat_model, settings_with
+from tunekit.jsontypes import Metrics
 from tunekit.methods import Method, with_own_task
 from tunekit.methods.sft import heldout_prompts
 from tunekit.runs.reading import open_run
 
 
-def eval_on_data(run: Path, data: str) -> dict[str, Any]:
+def eval_on_data(run: Path, data: str) -> Metrics:
     """The run's own metrics on another data file."""
     method = own_task_method(run, "eval --data")
     with library_output_to_stderr():

@@ -23,6 +23,7 @@ from tunekit.config import Recipe
 from tunekit.distributed import check_started, describe_for_tests
 from tunekit.errors import Interrupted, TrainingFailure
 from tunekit.faults import inject_fault
+from tunekit.jsontypes import JsonObject, Metrics
 from tunekit.method import Method
 from tunekit.runs.folder import RunFolder, checkpoint_step
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 
 def execute(method: Method, config: Recipe, data: Any, run_dir: Path, overwrite: bool = False,
-            resume: Path | None = None) -> dict[str, Any]:
+            resume: Path | None = None) -> Metrics:
     """Run a method: its parts, in the one sequence every run follows. Only the first process writes."""
     from tunekit.config import to_yaml
     from tunekit.launch import is_first_rank
@@ -63,7 +64,7 @@ def trainer_fit(make_trainer: Callable[[list[Any]], Any], tokens_per_sample: flo
     return train
 
 
-def batch_info(args: Any) -> dict[str, Any]:
+def batch_info(args: Any) -> JsonObject:
     """The run.json facts of how a Trainer-based run batches: processes and effective batch size."""
     return {"num_processes": args.world_size, "effective_batch_size": effective_batch_size(args)}
 
@@ -125,7 +126,7 @@ class MetricsLog(CheckpointMarks):
         inject_fault(f"stall-rank-{args.process_index}", state.global_step)
         inject_fault(f"crash-rank-{args.process_index}", state.global_step)
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(self, args: Any, state: Any, control: Any, logs: JsonObject | None = None, **kwargs: Any) -> None:
         if not logs:
             return
         record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tunekit.jsontypes import JsonObject
+
 # Bump when a change to tunekit alters what a cached result holds, so old results are not reused.
 FORMAT_VERSION = "1"
 
@@ -60,14 +62,14 @@ def tokenizer_key(tokenizer: Any) -> str:
     return digest(type(tokenizer).__name__, definition, getattr(tokenizer, "chat_template", None), specials)
 
 
-def read_marker(path: Path) -> dict[str, Any] | None:
+def read_marker(path: Path) -> JsonObject | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def write_marker(path: Path, content: dict[str, Any]) -> None:
+def write_marker(path: Path, content: JsonObject) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(content, indent=1))
     os.replace(temporary, path)

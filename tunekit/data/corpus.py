@@ -21,6 +21,7 @@ from tunekit.data import cache
 from tunekit.data.readers import text_chunks
 from tunekit.data.tables import Table, check_file, file_suffix, read_table
 from tunekit.errors import UserError
+from tunekit.jsontypes import Row
 
 PIECE = 256 << 10  # characters of a text file tokenised at a time
 UNIT = 1 << 20  # characters sent to a worker process at once (a fast tokenizer's output costs ~100x the text)
@@ -49,7 +50,7 @@ class Source:
                 yield text, True
 
 
-def row_text(row: dict[str, Any], column: str, where: Any, index: int) -> str:
+def row_text(row: Row, column: str, where: Any, index: int) -> str:
     """The text column, or (e.g. Alpaca records) the row's string fields joined."""
     value = row.get(column)
     if value is None:

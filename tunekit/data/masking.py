@@ -17,6 +17,7 @@ from typing import Any
 from tunekit.data.chat import ROLES
 from tunekit.data.tables import Table, read_table
 from tunekit.errors import UserError
+from tunekit.jsontypes import Row
 
 FORMATS = ("alpaca", "prompt_completion", "messages", "text")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -54,7 +55,7 @@ def detect_format(table: Table, wanted: str | None) -> str:
     )
 
 
-def to_messages(row: dict[str, Any], kind: str, where: str) -> list[dict[str, str]]:
+def to_messages(row: Row, kind: str, where: str) -> list[dict[str, str]]:
     """One row of any supported format as a conversation."""
     if kind == "alpaca":
         instruction, extra, output = row.get("instruction"), row.get("input") or "", row.get("output")

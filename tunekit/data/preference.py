@@ -30,6 +30,7 @@ from tunekit.config import Section
 from tunekit.data.masking import check_messages, is_hh_dialogue, parse_hh
 from tunekit.data.tables import Table, pick_column, read_table
 from tunekit.errors import UserError
+from tunekit.jsontypes import Row
 
 FORMATS = ("pairs", "prompt_pairs", "conversation", "hh", "label_pairs")
 # How a conversation reads as plain text for a model without a chat template (an encoder): the
@@ -126,7 +127,7 @@ def read_pairs(table: Table, kind: str, section: PreferenceData, limit: int | No
     return drop_identical(pairs, table.source)
 
 
-def to_pair(row: dict[str, Any], kind: str, where: str) -> Pair:
+def to_pair(row: Row, kind: str, where: str) -> Pair:
     """One row of a row-per-pair layout as a Pair; bad rows are one error line naming the row."""
     if kind == "hh":
         chosen = parse_hh(text_side(row, "chosen", where), "chosen", where)
@@ -149,7 +150,7 @@ def to_pair(row: dict[str, Any], kind: str, where: str) -> Pair:
     raise UserError(f"{where}: data.format {kind!r} is not a row-per-pair layout")
 
 
-def text_side(row: dict[str, Any], name: str, where: str) -> str:
+def text_side(row: Row, name: str, where: str) -> str:
     value = row.get(name)
     if value is None:
         raise UserError(f"{where}: {name!r} is missing")
@@ -160,7 +161,7 @@ def text_side(row: dict[str, Any], name: str, where: str) -> str:
     return value
 
 
-def message_side(row: dict[str, Any], name: str, where: str, need_answer: bool = True) -> list[dict[str, str]]:
+def message_side(row: Row, name: str, where: str, need_answer: bool = True) -> list[dict[str, str]]:
     value = row.get(name)
     if value is None:
         raise UserError(f"{where}: {name!r} is missing")

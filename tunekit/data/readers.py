@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tunekit.errors import UserError
+from tunekit.jsontypes import Row
 
 BATCH = 5000  # rows per Arrow record batch while writing
 CHUNK = 1 << 20  # bytes read at a time
@@ -86,7 +87,7 @@ def text_chunks(path: Path) -> Iterator[str]:
                 return
 
 
-def jsonl_rows(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def jsonl_rows(path: Path, source: str) -> Iterator[tuple[int, Row]]:
     for number, line in lines_of(path):
         if not line.strip():
             continue
@@ -99,7 +100,7 @@ def jsonl_rows(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield number, row
 
 
-def tsv_rows(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def tsv_rows(path: Path, source: str) -> Iterator[tuple[int, Row]]:
     """Tab-separated, header first, no quote processing (GLUE ships quotes as ordinary characters)."""
     header: list[str] | None = None
     for number, line in lines_of(path):
@@ -114,7 +115,7 @@ def tsv_rows(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield number, dict(zip(header, fields))
 
 
-def csv_rows(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def csv_rows(path: Path, source: str) -> Iterator[tuple[int, Row]]:
     header: list[str] | None = None
     with open_binary(path) as stream:
         # newline="": the csv module finds the record ends itself ("\n", "\r\n", quoted newlines).
@@ -138,7 +139,7 @@ def csv_rows(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
 JSON_SPACE = " \t\r\n"  # the whitespace JSON allows between values (RFC 8259)
 
 
-def json_list_rows(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def json_list_rows(path: Path, source: str) -> Iterator[tuple[int, Row]]:
     """The records of a JSON list (`[{...}, {...}]`), decoded one at a time; the line given for a
     record is the line where it starts."""
     decoder = json.JSONDecoder()
@@ -214,7 +215,7 @@ class ArrowFile:
         self.target, self.source, self.schema = target, source, schema
         self.writer: Any = None
 
-    def write(self, rows: list[dict[str, Any]], lines: list[int]) -> None:
+    def write(self, rows: list[Row], lines: list[int]) -> None:
         import pyarrow as pa
 
         names = list(dict.fromkeys(k for row in rows for k in row))
@@ -291,7 +292,7 @@ def write_rows(records: Any, target: Path, source: str) -> array:
                 out.writer.close()
 
 
-def batches(records: Iterable[tuple[int, dict[str, Any]]]) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
+def batches(records: Iterable[tuple[int, Row]]) -> Iterator[tuple[list[int], list[Row]]]:
     lines, rows = [], []
     for line, row in records:
         lines.append(line)

@@ -27,6 +27,7 @@ from tunekit.data.readers import (
     write_rows,
 )
 from tunekit.errors import UserError
+from tunekit.jsontypes import Row
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
@@ -42,7 +43,7 @@ class Rows:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Row]:
         for batch in self.dataset.iter(batch_size=ITER_BATCH):
             names = list(batch)
             for values in zip(*batch.values()):
@@ -288,7 +289,7 @@ def _looks_like_a_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.lower().endswith(SUFFIXES + (".gz",)) or "\\" in spec
 
 
-def parse_json_object(path: Path, source: str) -> tuple[list[dict[str, Any]], list[int], list[str] | None]:
+def parse_json_object(path: Path, source: str) -> tuple[list[Row], list[int], list[str] | None]:
     """A JSON object with the rows under "data" (SQuAD keeps its own layout): read whole, as such
     files are (a JSON list is streamed record by record instead)."""
     text = "".join(text_chunks(path))
@@ -316,7 +317,7 @@ def is_squad(data: Any) -> bool:
         isinstance(a, dict) and "paragraphs" in a for a in articles)
 
 
-def flatten_squad(articles: list[dict[str, Any]], source: str) -> tuple[list[dict[str, Any]], list[str]]:
+def flatten_squad(articles: list[Row], source: str) -> tuple[list[Row], list[str]]:
     """One row per question (id, title, question, context, answers as {"text": [...], "answer_start":
     [...]}, is_impossible), in file order; rows are named by question id in error messages."""
     rows, names = [], []

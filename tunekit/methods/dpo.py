@@ -20,6 +20,7 @@ from pydantic import Field
 from tunekit.config import CHECKPOINTS, Section, TrainSection
 from tunekit.data.preference import PreferenceData, Preferences, Side, load_preferences, longer_wins
 from tunekit.generation import ChatRecipe
+from tunekit.jsontypes import Metrics
 from tunekit.method import Method, Setup
 
 RESERVED = {
@@ -130,7 +131,7 @@ def setup(config: Config, data: Preferences, run: Any) -> Any:
         return LeanDPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train, eval_dataset=held_out,
                               processing_class=tokenizer, callbacks=callbacks)
 
-    def evaluate(trainer: Any) -> dict[str, Any]:
+    def evaluate(trainer: Any) -> Metrics:
         if held_out is None:
             return {}
         return {**reward_metrics(trainer), "baseline_longer_wins": longer_wins(data.eval)}

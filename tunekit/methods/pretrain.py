@@ -19,6 +19,7 @@ from tunekit.config import CHECKPOINTS, Recipe, Section, TrainSection
 from tunekit.data.corpus import Source, packed, sources, streamed, texts
 from tunekit.data.prepare import Prepared
 from tunekit.errors import UserError
+from tunekit.jsontypes import Metrics
 from tunekit.method import Method, Setup
 
 
@@ -183,8 +184,8 @@ def setup(config: Config, data: Data, run: Any) -> Any:
         return Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                        processing_class=tokenizer, data_collator=collator, callbacks=callbacks)
 
-    def evaluate(trainer: Any) -> dict[str, Any]:
-        metrics: dict[str, Any] = {}
+    def evaluate(trainer: Any) -> Metrics:
+        metrics: Metrics = {}
         if held_out is not None:
             loss = trainer.evaluate()["eval_loss"]
             metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}

@@ -18,6 +18,7 @@ from typing import Any
 from tunekit.config import CHECKPOINTS, Recipe, TrainSection, validate_config
 from tunekit.data.preference import PreferenceData, Preferences, full_text, load_preferences, longer_wins
 from tunekit.errors import UserError
+from tunekit.jsontypes import Metrics
 from tunekit.method import Method, Setup
 from tunekit.rl.reward_scores import DEFAULT_MAX_LENGTH, encode, score_ids, score_texts
 
@@ -128,7 +129,7 @@ def setup(config: Config, data: Preferences, run: Any) -> Any:
         return RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                              processing_class=tokenizer, callbacks=callbacks)
 
-    def evaluate(trainer: Any) -> dict[str, Any]:
+    def evaluate(trainer: Any) -> Metrics:
         if not data.eval:
             return {}
         return pair_metrics(trainer.model, tokenizer, data.eval, args.max_length, args.per_device_eval_batch_size)

@@ -25,6 +25,7 @@ from tunekit.data.masking import prompts_of_table
 from tunekit.data.tables import read_table
 from tunekit.errors import UserError
 from tunekit.generation import ChatRecipe
+from tunekit.jsontypes import Metrics, Row
 from tunekit.method import Method, Setup
 from tunekit.rl.rewards import RewardFunctionSection, as_sections, check_reward_functions
 from tunekit.runs.plots import plot_rewards
@@ -153,8 +154,8 @@ class Config(ChatRecipe):
 class Data:
     train: list[list[dict[str, str]]]  # prompt conversations
     eval: list[list[dict[str, str]]]
-    train_rows: list[dict[str, Any]] = field(default_factory=list)  # each prompt's data row, for rlhf.reward_fn
-    eval_rows: list[dict[str, Any]] = field(default_factory=list)
+    train_rows: list[Row] = field(default_factory=list)  # each prompt's data row, for rlhf.reward_fn
+    eval_rows: list[Row] = field(default_factory=list)
 
 
 def read_prompts(specs: str | list[str], config: Config, key: str
@@ -179,7 +180,7 @@ def read_prompts(specs: str | list[str], config: Config, key: str
     return prompts, rows
 
 
-def check_columns(config: Config, row: dict[str, Any], key: str, spec: str) -> None:
+def check_columns(config: Config, row: Row, key: str, spec: str) -> None:
     """Every exact_answer's column is in the prompt rows (checked on the first row)."""
     for i, function in enumerate(config.rlhf.reward_fn):
         if function.name == "exact_answer" and function.column not in row:
@@ -291,7 +292,7 @@ def setup(config: Config, data: Data, run: Any) -> Any:
                                          config.generation.seed)
         return trained, reference
 
-    def report(trained: Any) -> dict[str, Any]:
+    def report(trained: Any) -> Metrics:
         before, after = measured["before"], measured["after"]
         metrics = {"reward_before": before["reward"], "reward_after": after["reward"], "kl": after["kl"],
                    "response_length_before": before["response_length"],

@@ -23,6 +23,7 @@ from tunekit.data.prepare import Prepared
 from tunekit.data.tables import Splits, Table, join, read_table
 from tunekit.errors import UserError
 from tunekit.generation import ChatRecipe
+from tunekit.jsontypes import Metrics, Row
 from tunekit.method import Method, Setup
 
 # SFTTrainer options that tunekit decides itself (the labels come from tunekit.data.masking).
@@ -88,7 +89,7 @@ class Split:
             yield example(row, self.kind, where), where
 
 
-def example(row: dict[str, Any], kind: str, where: str) -> Any:
+def example(row: Row, kind: str, where: str) -> Any:
     """One row as what is trained on: a conversation, or a text for the text format."""
     if kind != "text":
         return to_messages(row, kind, where)
@@ -227,7 +228,7 @@ class PackedRows:
 
     pad_token_id: int
 
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, rows: list[Row]) -> dict[str, Any]:
         import torch
 
         width = max(len(row["input_ids"]) for row in rows)
@@ -311,7 +312,7 @@ def setup(config: Config, data: Splits[Split], run: Any) -> Any:
         fit(trainer, run, resume)
         return trainer
 
-    def evaluate(trainer: Any) -> dict[str, Any]:
+    def evaluate(trainer: Any) -> Metrics:
         if held_out is None:
             return {}
         before = at_start.loss if at_start else run.logged("eval_loss", step=0)  # resumed: as measured before

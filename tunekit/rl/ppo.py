@@ -34,6 +34,7 @@ import torch
 from pydantic import ConfigDict
 
 from tunekit.config import Section
+from tunekit.jsontypes import JsonObject
 from tunekit.rl.ppo_math import (
     AdaptiveKLController,
     gae,
@@ -188,7 +189,7 @@ class PPOTrainer:
             for tracker in self.accelerator.trackers:  # not end_training(): it ends the process group
                 tracker.finish()
 
-    def ppo_step(self, prompts: list[Any]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    def ppo_step(self, prompts: list[Any]) -> tuple[dict[str, float], list[JsonObject]]:
         """Roll out, score, update; the step's statistics (averaged over processes) and samples."""
         batch, stats, shown = self.rollout(prompts)
         stats.update(minibatch_epochs(self.model, self.optimizer, self.accelerator, batch, self.settings,
@@ -198,7 +199,7 @@ class PPOTrainer:
         self.kl.update(stats["kl"], self.settings.rollout_batch_size * self.accelerator.num_processes)
         return stats, shown
 
-    def log_window(self, window: list[dict[str, float]], shown: list[dict[str, Any]], progress: Any) -> None:
+    def log_window(self, window: list[dict[str, float]], shown: list[JsonObject], progress: Any) -> None:
         """One metrics.jsonl record (and tracker entry): the means over the steps since the last one."""
         record = {key: sum(w[key] for w in window) / len(window) for key in window[0]}
         record.update(kl_coef=self.kl.value, learning_rate=self.scheduler.get_last_lr()[0])
@@ -237,7 +238,7 @@ class PPOTrainer:
                     shutil.rmtree(older, ignore_errors=True)
             inject_fault("kill-after-save", self.step)
 
-    def rank_state(self) -> dict[str, Any]:
+    def rank_state(self) -> JsonObject:
         """What differs between processes: the RNG states (each samples its own responses), and
         the KL coefficient (equal on all; kept to show it)."""
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -267,7 +268,7 @@ class PPOTrainer:
         random.setstate(rank["python_rng"])
         self.step = int(json.loads((folder / "trainer_state.json").read_text())["global_step"])
 
-    def rollout(self, prompts: list[Any]) -> tuple[Batch, dict[str, float], list[dict[str, Any]]]:
+    def rollout(self, prompts: list[Any]) -> tuple[Batch, dict[str, float], list[JsonObject]]:
         """Generate, score, and turn the scores into whitened per-token advantages. Sampling and the
         reference run under the prepared model's autocast (bf16 on a GPU): one precision for every
         log-prob, so the sampled distribution is the measured one and the KL starts at 0."""

@@ -31,6 +31,7 @@ from pydantic import Field, model_validator
 
 from tunekit.config import Section
 from tunekit.errors import TrainingFailure, UserError
+from tunekit.jsontypes import Row
 
 BUILT_INS = ("exact_answer", "regex")
 NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
@@ -99,7 +100,7 @@ def same_answer(given: str | None, expected: Any, ignore_case: bool = False) -> 
         return given.casefold() == want.casefold() if ignore_case else given == want
 
 
-def exact_answer(responses: list[str], rows: list[dict[str, Any]], column: str, marker: str | None,
+def exact_answer(responses: list[str], rows: list[Row], column: str, marker: str | None,
                  ignore_case: bool = False) -> list[float]:
     return [float(same_answer(answer_of(r, marker), row.get(column), ignore_case)) for r, row in zip(responses, rows)]
 
@@ -171,7 +172,7 @@ class RewardFunction:
         self.label = section.label
         self.function = None if section.name in BUILT_INS else load_callable(section.name, "rlhf.reward_fn")
 
-    def __call__(self, prompts: list[str], responses: list[str], rows: list[dict[str, Any]]) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str], rows: list[Row]) -> list[float]:
         s = self.section
         if s.name == "exact_answer":
             return exact_answer(responses, rows, s.column, s.marker, s.ignore_case)

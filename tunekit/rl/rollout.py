@@ -13,6 +13,7 @@ import torch
 
 from tunekit.errors import UserError
 from tunekit.generation import GenerationSection, generate_ids
+from tunekit.jsontypes import Row
 
 
 @dataclass
@@ -22,7 +23,7 @@ class Prompt:
 
     policy_text: str
     reward_prompt: str | list[dict[str, str]]
-    row: dict[str, Any] = field(default_factory=dict)  # the prompt's data row, for rlhf.reward_fn
+    row: Row = field(default_factory=dict)  # the prompt's data row, for rlhf.reward_fn
 
     def reward_text(self, tokenizer: Any, response: str) -> str:
         """Prompt and response as the reward model scores them (tunekit reward's own layout)."""
@@ -38,7 +39,7 @@ class Prompt:
 
 
 def make_prompts(conversations: list[list[dict[str, str]]], tokenizer: Any, chat_template: bool,
-                 rows: list[dict[str, Any]] | None = None) -> list[Prompt]:
+                 rows: list[Row] | None = None) -> list[Prompt]:
     """Chat: the conversation rendered with the generation prompt. Raw: the last message's text, to be
     continued as plain text (a review's first words, say). `rows`: each prompt's data row."""
     rows = rows or [{} for _ in conversations]

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from tunekit.distributed import running
 from tunekit.errors import UserError
 from tunekit.files import read_json, write_atomic, write_json
+from tunekit.jsontypes import JsonObject, Metrics
 
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD")
 
@@ -64,7 +65,7 @@ class RunFolder:
         self.path = Path(path)
         self.enabled = enabled
         self.started = time.time()
-        self.info: dict[str, Any] = {}
+        self.info: JsonObject = {}
 
     def start(self, method: str, config_yaml: str, overwrite: bool, **info: Any) -> None:
         if not self.enabled:
@@ -101,17 +102,17 @@ class RunFolder:
         self.info.update(info)
         self._write_info()
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, record: JsonObject) -> None:
         if not self.enabled:
             return
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
-    def write_eval(self, metrics: dict[str, Any]) -> None:
+    def write_eval(self, metrics: Metrics) -> None:
         if self.enabled:
             write_json(self.path / "eval.json", metrics)
 
-    def save_pretrained(self, *objects: Any, subdir: str = "model", weights: dict[str, Any] | None = None) -> Path:
+    def save_pretrained(self, *objects: Any, subdir: str = "model", weights: JsonObject | None = None) -> Path:
         """save_pretrained each object into a temporary folder, then rename it into place. `weights`,
         if given, is the first object's state dict (a sharded model's, gathered from every rank)."""
         final = self.path / subdir
@@ -136,7 +137,7 @@ class RunFolder:
             return self.save_pretrained(model, tokenizer, model.get_base_model().config, subdir="adapter", weights=weights)
         return self.save_pretrained(model, tokenizer, subdir="model", weights=weights)
 
-    def finish(self, metrics: dict[str, Any]) -> None:
+    def finish(self, metrics: Metrics) -> None:
         if not self.enabled:
             return
         from tunekit.runs.modelcard import model_card
@@ -174,7 +175,7 @@ def device_name() -> str:
     return f"CPU ({torch.get_num_threads()} threads)"
 
 
-def banner(info: dict[str, Any], path: Path) -> str:
+def banner(info: JsonObject, path: Path) -> str:
     """The compact start-of-run summary printed to stderr."""
     trainable, total = info.get("trainable_params", 0), info.get("total_params", 0)
     share = f" ({100 * trainable / total:.2f}%)" if total else ""
@@ -188,7 +189,7 @@ def banner(info: dict[str, Any], path: Path) -> str:
     )
 
 
-def read_run_config(run_dir: Path) -> dict[str, Any]:
+def read_run_config(run_dir: Path) -> JsonObject:
     """The resolved recipe a run saved, for `tunekit eval` / `predict` / `generate`."""
     from tunekit.config import parse_yaml
 
@@ -250,13 +251,13 @@ RESUME_MAY_CHANGE = (
 )
 
 
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(data: Any, prefix: str = "") -> JsonObject:
     if isinstance(data, dict):
         return {k: v for key, value in data.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): data}
 
 
-def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
+def fingerprint(config: JsonObject) -> JsonObject:
     """The resolved config, flattened, without the keys a resume may change. An rlhf run samples its
     own training data with `generation.*`, so there those keys change the computation."""
     may_change = RESUME_MAY_CHANGE
@@ -265,7 +266,7 @@ def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flatten(config).items() if not k.startswith(may_change)}
 
 
-def config_hash(config: dict[str, Any]) -> str:
+def config_hash(config: JsonObject) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(fingerprint(config), sort_keys=True, default=str).encode()).hexdigest()

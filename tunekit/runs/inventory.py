@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tunekit.errors import UserError
+from tunekit.jsontypes import JsonObject
 
 # The metric a run is best summarised by, per method (the first one eval.json has).
 KEY_METRICS = ("accuracy", "f1", "reward_after", "perplexity", "loss")
@@ -23,7 +24,7 @@ def recipe_rows() -> list[dict[str, str]]:
             for name, path in shipped_recipes().items()]
 
 
-def run_rows(folder: Path) -> list[dict[str, Any]]:
+def run_rows(folder: Path) -> list[JsonObject]:
     """One row per run folder (a folder with run.json) under `folder`, newest first."""
     rows = []
     for info_path in sorted(folder.glob("*/run.json"), key=lambda p: p.stat().st_mtime, reverse=True):
@@ -39,7 +40,7 @@ def run_rows(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def doctor_report() -> dict[str, Any]:
+def doctor_report() -> JsonObject:
     """Versions, devices and what they support, and whether the Hub can be reached."""
     import torch
 
@@ -74,7 +75,7 @@ def hub_status() -> str:
         return f"unreachable ({type(err).__name__}); set HF_HUB_OFFLINE=1 to skip the wait"
 
 
-def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def table(rows: list[JsonObject], columns: list[str]) -> str:
     """A plain aligned text table (the --json flag prints the rows instead)."""
     cells = [[format_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
@@ -101,7 +102,7 @@ def copy_recipe(name: str, dest: Path) -> Path:
     return target
 
 
-def doctor_lines(report: dict[str, Any]) -> str:
+def doctor_lines(report: JsonObject) -> str:
     """The doctor report as aligned `key  value` lines."""
     lines = []
     for key, value in report.items():

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from tunekit.data.tables import hub_dataset_name
+from tunekit.jsontypes import JsonObject, Metrics
 
 PIPELINE_TAGS = {  # the model head a run trained -> the Hub's pipeline (its widget and search filter)
     "causal-lm": "text-generation",
@@ -28,12 +29,12 @@ def hub_model_id(name: str | None) -> str | None:
     return name
 
 
-def metadata(info: dict[str, Any], task: str, peft_method: str | None, adapter: bool) -> dict[str, Any]:
+def metadata(info: JsonObject, task: str, peft_method: str | None, adapter: bool) -> JsonObject:
     """The card's front matter, in the keys of the Hub's model-card metadata."""
     specs = [s for key in ("train_data", "eval_data") for s in as_list(info.get(key))]
     datasets = list(dict.fromkeys(name for s in specs if (name := hub_dataset_name(s)) and HUB_ID.fullmatch(name)))
     tags = ["tunekit", info.get("method", "")] + ([peft_method] if peft_method else [])
-    meta: dict[str, Any] = {"library_name": "peft" if adapter else "transformers"}
+    meta: JsonObject = {"library_name": "peft" if adapter else "transformers"}
     if base := hub_model_id(info.get("base_model")):
         meta["base_model"] = base
     meta["tags"] = [t for t in tags if t]
@@ -49,7 +50,7 @@ def as_list(value: Any) -> list[str]:
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
-def model_card(info: dict[str, Any], metrics: dict[str, Any], task: str, peft_method: str | None, adapter: bool) -> str:
+def model_card(info: JsonObject, metrics: Metrics, task: str, peft_method: str | None, adapter: bool) -> str:
     front = yaml.safe_dump(metadata(info, task, peft_method, adapter), sort_keys=False, allow_unicode=True)
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
     trainable, total = info.get("trainable_params", 0), info.get("total_params", 0)

@@ -8,15 +8,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tunekit.jsontypes import JsonObject
+
 # metrics.jsonl key -> legend label, for the loss panel (PPO logs its two losses, Trainers `loss`)
 LOSSES = {"loss": "training loss", "eval_loss": "evaluation loss", "policy_loss": "policy loss", "value_loss": "value loss"}
-def read_records(metrics_path: Path) -> list[dict[str, Any]]:
+def read_records(metrics_path: Path) -> list[JsonObject]:
     if not metrics_path.exists():
         return []
     return [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def series(records: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+def series(records: list[JsonObject], key: str) -> list[tuple[float, float]]:
     return [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float) and "step" in r]
 
 
@@ -44,7 +46,7 @@ def plot_rewards(metrics_path: Path, out: Path, kl_per_token: bool = False) -> b
     return fig is not None
 
 
-def loss_figure(records: list[dict[str, Any]], method: str | None, name: str, units: str | None = None,
+def loss_figure(records: list[JsonObject], method: str | None, name: str, units: str | None = None,
                 step_unit: str | None = None) -> Any:
     """Losses against step and, below, the learning rate schedule when it was logged."""
     losses = {label: points for key, label in LOSSES.items() if (points := series(records, key))}
@@ -75,7 +77,7 @@ def loss_figure(records: list[dict[str, Any]], method: str | None, name: str, un
     return layout(fig)
 
 
-def reward_figure(records: list[dict[str, Any]], kl_per_token: bool, name: str) -> Any:
+def reward_figure(records: list[JsonObject], kl_per_token: bool, name: str) -> Any:
     """Mean reward against step and, below, the KL divergence of the policy from the reference."""
     reward, kl = series(records, "reward"), series(records, "kl")
     if not reward:

@@ -17,6 +17,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunekit.jsontypes import JsonObject
 from tunekit.serving.batching import BatchDecoder, Event, Job, Sampling
 
 log = logging.getLogger("tunekit.serving.server")
@@ -49,7 +50,7 @@ class ApiError(Exception):
         self.kind = kind  # OpenAI's error "type"
 
 
-def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> JsonObject:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -177,19 +178,19 @@ class Reply:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-def choice_json(chat: bool, index: int, text: str, finish: str | None, delta: bool = False) -> dict[str, Any]:
+def choice_json(chat: bool, index: int, text: str, finish: str | None, delta: bool = False) -> JsonObject:
     if not chat:
         return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
     body = {"content": text} if delta else {"role": "assistant", "content": text}
     return {"index": index, "delta" if delta else "message": body, "logprobs": None, "finish_reason": finish}
 
 
-async def stream_events(reply: Reply, jobs: list[Job], chat: bool, head: dict[str, Any], usage: bool) -> AsyncIterator[str]:
+async def stream_events(reply: Reply, jobs: list[Job], chat: bool, head: JsonObject, usage: bool) -> AsyncIterator[str]:
     """OpenAI's chunks as server-sent events. When the client goes away, Starlette cancels this
     generator and `finally` drops its rows from the batch."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+    def chunk(choices: list[JsonObject], **extra: Any) -> str:
         return f"data: {json.dumps({**head, 'object': kind, 'choices': choices, **extra})}\n\n"
 
     try:

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from tunekit.errors import UserError
+from tunekit.jsontypes import JsonObject
 from tunekit.serving.batching import BatchDecoder
 from tunekit.serving.openai_format import (
     ApiError,
@@ -96,7 +97,7 @@ def create_app(engine: BatchDecoder, options: ServeOptions) -> Any:
         return await answer(request, engine, options, body, prompts)
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models() -> JsonObject:
         return {"object": "list", "data": [{"id": options.model_id, "object": "model", "created": 0, "owned_by": "tunekit"}]}
 
     @app.post("/v1/chat/completions")
