@@ -284,6 +284,15 @@ def validate_config(cls: type[Recipe], data: dict[str, Any], source: str) -> Rec
     return config
 
 
+def load_run_config(cls: type[Recipe], run_dir: Path) -> Recipe:
+    """A run's saved config.yaml read back as its method's config, validated like any recipe: the
+    one way a finished run's settings are read."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a tunekit run folder (no config.yaml)")
+    return validate_config(cls, read_yaml_mapping(path), str(path))
+
+
 def validate_section(cls: type[BaseModel], data: dict[str, Any], source: str) -> Any:
     """Any typed section from YAML (an eval task, ...), with the same one-line errors as recipes."""
     try:

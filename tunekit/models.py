@@ -220,10 +220,9 @@ def task_auto_class(run_dir: Path) -> Any:
 
 def load_finished_run(run_dir: Path, config_class: Any) -> tuple[Any, Any, Any]:
     """A finished run's resolved config (as `config_class`), trained model and tokenizer."""
-    from tunekit.config import validate_config
-    from tunekit.runs.folder import read_run_config
+    from tunekit.config import load_run_config
 
-    config = validate_config(config_class, read_run_config(run_dir), str(run_dir / "config.yaml"))
+    config = load_run_config(config_class, run_dir)
     model, tokenizer = load_run_model(run_dir, task_auto_class(run_dir))
     return config, model, tokenizer
 

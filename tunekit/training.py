@@ -42,8 +42,9 @@ def execute(method: Method, config: Recipe, data: Any, run_dir: Path, overwrite:
     setup = method.setup(config, data, run)
     trainable, total = count_parameters(setup.model)
     info = {"base_model": config.model.name, **setup.info}
-    run.start(method.name, to_yaml(config), overwrite, task=method.task(config), loss_units=method.loss_units,
-              step_unit=method.step_unit, trainable_params=trainable, total_params=total, **info)
+    run.start(method.name, to_yaml(config), overwrite, task=method.task(config), peft=config.peft.method,
+              loss_units=method.loss_units, step_unit=method.step_unit, trainable_params=trainable,
+              total_params=total, **info)
     trained = setup.train(run, resume)
     metrics = setup.evaluate(trained)
     run.write_eval(metrics)

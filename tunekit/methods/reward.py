@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tunekit.config import CHECKPOINTS, Recipe, TrainSection, validate_config
+from tunekit.config import CHECKPOINTS, Recipe, TrainSection, load_run_config
 from tunekit.data.preference import PreferenceData, Preferences, full_text, load_preferences, longer_wins
 from tunekit.errors import UserError
 from tunekit.jsontypes import Metrics
@@ -148,9 +148,7 @@ PREDICT_TEXT_COLUMNS = ("text", "sentence", "response", "completion")
 
 
 def run_config(run_dir: Path) -> Config:
-    from tunekit.runs.folder import read_run_config
-
-    return validate_config(Config, read_run_config(run_dir), str(run_dir / "config.yaml"))
+    return load_run_config(Config, run_dir)
 
 
 def load_run(run_dir: Path) -> tuple[Any, Any]:

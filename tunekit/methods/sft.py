@@ -327,11 +327,10 @@ def setup(config: Config, data: Splits[Split], run: Any) -> Any:
 
 def heldout_prompts(run_dir: Path, count: int) -> list[list[dict[str, str]]]:
     """The prompts of the first `count` held-out conversations of a finished SFT run."""
-    from tunekit.config import validate_config
+    from tunekit.config import load_run_config
     from tunekit.data.masking import prompt_part
-    from tunekit.runs.folder import read_run_config
 
-    config = validate_config(Config, read_run_config(run_dir), str(run_dir / "config.yaml"))
+    config = load_run_config(Config, run_dir)
     data = check(config)
     if data.eval is None or data.eval.kind == "text":
         raise UserError(f"{run_dir}: the run has no held-out conversations (data.eval / data.eval_size)")

@@ -146,7 +146,7 @@ class RunFolder:
         self.update(status="done", wall_time_s=round(time.time() - self.started, 1))
         plot_losses(self.path / "metrics.jsonl", self.path / "loss.png", self.info.get("method"),
                     self.info.get("loss_units"), self.info.get("step_unit"))
-        peft = (read_run_config(self.path).get("peft") or {}).get("method", "none")
+        peft = self.info.get("peft", "none")
         card = model_card(self.info, metrics, self.info["task"], None if peft == "none" else peft,
                           adapter=(self.path / "adapter").is_dir())
         write_atomic(self.path / "README.md", card)

@@ -31,7 +31,7 @@ def step_label(unit: str | None) -> str:
 def plot_losses(metrics_path: Path, out: Path, method: str | None = None, units: str | None = None,
                 step_unit: str | None = None) -> bool:
     """loss.png; False (and no file) when the run logged no loss. `units` says what the method's
-    loss is, for the y axis (tunekit.methods.Method.loss_units)."""
+    loss is, for the y axis (tunekit.method.Method.loss_units)."""
     fig = loss_figure(read_records(metrics_path), method, metrics_path.parent.name, units, step_unit)
     if fig is not None:
         save(fig, out)
