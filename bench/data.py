@@ -72,8 +72,8 @@ def make_tokenizer(folder: Path) -> None:
 
 
 def sft_raw(data: Path, tokenizer: Path, num_proc: int) -> dict:
-    return {"model": {"name": str(tokenizer)}, "data": {"train": str(data), "eval_size": 200, "num_proc": num_proc},
-            "train": {"max_length": 512}}
+    return {"model": {"name": str(tokenizer)},
+            "data": {"train": str(data), "eval_size": 200, "num_proc": num_proc, "max_length": 512}}
 
 
 def pretrain_raw(data: Path, tokenizer: Path, num_proc: int) -> dict:

@@ -155,11 +155,11 @@ class Bench:
         from tunekit.methods import sft
 
         plan = self.plan
-        train = {"max_steps": plan.warmup + plan.steps, "max_length": plan.seq, "packing": True,
+        train = {"max_steps": plan.warmup + plan.steps, "packing": True,
                  "per_device_train_batch_size": plan.batch, "save_strategy": "no", "logging_steps": 10**6,
                  "disable_tqdm": True, **extra.pop("train", {})}
         model = {"name": name} if name else {"config": model_fields(shape, self.tokenizer)}
-        raw = {"model": {**model, "tokenizer": str(self.tokenizer_dir)}, "data": {"train": str(self.data)},
+        raw = {"model": {**model, "tokenizer": str(self.tokenizer_dir)}, "data": {"train": str(self.data), "max_length": plan.seq},
                "train": train, **extra}
         return validate_config(sft.Config, raw, "bench/gpu.py")
 

@@ -21,8 +21,9 @@ from tunekit.methods import sft  # noqa: E402
 
 def main() -> None:
     data, max_length = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2048
-    config = validate_config(sft.Config, {"model": {"config": {"model_type": "llama"}}, "data": {"train": data},
-                                          "train": {"max_length": max_length, "packing": True}}, "loss_positions")
+    config = validate_config(sft.Config, {"model": {"config": {"model_type": "llama"}},
+                                          "data": {"train": data, "max_length": max_length},
+                                          "train": {"packing": True}}, "loss_positions")
     split = sft.check(config).train
     tokenizer = train_tokenizer([m["content"] for c, _ in split.examples(2000) for m in c], 8000)
     rows = sft.packed(sft.tokenize_split(tokenizer, split, config).dataset, max_length)

@@ -60,8 +60,8 @@ def build_model(workdir: Path, model: str | None) -> Path:
 def tunekit_config(base: Path, rows: int, packing: bool) -> sft.Config:
     raw = {
         "model": {"name": str(base)},
-        "data": {"train": str(DATA), "train_limit": rows},
-        "train": {"num_train_epochs": 1, "per_device_train_batch_size": BATCH, "max_length": MAX_LEN,
+        "data": {"train": str(DATA), "train_limit": rows, "max_length": MAX_LEN},
+        "train": {"num_train_epochs": 1, "per_device_train_batch_size": BATCH,
                   "learning_rate": LR, "save_strategy": "no", "logging_steps": 100000, "packing": packing,
                   "disable_tqdm": True},
     }

@@ -150,3 +150,20 @@ def test_adapter_learning_rate_applies_only_with_an_adapter(tmp_path):
     text = RECIPE + "peft:\n  learning_rate: 5.0e-4\n"
     assert load(tmp_path, text).train["learning_rate"] == 3e-5
     assert load(tmp_path, text, ["peft.method=lora"]).train["learning_rate"] == 5e-4
+
+
+def test_the_old_spelling_of_max_length_is_moved_with_a_note(tmp_path, capsys):
+    """max_length has one home, data.max_length, for every method; train.max_length (where the TRL
+    methods had it) still works, moved with a one-line note, and both at once is an error."""
+    from tunekit.methods import sft
+
+    recipe = write(tmp_path / "s.yaml", f"model:\n  name: {tmp_path}\ndata:\n  train: {SHARED}/alpaca/alpaca_data_1k.json\n"
+                                        "train:\n  max_length: 64\n")
+    config = load_recipe(method_named("sft"), str(recipe))
+    assert isinstance(config, sft.Config)
+    assert config.data.max_length == 64 and "max_length" not in config.train
+    assert config.args.max_length == 64  # what TRL's config gets, for its own truncation and packing
+    note = capsys.readouterr().err.strip()
+    assert note.count("\n") == 0 and "train.max_length is now written data.max_length" in note
+    with pytest.raises(UserError, match="train.max_length: also set as data.max_length"):
+        load_recipe(method_named("sft"), str(recipe), ["data.max_length=32"])

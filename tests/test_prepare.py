@@ -55,8 +55,7 @@ def tokenizer():
 
 
 def sft_config(tmp_path, train, **data):
-    raw = {"model": {"name": str(tmp_path)}, "data": {"train": train, **data},
-           "train": {"max_length": 512}}
+    raw = {"model": {"name": str(tmp_path)}, "data": {"train": train, "max_length": 512, **data}}
     return validate_config(sft.Config, raw, "r.yaml")
 
 
@@ -96,7 +95,7 @@ def test_second_prepare_comes_from_the_cache(tmp_path, monkeypatch, tokenizer):
     again = dict(sft.prepare(config, sft.check(config), tokenizer))["train"]
     assert again.path == first.path and again.dataset["input_ids"] == first.dataset["input_ids"]
     longer = sft_config(tmp_path, str(SHARED / "alpaca" / "alpaca_data_1k.json"), train_limit=60)
-    longer.train["max_length"] = 64  # another length option: another result, so tokenised again
+    longer.data.max_length = 64  # another length option: another result, so tokenised again
     with pytest.raises(AssertionError, match="tokenised again"):
         sft.prepare(longer, sft.check(longer), tokenizer)
 

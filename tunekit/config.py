@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,11 +168,16 @@ class Recipe(Section):
 
         fsdp_on_cpu()  # before accelerate's state is set up by the arguments
         try:
-            return self.train_args_class()(**self.train)  # output_dir: the run folder, set when the run starts
+            # output_dir: the run folder, set when the run starts
+            return self.train_args_class()(**self.train, **self.argument_overrides())
         except (ValueError, TypeError) as err:
             raise UserError(f"{self.source}: train: {str(err).splitlines()[0]}") from None
 
     train_section: ClassVar[TrainSection]  # what this method's `train:` is; set by every method
+
+    def argument_overrides(self) -> dict[str, Any]:
+        """Arguments the method's own sections decide (a TRL config's max_length is data.max_length)."""
+        return {}
 
     @classmethod
     def train_args_class(cls) -> type:
@@ -272,7 +278,27 @@ def read_recipe(recipe: str, overrides: list[str] = ()) -> tuple[Path, dict[str,
     return path, data
 
 
+# Old spellings that are still read, moved with a note: old dotted key -> its one home now.
+MOVED_KEYS = {"train.max_length": "data.max_length"}
+
+
+def move_old_keys(cls: type[Recipe], data: dict[str, Any], source: str) -> None:
+    """Keys a recipe may still spell the old way, moved to where they live now (with a note on stderr)."""
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        section, target = data.get(old_section), data.get(new_section)
+        if not (isinstance(section, dict) and old_key in section and isinstance(target, dict)):
+            continue
+        if new_key not in fields_at(cls, [new_section]):
+            continue  # a method without that key: the key check names the mistake
+        if new_key in target:
+            raise UserError(f"{source}: {old}: also set as {new}; keep only {new}")
+        target[new_key] = section.pop(old_key)
+        print(f"tunekit: note: {source}: {old} is now written {new}; read from there for this run", file=sys.stderr)
+
+
 def validate_config(cls: type[Recipe], data: dict[str, Any], source: str) -> Recipe:
+    move_old_keys(cls, data, source)
     try:
         config = cls.model_validate(data)
     except ValidationError as err:

@@ -28,7 +28,7 @@ def preview_data(config: Any, data: Any, examples: int) -> None:
     from tunekit.models import load_chat_tokenizer
 
     tokenizer = load_chat_tokenizer(config.model)
-    max_length = config.args.max_length
+    max_length = config.data.max_length
     trained = masked = 0
     for index, (row, where) in enumerate(data.train.examples()):
         if data.train.kind == "text":

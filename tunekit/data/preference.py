@@ -41,6 +41,10 @@ TEXT_COLUMNS = ("sentence", "text")
 Side = str | list[dict[str, str]]
 
 
+# tokens a reward model or DPO reads per text, unless the recipe's data.max_length says otherwise
+DEFAULT_MAX_LENGTH = 512
+
+
 class PreferenceData(Section):
     train: str = Field(description="training file (jsonl/json/csv/tsv/parquet, .gz too) or Hub dataset")
     eval: str | None = Field(None, description="held-out file; default: the last data.eval_size rows of data.train")
@@ -54,6 +58,8 @@ class PreferenceData(Section):
     positive_label: str | int = Field(1, description="label_pairs: the label of the preferred texts")
     negative_label: str | int | None = Field(None, description="label_pairs: the label of the rejected texts; default: any other")
     pairs_seed: int = Field(0, description="label_pairs: seed of the random pairing")
+    max_length: int = Field(DEFAULT_MAX_LENGTH, gt=0, description="tokens per side of a pair; a longer text keeps its end "
+                                                                   "(the final turn, the response to judge)")
 
 
 @dataclass

@@ -37,14 +37,14 @@ def arguments() -> type:
 
 class DpoTask(Section):
     max_prompt_length: int | None = Field(
-        None, gt=0, description="longer prompts keep their last tokens (whole turns first); default: half of train.max_length")
+        None, gt=0, description="longer prompts keep their last tokens (whole turns first); default: half of data.max_length")
 
 
 # `train:` defaults of `tunekit dpo` (the user's values win)
 TRAIN_DEFAULTS = {
     "learning_rate": 1e-6,  # full fine-tuning; an adapter wants ~1e-4
     "num_train_epochs": 1, "warmup_steps": 0.05, "beta": 0.1, "per_device_train_batch_size": 8,
-    "per_device_eval_batch_size": 16, "max_length": 512, "logging_steps": 10, **CHECKPOINTS,
+    "per_device_eval_batch_size": 16, "logging_steps": 10, **CHECKPOINTS,
 }
 
 
@@ -54,6 +54,9 @@ class Config(ChatRecipe):
     train_section = TrainSection(arguments=arguments, defaults=TRAIN_DEFAULTS, reserved=RESERVED)
     data: PreferenceData
     dpo: DpoTask = DpoTask()
+
+    def argument_overrides(self) -> dict[str, Any]:
+        return {"max_length": self.data.max_length}
 
 
 def check(config: Config) -> Preferences:

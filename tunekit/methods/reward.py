@@ -20,7 +20,7 @@ from tunekit.data.preference import PreferenceData, Preferences, full_text, load
 from tunekit.errors import UserError
 from tunekit.jsontypes import Metrics
 from tunekit.method import Method, Setup
-from tunekit.rl.reward_scores import DEFAULT_MAX_LENGTH, encode, score_ids, score_texts
+from tunekit.rl.reward_scores import encode, score_ids, score_texts
 
 RESERVED = {
     "chat_template_path": "use model.chat_template",
@@ -38,7 +38,6 @@ def arguments() -> type:
 TRAIN_DEFAULTS = {
     "learning_rate": 5e-5, "num_train_epochs": 1, "weight_decay": 0.01, "warmup_steps": 0.05,
     "per_device_train_batch_size": 16, "per_device_eval_batch_size": 64,
-    "max_length": DEFAULT_MAX_LENGTH,  # tokens per side; longer texts keep their end
     "logging_steps": 10, **CHECKPOINTS,
 }
 
@@ -48,6 +47,9 @@ class Config(Recipe):
 
     train_section = TrainSection(arguments=arguments, defaults=TRAIN_DEFAULTS, reserved=RESERVED)
     data: PreferenceData
+
+    def argument_overrides(self) -> dict[str, Any]:
+        return {"max_length": self.data.max_length}
 
 
 def check(config: Config) -> Preferences:

@@ -49,6 +49,7 @@ class SftData(Section):
     columns: dict[str, str] = Field(default_factory=dict, description="standard name -> your column, e.g. {output: answer}")
     train_limit: int | None = Field(None, gt=0, description="use the first N training rows")
     num_proc: int | None = Field(None, gt=0, description="processes that tokenise (default: the cores available)")
+    max_length: int = Field(1024, gt=0, description="tokens per example (and per packed row); longer ones are cut")
 
 
 class SftTask(Section):
@@ -58,7 +59,7 @@ class SftTask(Section):
 # `train:` defaults of `tunekit sft` (the user's values win)
 TRAIN_DEFAULTS = {
     "learning_rate": 2e-5, "num_train_epochs": 3, "warmup_steps": 0.03, "lr_scheduler_type": "cosine",
-    "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16, "max_length": 1024,
+    "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16,
     "train_sampling_strategy": "group_by_length",  # batches of similar length: little padding
     "logging_steps": 10, **CHECKPOINTS,
 }
@@ -70,6 +71,9 @@ class Config(ChatRecipe):
     train_section = TrainSection(arguments=arguments, defaults=TRAIN_DEFAULTS, reserved=RESERVED)
     data: SftData
     sft: SftTask = SftTask()
+
+    def argument_overrides(self) -> dict[str, Any]:
+        return {"max_length": self.data.max_length}
 
 
 @dataclass
@@ -173,7 +177,7 @@ class Encoder:
             else:
                 encoded = tokenize_conversation(self.tokenizer, item, self.max_length, train_all=self.train_all)
             if encoded.trained == 0:
-                raise UserError(f"{where}: no token left to train on after truncation to train.max_length={self.max_length}")
+                raise UserError(f"{where}: no token left to train on after truncation to data.max_length={self.max_length}")
             ids.append(encoded.input_ids)
             labels.append(encoded.labels)
         return {"input_ids": ids, "labels": labels}
@@ -184,7 +188,7 @@ def tokenize_split(tokenizer: Any, split: Split, config: Config) -> Prepared:
     the tokenizer with its chat template, and the masking and length options."""
     from tunekit.data import cache, prepare
 
-    max_length = config.args.max_length
+    max_length = config.data.max_length
     train_all = not config.sft.completion_only_loss
     key = cache.digest("sft", split.table.key, split.kind, cache.tokenizer_key(tokenizer), max_length, train_all)
     encoder = Encoder(tokenizer, split, max_length, train_all)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-DEFAULT_MAX_LENGTH = 512  # tokens a reward model reads per text, unless its run's train.max_length says otherwise
+from tunekit.data.preference import DEFAULT_MAX_LENGTH
 
 
 def encode(tokenizer: Any, text: str, max_length: int) -> list[int]:
@@ -48,7 +48,8 @@ def score_ids(model: Any, pad_token_id: int, ids: list[list[int]], batch_size: i
     return scores
 
 
-def score_texts(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32, max_length: int = 512) -> list[float]:
+def score_texts(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32,
+                max_length: int = DEFAULT_MAX_LENGTH) -> list[float]:
     """The reward model's score of each text (prompt and response together, as one string)."""
     ids = [encode(tokenizer, text, max_length) for text in texts]
     return score_ids(model, tokenizer.pad_token_id, ids, batch_size)

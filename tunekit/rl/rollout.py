@@ -82,11 +82,14 @@ class RewardModel:
 
 
 def reward_max_length(run_dir: Path) -> int:
-    """The tokens per text a reward run trained with (its saved, resolved `train.max_length`)."""
-    from tunekit.rl.reward_scores import DEFAULT_MAX_LENGTH
+    """The tokens per text a reward run trained with: its saved `data.max_length` (`train.max_length`
+    in runs saved before that key moved)."""
+    from tunekit.data.preference import DEFAULT_MAX_LENGTH
     from tunekit.runs.folder import read_run_config
 
-    return int((read_run_config(run_dir).get("train") or {}).get("max_length", DEFAULT_MAX_LENGTH))
+    saved = read_run_config(run_dir)
+    old = (saved.get("train") or {}).get("max_length")
+    return int(old or (saved.get("data") or {}).get("max_length", DEFAULT_MAX_LENGTH))
 
 
 def encode(tokenizer: Any, texts: list[str], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
