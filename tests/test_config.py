@@ -51,8 +51,9 @@ def test_user_values_win_over_method_and_device_defaults(tmp_path):
 def test_precision_follows_the_device_and_trained_weights_stay_float32():
     import torch
 
-    from tunekit.config import ModelSection, device_defaults
+    from tunekit.config import ModelSection
     from tunekit.models import torch_dtype
+    from tunekit.train_section import device_defaults
 
     gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     defaults = device_defaults()

@@ -45,6 +45,7 @@ model:
   name: {model}
 data:
   train: {train}
+  max_length: 96
 {body}peft:
   method: {peft}
   r: 4
@@ -53,7 +54,6 @@ train:
   per_device_train_batch_size: 4
   per_device_eval_batch_size: 4
   learning_rate: 5.0e-3
-  max_length: 96
   logging_steps: 1
   save_strategy: "no"
 """)

@@ -53,10 +53,10 @@ model:
 data:
   train: {data}
   eval_size: 8
+  max_length: 128
 {peft}train:
   max_steps: 6
   per_device_train_batch_size: 4
-  max_length: 128
   packing: true
   learning_rate: 1.0e-3
   logging_steps: 1

@@ -100,9 +100,9 @@ def test_loss_is_minus_log_sigmoid_of_the_margin(request, tmp_path, backbone):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    from tunekit.config import device_defaults
     from tunekit.methods.reward import encode_pairs, pair_metrics
     from tunekit.rl.reward_scores import score_texts
+    from tunekit.train_section import device_defaults
 
     folder = request.getfixturevalue(backbone)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -137,11 +137,11 @@ model:
   name: {model}
 data:
   train: {data_lines}
+  max_length: 64
 {body}train:
   max_steps: 4
   per_device_train_batch_size: 8
   learning_rate: 1.0e-3
-  max_length: 64
   logging_steps: 1
   save_strategy: "no"
 """)

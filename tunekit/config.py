@@ -6,12 +6,9 @@ Every problem is reported as one line that names the recipe file and the dotted 
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import re
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -26,8 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from tunekit.annotations import type_hints, type_name, value_fits
 from tunekit.errors import UserError
+from tunekit.train_section import TrainSection, resolve_train
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -52,17 +49,6 @@ YamlLoader.add_implicit_resolver(
 
 def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
-
-# Keys of `train:` that tunekit owns: the run folder decides where things are written.
-RESERVED_TRAIN_KEYS = {"output_dir": "use --output-dir or the top-level `output_dir:` key"}
-# The Trainer methods' checkpoints: every 500 optimizer steps, the latest kept (enough for --resume).
-CHECKPOINTS = {"save_strategy": "steps", "save_steps": 500, "save_total_limit": 1}
-# Keys of `train:` that must be strictly positive when given.
-POSITIVE_TRAIN_KEYS = (
-    "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
-    "gradient_accumulation_steps", "logging_steps", "save_steps", "eval_steps",
-)
-
 
 class Section(BaseModel):
     """A recipe section: unknown keys are errors, values are checked against the field types."""
@@ -118,24 +104,6 @@ class PeftSection(Section):
         return self
 
 
-def trainer_arguments() -> type:
-    from transformers import TrainingArguments
-
-    return TrainingArguments
-
-
-@dataclass(frozen=True)
-class TrainSection:
-    """What a method's `train:` section is: the dataclass it is checked against and built as
-    (TrainingArguments, or the TRL config of the method; imported when first needed), the method's
-    defaults under the user's values (the user's always win), and the keys tunekit sets itself
-    (-> what the user should set instead)."""
-
-    arguments: Callable[[], type] = trainer_arguments
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-    reserved: Mapping[str, str] = field(default_factory=dict)
-
-
 class Recipe(Section):
     """What every method's config shares. A method subclasses it and adds its own sections."""
 
@@ -169,15 +137,12 @@ class Recipe(Section):
         fsdp_on_cpu()  # before accelerate's state is set up by the arguments
         try:
             # output_dir: the run folder, set when the run starts
-            return self.train_args_class()(**self.train, **self.argument_overrides())
+            shared = {key: getattr(self.data, key) for key in self.train_section.from_data}  # type: ignore[attr-defined]
+            return self.train_args_class()(**self.train, **shared)
         except (ValueError, TypeError) as err:
             raise UserError(f"{self.source}: train: {str(err).splitlines()[0]}") from None
 
     train_section: ClassVar[TrainSection]  # what this method's `train:` is; set by every method
-
-    def argument_overrides(self) -> dict[str, Any]:
-        """Arguments the method's own sections decide (a TRL config's max_length is data.max_length)."""
-        return {}
 
     @classmethod
     def train_args_class(cls) -> type:
@@ -303,7 +268,7 @@ def validate_config(cls: type[Recipe], data: dict[str, Any], source: str) -> Rec
         config = cls.model_validate(data)
     except ValidationError as err:
         raise UserError(format_validation_error(cls, err, source)) from None
-    config.train = resolve_train(cls, config.train, source)
+    config.train = resolve_train(cls.train_section, cls.train_args_class(), config.train, source)
     if config.peft.method != "none" and config.peft.learning_rate is not None:
         config.train = {**config.train, "learning_rate": config.peft.learning_rate}
     config._source = source
@@ -357,54 +322,6 @@ def fields_at(cls: type[BaseModel], loc: list[str]) -> list[str]:
             return []
         model = field.annotation
     return list(getattr(model, "model_fields", {}))
-
-
-def resolve_train(cls: type[Recipe], train: dict[str, Any], source: str) -> dict[str, Any]:
-    """Check `train:` against the method's TrainingArguments fields and add the defaults."""
-    fields = {f.name: f for f in dataclasses.fields(cls.train_args_class()) if f.init}
-    hints = type_hints(cls.train_args_class())
-    reserved = {**RESERVED_TRAIN_KEYS, **cls.train_section.reserved}
-    for key, value in train.items():
-        if key in reserved:
-            raise UserError(f"{source}: train.{key}: set by tunekit; {reserved[key]}")
-        if key not in fields:
-            hint = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
-            suggestion = f"did you mean {hint[0]}?" if hint else "see `transformers.TrainingArguments` for the options"
-            raise UserError(f"{source}: train.{key}: unknown key; {suggestion}")
-        expected = hints.get(key, Any)
-        if not value_fits(value, expected):
-            raise UserError(f"{source}: train.{key}: expected {type_name(expected)}, got {value!r}")
-        if key in POSITIVE_TRAIN_KEYS and value is not None and value <= 0:
-            raise UserError(f"{source}: train.{key}: must be greater than 0, got {value!r}")
-    if train.get("num_train_epochs", 1) <= 0 and train.get("max_steps", -1) <= 0:
-        raise UserError(f"{source}: train.num_train_epochs: must be greater than 0 (or set train.max_steps)")
-    defaults = {**device_defaults(on_gpu=not train.get("use_cpu")), **cls.train_section.defaults}
-    if "gradient_checkpointing" in train:  # the old name of the same switch: the user's choice wins
-        defaults.pop("activation_checkpointing")
-    return {**defaults, **train}
-
-
-def device_defaults(on_gpu: bool = True) -> dict[str, Any]:
-    """Precision and memory settings that suit the device this process runs on (the CPU when
-    there is no GPU or `on_gpu` is False, as with train.use_cpu).
-
-    A CPU without fast bf16 runs 5-8x slower with bf16 autocast and gradient checkpointing (the TRL
-    defaults), so on CPU both are off; on a GPU with bf16, mixed precision is on.
-    """
-    import torch
-
-    on_gpu = on_gpu and torch.cuda.is_available()
-    bf16 = on_gpu and torch.cuda.is_bf16_supported()
-    return {
-        "bf16": bf16,
-        "fp16": on_gpu and not bf16,
-        "activation_checkpointing": False,  # the name transformers 5 gives gradient checkpointing
-        "dataloader_pin_memory": on_gpu,
-        "use_cpu": not on_gpu,  # also what makes several CPU processes join one gloo group
-        "report_to": "none",
-        "seed": 42,
-        "logging_nan_inf_filter": False,  # a NaN loss must reach the health check, not be averaged away
-    }
 
 
 def to_yaml(config: Recipe) -> str:

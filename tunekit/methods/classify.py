@@ -12,10 +12,11 @@ from typing import Any
 
 from pydantic import Field
 
-from tunekit.config import CHECKPOINTS, Recipe, Section, TrainSection
+from tunekit.config import Recipe, Section
 from tunekit.data.tables import Table, pick_column, read_table
 from tunekit.errors import UserError
 from tunekit.method import Method, Setup
+from tunekit.train_section import CHECKPOINTS, TrainSection
 
 TEXT_COLUMNS = ("sentence", "text", "sentence1", "premise", "question")
 PAIR_COLUMNS = {"sentence1": "sentence2", "premise": "hypothesis", "question": "sentence"}

@@ -17,11 +17,12 @@ from typing import Any
 
 from pydantic import Field
 
-from tunekit.config import CHECKPOINTS, Section, TrainSection
+from tunekit.config import Section
 from tunekit.data.preference import PreferenceData, Preferences, Side, load_preferences, longer_wins
 from tunekit.generation import ChatRecipe
 from tunekit.jsontypes import Metrics
 from tunekit.method import Method, Setup
+from tunekit.train_section import CHECKPOINTS, TrainSection
 
 RESERVED = {
     "chat_template_path": "use model.chat_template",
@@ -51,12 +52,10 @@ TRAIN_DEFAULTS = {
 class Config(ChatRecipe):
     """A DPO recipe: a causal LM, preference pairs and the prompt budget."""
 
-    train_section = TrainSection(arguments=arguments, defaults=TRAIN_DEFAULTS, reserved=RESERVED)
+    train_section = TrainSection(arguments=arguments, defaults=TRAIN_DEFAULTS, reserved=RESERVED,
+                                 from_data=("max_length",))
     data: PreferenceData
     dpo: DpoTask = DpoTask()
-
-    def argument_overrides(self) -> dict[str, Any]:
-        return {"max_length": self.data.max_length}
 
 
 def check(config: Config) -> Preferences:

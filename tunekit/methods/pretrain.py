@@ -15,12 +15,13 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from tunekit.config import CHECKPOINTS, Recipe, Section, TrainSection
+from tunekit.config import Recipe, Section
 from tunekit.data.corpus import Source, packed, sources, streamed, texts
 from tunekit.data.prepare import Prepared
 from tunekit.errors import UserError
 from tunekit.jsontypes import Metrics
 from tunekit.method import Method, Setup
+from tunekit.train_section import CHECKPOINTS, TrainSection
 
 
 class PretrainData(Section):

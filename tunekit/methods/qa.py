@@ -16,10 +16,11 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from tunekit.config import CHECKPOINTS, Recipe, Section, TrainSection
+from tunekit.config import Recipe, Section
 from tunekit.data.tables import Splits, Table, read_table
 from tunekit.errors import UserError
 from tunekit.method import Method, Setup
+from tunekit.train_section import CHECKPOINTS, TrainSection
 
 
 class QAData(Section):

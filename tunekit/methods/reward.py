@@ -15,12 +15,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tunekit.config import CHECKPOINTS, Recipe, TrainSection, load_run_config
+from tunekit.config import Recipe, load_run_config
 from tunekit.data.preference import PreferenceData, Preferences, full_text, load_preferences, longer_wins
 from tunekit.errors import UserError
 from tunekit.jsontypes import Metrics
 from tunekit.method import Method, Setup
 from tunekit.rl.reward_scores import encode, score_ids, score_texts
+from tunekit.train_section import CHECKPOINTS, TrainSection
 
 RESERVED = {
     "chat_template_path": "use model.chat_template",
@@ -45,11 +46,9 @@ TRAIN_DEFAULTS = {
 class Config(Recipe):
     """A reward-model recipe: a model with a one-output head and preference pairs."""
 
-    train_section = TrainSection(arguments=arguments, defaults=TRAIN_DEFAULTS, reserved=RESERVED)
+    train_section = TrainSection(arguments=arguments, defaults=TRAIN_DEFAULTS, reserved=RESERVED,
+                                 from_data=("max_length",))
     data: PreferenceData
-
-    def argument_overrides(self) -> dict[str, Any]:
-        return {"max_length": self.data.max_length}
 
 
 def check(config: Config) -> Preferences:

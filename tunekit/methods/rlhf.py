@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tunekit.config import Section, TrainSection
+from tunekit.config import Section
 from tunekit.data.masking import prompts_of_table
 from tunekit.data.tables import read_table
 from tunekit.errors import UserError
@@ -29,6 +29,7 @@ from tunekit.jsontypes import Metrics, Row
 from tunekit.method import Method, Setup
 from tunekit.rl.rewards import RewardFunctionSection, as_sections, check_reward_functions
 from tunekit.runs.plots import plot_rewards
+from tunekit.train_section import TrainSection
 
 NOT_FOR_PPO = {
     "activation_checkpointing": "PPO keeps the policy in eval mode (no dropout), where transformers skips "
@@ -191,8 +192,8 @@ def check_columns(config: Config, row: Row, key: str, spec: str) -> None:
 def check_ppo(config: Config) -> None:
     """What tunekit's PPO cannot honour, refused in one line before any model is loaded: a `train:`
     key it does not read (tunekit.rl.ppo.PpoTraining), unless the user left it at its device default."""
-    from tunekit.config import device_defaults
     from tunekit.rl.ppo import PpoTraining
+    from tunekit.train_section import device_defaults
 
     read = tuple(PpoTraining.model_fields)
     defaults = device_defaults(on_gpu=not config.args.use_cpu)

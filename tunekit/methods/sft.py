@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from tunekit.config import CHECKPOINTS, Section, TrainSection
+from tunekit.config import Section
 from tunekit.data.masking import detect_format, to_messages
 from tunekit.data.prepare import Prepared
 from tunekit.data.tables import Splits, Table, join, read_table
@@ -25,6 +25,7 @@ from tunekit.errors import UserError
 from tunekit.generation import ChatRecipe
 from tunekit.jsontypes import Metrics, Row
 from tunekit.method import Method, Setup
+from tunekit.train_section import CHECKPOINTS, TrainSection
 
 # SFTTrainer options that tunekit decides itself (the labels come from tunekit.data.masking).
 RESERVED = {
@@ -68,12 +69,10 @@ TRAIN_DEFAULTS = {
 class Config(ChatRecipe):
     """An SFT recipe: a causal LM, conversations (or prompt/response rows) and which tokens carry loss."""
 
-    train_section = TrainSection(arguments=arguments, defaults=TRAIN_DEFAULTS, reserved=RESERVED)
+    train_section = TrainSection(arguments=arguments, defaults=TRAIN_DEFAULTS, reserved=RESERVED,
+                                 from_data=("max_length",))
     data: SftData
     sft: SftTask = SftTask()
-
-    def argument_overrides(self) -> dict[str, Any]:
-        return {"max_length": self.data.max_length}
 
 
 @dataclass
