@@ -32,7 +32,7 @@ class Source:
     """One data file or Hub dataset of a corpus: a text file read in pieces, or a table's rows."""
 
     spec: str
-    key: str
+    key: str  # what decides the source's text: the file (or Hub dataset) and, for a table, its text column
     path: Path | None = None  # a text file
     table: Table | None = None  # rows with a text column
     column: str = "text"
@@ -97,13 +97,15 @@ def sources(specs: list[str], key: str, column: str, streaming: bool = False) ->
         if path is not None and file_suffix(path) == ".txt":
             source = Source(spec, cache.file_key(path), path=path)
         elif path is None and streaming:
-            source = Source(spec, spec, table=hub_stream(spec, key), column=column)
+            source = Source(spec, cache.digest(spec, "text_column", column), table=hub_stream(spec, key), column=column)
             found.append(source)
             continue
         else:
+            # The key names the rows and the column read from them: every result keyed on a Source
+            # (the packed blocks, a tokenizer trained on the corpus) then differs with data.text_column.
             table = read_table(spec, key)
-            source = Source(spec, table.key, table=table, column=column)
-        marker = cache.folder("checks") / f"{cache.digest('corpus', source.key, column)}.json"
+            source = Source(spec, cache.digest(table.key, "text_column", column), table=table, column=column)
+        marker = cache.folder("checks") / f"{cache.digest('corpus', source.key)}.json"
         if cache.read_marker(marker) is None:
             if not sum(bool(text.strip()) for text, _ in source.pieces()):
                 raise UserError(f"{spec}: no text found (data.text_column is {column!r})")
