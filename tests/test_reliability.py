@@ -27,3 +27,26 @@ def test_packed_blocks_and_trained_tokenizer_follow_the_text_column(tmp_path, to
     body_blocks = corpus.packed(by_body, tokenizer, 8, 1).dataset["input_ids"]
     expected = tokenizer("zeta eta theta 0 0", add_special_tokens=False)["input_ids"][:8]
     assert body_blocks[0] == expected and text_blocks != body_blocks
+
+
+def test_a_same_size_rewrite_with_its_mtime_restored_is_read_again(tmp_path):
+    import os
+
+    from tunekit.data.tables import read_table
+
+    path = write(tmp_path / "a.jsonl", '{"text": "old"}\n')
+    stat = path.stat()
+    assert list(read_table(str(path)).rows) == [{"text": "old"}]
+    path.write_text('{"text": "new"}\n')
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert list(read_table(str(path)).rows) == [{"text": "new"}]
+
+
+def test_a_file_is_hashed_once_per_version(tmp_path, monkeypatch):
+    from tunekit.data import cache
+
+    path = write(tmp_path / "a.jsonl", '{"text": "x"}\n')
+    first = cache.file_key(path)
+    monkeypatch.setattr(cache, "content_hash", lambda p: pytest.fail("hashed an unchanged file again"))
+    assert cache.file_key(path) == first

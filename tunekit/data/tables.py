@@ -3,7 +3,7 @@ Hub dataset, checked record by record so that a bad line is reported with its nu
 
 A file is read once, as a stream, into an Arrow file in the cache (tunekit.data.cache) and memory-mapped
 from there: a million rows never sit in memory as Python objects. A second read of the same file
-(same path, size and modification time) opens the cached Arrow file at once.
+(same content: tunekit.data.cache.file_key) opens the cached Arrow file at once.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def read_table(spec: str, key: str = "data.train", split: str = "train") -> Tabl
 
 
 def read_file(path: Path, source: str) -> Table:
-    """The file as an Arrow table, converted once and cached under its path, size and mtime."""
+    """The file as an Arrow table, converted once and cached under its content (cache.file_key)."""
     import numpy as np
     from datasets import Dataset
 
