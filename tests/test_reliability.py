@@ -50,3 +50,90 @@ def test_a_file_is_hashed_once_per_version(tmp_path, monkeypatch):
     first = cache.file_key(path)
     monkeypatch.setattr(cache, "content_hash", lambda p: pytest.fail("hashed an unchanged file again"))
     assert cache.file_key(path) == first
+
+
+# ---------------------------------------------------------------------------------------------
+# tunekit serve
+
+KEY = "sekret"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_gpt):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_gpt).eval(), AutoTokenizer.from_pretrained(tiny_gpt)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gpt):
+    from tunekit.serving.server import background
+
+    with background(str(tiny_gpt), api_key=KEY, model_id="tiny") as (url, engine):
+        yield url, engine
+
+
+def until(condition, seconds=30):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
+
+
+def ended(events):
+    return bool(events) and (events[-1].finish_reason is not None or events[-1].error is not None)
+
+
+def raw_http(url, head: str, body: bytes = b"", seconds: float = 10) -> tuple[int, bytes]:
+    """Send a request by hand (headers as given, then the body); the status and the reply."""
+    import socket
+    from urllib.parse import urlparse
+
+    address = urlparse(url)
+    with socket.create_connection((address.hostname, address.port), timeout=seconds) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < 10:
+            try:
+                part = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not part:
+                break
+            reply += part
+    return int(reply.split()[1]), reply
+
+
+def post(url, body: dict, key=KEY):
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_nucleus_sampling_never_picks_a_token_outside_the_nucleus(monkeypatch):
+    import torch
+
+    from tunekit.serving.batching import Job, Row, Sampling, choose_tokens
+
+    torch.manual_seed(0)
+    logits = torch.randn(128, 5000) * 3
+    top_p = [0.9 if i % 2 else 1.0 for i in range(len(logits))]
+    rows = [Row(Job([1], 1, Sampling(max_tokens=1, temperature=1.0, top_p=p), print), 0, None) for p in top_p]
+    largest_below_one = torch.tensor(1.0).nextafter(torch.tensor(0.0))  # the largest draw torch.rand gives
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: largest_below_one.clone())
+    chosen = torch.tensor(choose_tokens(logits, rows))
+    assert not (chosen == logits.argmin(-1)).any()
+    probs = logits.double().softmax(-1)
+    sorted_p = probs.sort(-1, descending=True).values
+    nucleus = ((sorted_p.cumsum(-1) - sorted_p) < torch.tensor(top_p, dtype=torch.double)[:, None]).sum(-1)
+    ranks = (probs > probs.gather(1, chosen[:, None])).sum(-1)
+    assert (ranks < nucleus).all()

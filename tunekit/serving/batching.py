@@ -115,10 +115,14 @@ def choose_tokens(logits: Any, rows: list[Row]) -> list[int]:
         probs = torch.softmax(logits[index].float() / temps[:, None], dim=-1)
         sorted_p, order = probs.sort(dim=-1, descending=True)
         sorted_p = sorted_p * ((sorted_p.cumsum(-1) - sorted_p) < top_p[:, None])  # the top one always stays
-        cdf = (sorted_p / sorted_p.sum(-1, keepdim=True)).cumsum(-1)
+        cdf = sorted_p.cumsum(-1)
         draws = torch.stack([torch.rand((), generator=rows[i].generator, device=logits.device) for i in sampled])
-        position = (cdf < draws[:, None]).sum(-1).clamp(max=cdf.shape[-1] - 1)
-        chosen[index] = order.gather(1, position[:, None]).squeeze(1)
+        # A float32 cdf ends a little off its true total (normalised, up to ~2e-7 under 1): the draw
+        # is scaled to where the cdf really ends, and the position kept inside the nucleus, so a draw
+        # near 1 never falls past it onto the last token of the vocabulary (the least likely one).
+        last = (sorted_p > 0).sum(-1, keepdim=True) - 1
+        position = torch.minimum((cdf < draws[:, None] * cdf[:, -1:]).sum(-1, keepdim=True), last)
+        chosen[index] = order.gather(1, position).squeeze(1)
     return chosen.tolist()
 
 
