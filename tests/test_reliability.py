@@ -119,6 +119,27 @@ def post(url, body: dict, key=KEY):
         return err.code, json.loads(err.read())
 
 
+def test_a_bad_seed_is_a_400_and_a_worker_error_fails_only_its_own_request(server, tiny):
+    from tunekit.serving.batching import BatchDecoder, Job, Sampling
+
+    url, _ = server
+    for seed, n in ((2**64, 1), (2**64 - 1, 2), (-(2**63) - 1, 1)):
+        status, body = post(url, {"model": "tiny", "prompt": "To be", "max_tokens": 2, "seed": seed, "n": n})
+        assert status == 400 and body["error"]["param"] == "seed", body
+    assert post(url, {"model": "tiny", "prompt": "To be", "max_tokens": 2, "seed": 2**63 - 1, "n": 2})[0] == 200
+    model, tokenizer = tiny
+    engine = BatchDecoder(model, tokenizer)
+    bad, good = [], []
+    ids = tokenizer("To be")["input_ids"]
+    engine.submit(Job(ids, 2, Sampling(max_tokens=4, temperature=1.0, top_p=1.0, seed=2**64 - 1), bad.append))
+    engine.submit(Job(ids, 1, Sampling(max_tokens=4, temperature=0, top_p=1.0), good.append))
+    engine.start()  # both queued first: one batch
+    assert until(lambda: ended(bad) and ended(good))
+    engine.close()
+    assert bad[-1].error is not None
+    assert good[-1].error is None and good[-1].finish_reason in ("stop", "length")
+
+
 def test_nucleus_sampling_never_picks_a_token_outside_the_nucleus(monkeypatch):
     import torch
 

@@ -137,7 +137,8 @@ class BatchDecoder:
         self.wait_s = wait_s
         self.eos_ids = {tokenizer.eos_token_id, *self._config_eos(model)} - {None}
         # batches: groups of jobs prefilled together; joins: groups that joined a running batch
-        self.stats = {"batches": 0, "joins": 0, "rows": 0, "rows_cancelled": 0, "tokens": 0, "largest_batch": 0}
+        self.stats = {"batches": 0, "joins": 0, "rows": 0, "rows_cancelled": 0, "rows_failed": 0, "tokens": 0,
+                      "largest_batch": 0}
         self._queue: deque[Job] = deque()
         self._ready = threading.Condition()
         self._closed = False
@@ -196,21 +197,33 @@ class BatchDecoder:
                 continue
             try:
                 self._decode(jobs)
-            except Exception as err:  # the server keeps serving; these requests get a 500
+            except Exception as err:  # a forward pass failed: the server keeps serving; these requests get a 500
                 log.exception("generation failed for a batch of %d requests", len(jobs))
                 for job in jobs:
-                    for i in range(job.n):
-                        job.emit(Event(job.first_index + i, "", error=f"{type(err).__name__}: {err}"))
+                    self._fail(job, err)
+
+    def _fail(self, job: Job, err: Exception) -> None:
+        """End one request with a server error; its rows leave the batch at the next step."""
+        job.cancel()
+        self.stats["rows_failed"] += job.n
+        for i in range(job.n):
+            job.emit(Event(job.first_index + i, "", error=f"{type(err).__name__}: {err}"))
 
     def _rows(self, jobs: list[Job]) -> list[Row]:
+        """Each job's rows with their generators; a job whose rows cannot be set up fails alone."""
         import torch
 
         rows = []
         for job in jobs:
-            for i in range(job.n):
-                seed = job.sampling.seed + i if job.sampling.seed is not None else random.getrandbits(63)
-                generator = torch.Generator(device=self.model.device).manual_seed(seed)
-                rows.append(Row(job, job.first_index + i, generator))
+            try:
+                for i in range(job.n):
+                    seed = job.sampling.seed + i if job.sampling.seed is not None else random.getrandbits(63)
+                    generator = torch.Generator(device=self.model.device).manual_seed(seed)
+                    rows.append(Row(job, job.first_index + i, generator))
+            except Exception as err:
+                log.exception("a request could not start")
+                rows = [row for row in rows if row.job is not job]
+                self._fail(job, err)
         return rows
 
     def _decode(self, jobs: list[Job]) -> None:
@@ -246,6 +259,8 @@ class BatchDecoder:
         import torch
 
         rows = self._rows(jobs)
+        if not rows:
+            return None
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
         width = max(len(row.job.prompt_ids) for row in rows)
@@ -265,7 +280,7 @@ class BatchDecoder:
             logits, cache = forward_with_cache(self.model, cache, input_ids=ids, attention_mask=mask,
                                                position_ids=positions, use_cache=True, logits_to_keep=1)
             tokens = choose_tokens(logits[:, -1, :], rows)
-        keep = [i for i, (row, token) in enumerate(zip(rows, tokens)) if self._advance(row, token)]
+        keep = [i for i, (row, token) in enumerate(zip(rows, tokens)) if self._advance_or_fail(row, token)]
         if not keep:
             return None
         if len(keep) < len(rows):
@@ -282,6 +297,15 @@ class BatchDecoder:
         width = max(batch.mask.shape[1], newcomers.mask.shape[1])
         masks = [torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in (batch.mask, newcomers.mask)]
         return Batch(batch.rows + newcomers.rows, batch.cache, torch.cat(masks), batch.tokens + newcomers.tokens)
+
+    def _advance_or_fail(self, row: Row, token: int) -> bool:
+        """`_advance`, where an error (decoding, a stop sequence) fails only this row's request."""
+        try:
+            return self._advance(row, token)
+        except Exception as err:
+            log.exception("a request failed")
+            self._fail(row.job, err)
+            return False
 
     def _advance(self, row: Row, token: int) -> bool:
         """Give a row its new token and emit the text that is safe to show; False when it ends."""

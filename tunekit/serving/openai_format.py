@@ -57,6 +57,9 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 # Request bodies (OpenAI's field names; fields that change the output but that tunekit does not
 # implement are refused rather than silently ignored)
 
+# torch seeds a generator with a 64-bit number; a choice i of a request is seeded with seed + i.
+SEEDS = (-(2**63), 2**63 - 1)  # OpenAI's seed is a 64-bit signed integer
+
 UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "functions", "tool_choice", "function_call", "response_format",
                "logit_bias", "presence_penalty", "frequency_penalty", "echo", "suffix", "best_of")
 
@@ -126,6 +129,9 @@ def sampling_of(body: Common, prompt_tokens: int, options: ServeOptions) -> Samp
                        + (f" and max_tokens asks for {asked} more" if asked else "") + "; shorten it",
                        param="messages" if isinstance(body, ChatRequest) else "prompt", code="context_length_exceeded")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if body.seed is not None and not SEEDS[0] <= body.seed <= SEEDS[1]:
+        raise ApiError(400, f"seed: {body.seed} is not a 64-bit signed integer ({SEEDS[0]} to {SEEDS[1]})",
+                       param="seed")
     return Sampling(
         max_tokens=min(asked or options.max_tokens, room),
         temperature=options.temperature if body.temperature is None else body.temperature,
