@@ -158,3 +158,50 @@ def test_nucleus_sampling_never_picks_a_token_outside_the_nucleus(monkeypatch):
     nucleus = ((sorted_p.cumsum(-1) - sorted_p) < torch.tensor(top_p, dtype=torch.double)[:, None]).sum(-1)
     ranks = (probs > probs.gather(1, chosen[:, None])).sum(-1)
     assert (ranks < nucleus).all()
+
+
+class Chain:
+    """Emit target of request i of a chain: at its 8th event it sends request i + 1 (from the worker
+    thread, between two steps), so each joins the running batch while the one before it runs."""
+
+    def __init__(self, engine, ids, length, events, jobs, released):
+        self.engine, self.ids, self.length = engine, ids, length
+        self.events, self.jobs, self.released = events, jobs, released
+        self.mine: list = []
+
+    def send(self):
+        import weakref
+
+        from tunekit.serving.batching import Job, Sampling
+
+        target = Chain(self.engine, self.ids, self.length, self.events, self.jobs, self.released)
+        self.events.append(target.mine)
+        self.released.append(weakref.ref(target))  # the request's reply, as the server holds it
+        tokens = 400 if len(self.events) == self.length else 16
+        self.jobs[:] = [Job(self.ids, 1, Sampling(max_tokens=tokens, temperature=0, top_p=1.0), target)]
+        self.engine.submit(self.jobs[0])  # the test holds only the newest job
+
+    def __call__(self, event):
+        self.mine.append(event)
+        if len(self.mine) == 8 and len(self.events) < self.length:
+            self.send()
+
+
+def test_a_running_batch_trims_padding_columns_and_lets_finished_jobs_go(tiny):
+    import gc
+
+    from tunekit.serving.batching import BatchDecoder
+
+    model, tokenizer = tiny
+    engine = BatchDecoder(model, tokenizer, wait_s=0).start()
+    ids = tokenizer("Friends, Romans")["input_ids"]
+    events, jobs, released = [], [], []
+    Chain(engine, ids, 31, events, jobs, released).send()  # 31 requests of 16 tokens, 2 rows at a time
+    assert until(lambda: len(events) == 31 and len(events[-1]) >= 8)
+    assert all(e[-1].finish_reason == "length" for e in events[:-1])
+    assert engine.stats["largest_batch"] == 2 and engine.stats["batches"] == 31 and engine.stats["joins"] == 30
+    gc.collect()
+    assert [i for i, ref in enumerate(released[:29]) if ref() is not None] == []  # finished requests let go
+    assert engine.stats["widest"] <= len(ids) + 2 * 16, engine.stats  # 31 x 8+ columns without trimming
+    jobs[-1].cancel()
+    engine.close()

@@ -211,3 +211,12 @@ def join_caches(first: Any, second: Any) -> None:
         length = max(a.keys.shape[-2], b.keys.shape[-2])
         a.keys = torch.cat([padded(a.keys, length), padded(b.keys, length)], dim=0)
         a.values = torch.cat([padded(a.values, length), padded(b.values, length)], dim=0)
+
+
+def trim_cache_left(cache: Any, columns: int) -> None:
+    """Drop the first `columns` positions of every layer of a `can_join` KV cache (transformers
+    5.24 `DynamicLayer`: its key and value tensors are its whole state). The caller drops the same
+    columns of its attention mask: they are padding in every row."""
+    for layer in cache.layers:
+        layer.keys = layer.keys[..., columns:, :]
+        layer.values = layer.values[..., columns:, :]

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunekit.upstream import can_join, forward_with_cache, join_caches
+from tunekit.upstream import can_join, forward_with_cache, join_caches, trim_cache_left
 
 log = logging.getLogger("tunekit.serving.server")
 
@@ -137,8 +137,10 @@ class BatchDecoder:
         self.wait_s = wait_s
         self.eos_ids = {tokenizer.eos_token_id, *self._config_eos(model)} - {None}
         # batches: groups of jobs prefilled together; joins: groups that joined a running batch
+        # width: positions in the running batch's KV cache now; widest: the most it has held
         self.stats = {"batches": 0, "joins": 0, "rows": 0, "rows_cancelled": 0, "rows_failed": 0, "tokens": 0,
-                      "largest_batch": 0}
+                      "largest_batch": 0, "width": 0, "widest": 0}
+        self._live: list[Job] = []  # the jobs with rows in the running batch, or being prefilled
         self._queue: deque[Job] = deque()
         self._ready = threading.Condition()
         self._closed = False
@@ -198,9 +200,10 @@ class BatchDecoder:
             try:
                 self._decode(jobs)
             except Exception as err:  # a forward pass failed: the server keeps serving; these requests get a 500
-                log.exception("generation failed for a batch of %d requests", len(jobs))
-                for job in jobs:
+                log.exception("generation failed for a batch of %d requests", len(self._live))
+                for job in self._live:
                     self._fail(job, err)
+            self._live = []
 
     def _fail(self, job: Job, err: Exception) -> None:
         """End one request with a server error; its rows leave the batch at the next step."""
@@ -232,10 +235,14 @@ class BatchDecoder:
         appended), so a long generation does not hold up the requests behind it."""
         import torch
 
+        self._live = list(jobs)
         batch = self._prefill(jobs)
+        jobs.clear()  # from here on self._live holds the jobs still decoding, and only those
         while batch is not None:
             waiting = self._take(self.max_batch - len(batch.rows)) if can_join(batch.cache) else []
-            jobs.extend(waiting)  # so that a failure reaches them too
+            # Only the jobs still decoding are held (and failed, should a step fail): finished ones
+            # and their replies are let go however long the batch runs.
+            self._live = list({id(row.job): row.job for row in batch.rows}.values()) + waiting
             newcomers = self._prefill(waiting) if waiting else None
             if newcomers is not None:
                 batch = self._join(batch, newcomers)
@@ -282,12 +289,28 @@ class BatchDecoder:
             tokens = choose_tokens(logits[:, -1, :], rows)
         keep = [i for i, (row, token) in enumerate(zip(rows, tokens)) if self._advance_or_fail(row, token)]
         if not keep:
+            self.stats["width"] = 0
             return None
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=mask.device)
             cache.batch_select_indices(index)
             mask = mask[index]
+        cache, mask = self._trimmed(cache, mask)
         return Batch([rows[i] for i in keep], cache, mask, [tokens[i] for i in keep])
+
+    def _trimmed(self, cache: Any, mask: Any) -> tuple[Any, Any]:
+        """Without the columns on the left that are padding in every row: the rows that needed
+        them have left, and a batch that requests keep joining would otherwise grow a column per
+        step for as long as it runs."""
+        if can_join(cache):
+            used = mask.any(0).nonzero()
+            first = int(used[0]) if len(used) else 0
+            if first:
+                trim_cache_left(cache, first)
+                mask = mask[:, first:]
+        self.stats["width"] = mask.shape[1]
+        self.stats["widest"] = max(self.stats["widest"], mask.shape[1])
+        return cache, mask
 
     def _join(self, batch: Batch, newcomers: Batch) -> Batch:
         import torch
