@@ -140,6 +140,27 @@ def test_a_bad_seed_is_a_400_and_a_worker_error_fails_only_its_own_request(serve
     assert good[-1].error is None and good[-1].finish_reason in ("stop", "length")
 
 
+def test_the_key_is_checked_before_the_body_is_read_and_the_body_is_capped(server):
+    url, engine = server
+    path = url.split("127.0.0.1:")[1].split("/", 1)[1]
+    head = f"POST /{path}/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    # A huge declared body that never comes: 401 from the headers alone (it used to wait for the body).
+    status, _ = raw_http(url, head + "Content-Length: 1000000000\r\n", seconds=5)
+    assert status == 401
+    status, reply = raw_http(url, head + f"Authorization: Bearer {KEY}\r\nContent-Length: 1000000000\r\n", seconds=5)
+    assert status == 413 and b"larger than" in reply
+    chunk = b"x" * 65536
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(24)) + b"0\r\n\r\n"
+    status, _ = raw_http(url, head + f"Authorization: Bearer {KEY}\r\nTransfer-Encoding: chunked\r\n", chunked)
+    assert status == 413
+    for stop in (["a", "b", "c", "d", "e"], ["x" * 200]):
+        status, body = post(url, {"model": "tiny", "prompt": "To be", "max_tokens": 2, "stop": stop})
+        assert status == 400 and body["error"]["param"] == "stop", body
+    status, body = post(url, {"model": "tiny", "prompt": ["To be"] * 65, "max_tokens": 2})
+    assert status == 400 and body["error"]["param"] == "n"
+    assert post(url, {"model": "tiny", "prompt": "To be", "max_tokens": 2, "stop": ["\n\n"]})[0] == 200
+
+
 def test_nucleus_sampling_never_picks_a_token_outside_the_nucleus(monkeypatch):
     import torch
 

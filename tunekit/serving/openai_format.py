@@ -34,6 +34,7 @@ class ServeOptions:
     top_p: float = 0.9
     api_key: str | None = None
     log_prompts: bool = False
+    max_body: int = 1 << 20  # bytes of a request body (tunekit.serving.guard)
 
 
 class ApiError(Exception):
@@ -57,6 +58,10 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 # Request bodies (OpenAI's field names; fields that change the output but that tunekit does not
 # implement are refused rather than silently ignored)
 
+# Bounds of the fields that cost work in every step of a row's batch: each stop sequence is
+# searched for, and its prefixes held back, after every token of the row. OpenAI takes 4 stops.
+MAX_STOPS = 4
+MAX_STOP_CHARS = 128
 # torch seeds a generator with a 64-bit number; a choice i of a request is seeded with seed + i.
 SEEDS = (-(2**63), 2**63 - 1)  # OpenAI's seed is a 64-bit signed integer
 
@@ -129,6 +134,9 @@ def sampling_of(body: Common, prompt_tokens: int, options: ServeOptions) -> Samp
                        + (f" and max_tokens asks for {asked} more" if asked else "") + "; shorten it",
                        param="messages" if isinstance(body, ChatRequest) else "prompt", code="context_length_exceeded")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if len(stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise ApiError(400, f"stop: at most {MAX_STOPS} sequences of at most {MAX_STOP_CHARS} characters each",
+                       param="stop")
     if body.seed is not None and not SEEDS[0] <= body.seed <= SEEDS[1]:
         raise ApiError(400, f"seed: {body.seed} is not a 64-bit signed integer ({SEEDS[0]} to {SEEDS[1]})",
                        param="seed")
