@@ -226,3 +226,23 @@ def test_a_running_batch_trims_padding_columns_and_lets_finished_jobs_go(tiny):
     assert engine.stats["widest"] <= len(ids) + 2 * 16, engine.stats  # 31 x 8+ columns without trimming
     jobs[-1].cancel()
     engine.close()
+
+
+def test_a_non_streaming_client_that_disconnects_stops_its_generation(server):
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    url, engine = server
+    body = {"model": "tiny", "prompt": "To be", "max_tokens": 400, "temperature": 0}
+    assert post(url, body)[1]["choices"][0]["finish_reason"] == "length"  # runs the whole way when nobody leaves
+    before = dict(engine.stats)
+    address = urlparse(url)
+    data = json.dumps(body).encode()
+    with socket.create_connection((address.hostname, address.port)) as sock:
+        sock.sendall(f"POST {address.path}/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Authorization: Bearer {KEY}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        assert until(lambda: engine.stats["tokens"] - before["tokens"] >= 5)
+    left = time.monotonic()
+    assert until(lambda: engine.stats["rows_cancelled"] > before["rows_cancelled"], seconds=5)
+    assert time.monotonic() - left < 1 and engine.stats["tokens"] - before["tokens"] < 400

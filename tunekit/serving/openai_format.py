@@ -186,6 +186,10 @@ class Reply:
             self.open -= 1
         return event
 
+    async def rest(self) -> None:
+        while self.open:
+            await self.next()
+
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
@@ -225,6 +229,13 @@ async def stream_events(reply: Reply, jobs: list[Job], chat: bool, head: dict[st
             job.cancel()
 
 
+async def disconnected(request: Request) -> None:
+    """Returns when the client closes its connection. The body has been read, so the server's next
+    message is the disconnect: seen at once, not at a pause between tokens."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def answer(request: Request, engine: BatchDecoder, options: ServeOptions, body: Common, prompts: list[list[int]]) -> Any:
     """Submit one job per prompt and answer with the whole response or a stream of chunks."""
     chat = isinstance(body, ChatRequest)
@@ -238,14 +249,15 @@ async def answer(request: Request, engine: BatchDecoder, options: ServeOptions, 
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(stream_events(reply, jobs, chat, head, usage), media_type="text/event-stream")
+    collect, gone = asyncio.ensure_future(reply.rest()), asyncio.ensure_future(disconnected(request))
     try:
-        while reply.open:
-            try:
-                await asyncio.wait_for(reply.next(), timeout=1.0)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    return None
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not collect.done():  # the client left: its rows leave the batch at the next step
+            return None
+        collect.result()  # a generation error: raised here
     finally:
+        collect.cancel()
+        gone.cancel()
         for job in jobs:
             job.cancel()
     if options.log_prompts:
