@@ -246,3 +246,20 @@ def test_a_non_streaming_client_that_disconnects_stops_its_generation(server):
     left = time.monotonic()
     assert until(lambda: engine.stats["rows_cancelled"] > before["rows_cancelled"], seconds=5)
     assert time.monotonic() - left < 1 and engine.stats["tokens"] - before["tokens"] < 400
+
+
+def test_nested_keys_first_seen_in_a_later_batch_are_kept(tmp_path, monkeypatch):
+    from tunekit.data import readers
+    from tunekit.data.tables import read_table
+
+    monkeypatch.setattr(readers, "BATCH", 2)
+    rows = [
+        {"meta": {"id": 1}, "messages": [{"role": "user", "content": "a"}]},
+        {"meta": {"id": 2}, "messages": [{"role": "user", "content": "b"}]},
+        {"meta": {"id": 3, "alias": "c"}, "messages": [{"role": "user", "content": "c", "name": "x"}]},
+    ]
+    path = write(tmp_path / "nested.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    read = list(read_table(str(path)).rows)
+    assert read[2]["meta"] == {"id": 3, "alias": "c"}
+    assert read[2]["messages"] == [{"role": "user", "content": "c", "name": "x"}]
+    assert read[0]["meta"] == {"id": 1, "alias": None}  # the same columns in every row
