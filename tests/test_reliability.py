@@ -263,3 +263,27 @@ def test_nested_keys_first_seen_in_a_later_batch_are_kept(tmp_path, monkeypatch)
     assert read[2]["meta"] == {"id": 3, "alias": "c"}
     assert read[2]["messages"] == [{"role": "user", "content": "c", "name": "x"}]
     assert read[0]["meta"] == {"id": 1, "alias": None}  # the same columns in every row
+
+
+@pytest.mark.parametrize("body, said", [
+    ("raise ValueError('bad value\\nsecond line')\n", "raised ValueError: bad value"),
+    ("raise RuntimeError('no GPU here')\n", "raised RuntimeError: no GPU here"),
+    ("import argparse\nargparse.ArgumentParser().add_argument('--x', required=True)\n"
+     "argparse.ArgumentParser(prog='r').parse_args(['--y'])\n", "called sys.exit(2)"),
+    ("import sys\nsys.exit('cannot run')\n", "called sys.exit('cannot run')"),
+])
+@pytest.mark.parametrize("as_module", [False, True])
+def test_a_reward_module_that_fails_to_load_is_one_line(tmp_path, monkeypatch, capsys, body, said, as_module):
+    from tunekit.errors import UserError
+    from tunekit.rl.rewards import load_callable
+
+    name = f"broken_reward_{abs(hash((body, as_module)))}"
+    path = write(tmp_path / f"{name}.py", body + "def reward(p, r, rows):\n    return [0.0] * len(r)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = f"{name}:reward" if as_module else f"{path}:reward"
+    with pytest.raises(UserError) as err:
+        load_callable(spec, "r.yaml: rlhf.reward_fn.0.name")
+    message = str(err.value)
+    assert said in message and "\n" not in message, message
+    out = capsys.readouterr()
+    assert out.out == out.err == ""  # what the module printed is in the one line, not on the terminal
