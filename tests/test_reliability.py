@@ -287,3 +287,58 @@ def test_a_reward_module_that_fails_to_load_is_one_line(tmp_path, monkeypatch, c
     assert said in message and "\n" not in message, message
     out = capsys.readouterr()
     assert out.out == out.err == ""  # what the module printed is in the one line, not on the terminal
+
+
+WAITER = """
+import datetime, sys, time
+from pathlib import Path
+import torch.distributed as dist
+from transformers import TrainingArguments
+from tunekit.training import first_on_each_machine
+
+# A 2 s collective timeout (train.ddp_timeout scaled down; accelerate keeps a group it finds made)
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=2))
+args = TrainingArguments(output_dir=sys.argv[1], ddp_timeout=2, use_cpu=True, report_to=[])
+built = Path(sys.argv[1]) / "built"
+with first_on_each_machine(args, "preparing"):
+    if args.local_process_index == 0:
+        time.sleep(6)  # a preparation three times the collective timeout
+        built.write_text("x")
+    assert built.exists()
+print("through", args.process_index, flush=True)
+"""
+
+
+def test_waiting_for_the_local_main_process_outlasts_ddp_timeout(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = write(tmp_path / "waiter.py", WAITER)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("through")) == ["through 0", "through 1"]
+
+
+def test_a_rank_waiting_for_a_local_main_process_that_died_stops_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tunekit.distributed import wait_for_signal
+    from tunekit.errors import TrainingFailure
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with pytest.raises(TrainingFailure, match="ended while tokenising"):
+        wait_for_signal(tmp_path / "never", gone.pid, "tokenising")
+    write(tmp_path / "failed", "failed: ValueError")
+    with pytest.raises(TrainingFailure, match="failed: ValueError while tokenising"):
+        wait_for_signal(tmp_path / "failed", gone.pid, "tokenising")
