@@ -342,3 +342,50 @@ def test_a_rank_waiting_for_a_local_main_process_that_died_stops_with_one_line(t
     write(tmp_path / "failed", "failed: ValueError")
     with pytest.raises(TrainingFailure, match="failed: ValueError while tokenising"):
         wait_for_signal(tmp_path / "failed", gone.pid, "tokenising")
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_trl_algorithms_under_fsdp_on_cpus_are_refused_before_any_model_loads(tmp_path, cli, algo):
+    from tunekit.config import RECIPES_DIR
+
+    out = tmp_path / "run"
+    result = cli("rlhf", "rlhf/tiny-gpt-arith-grpo", "--set", f"rlhf.algo={algo}", "--accelerate-config",
+                 RECIPES_DIR / "accelerate" / "fsdp.yaml", "-o", out)
+    assert result.code == 2 and result.err.count("\n") == 1, result.err
+    assert f"rlhf.algo: {algo} under FSDP needs CUDA GPUs" in result.err and not out.exists()
+
+
+MIXED = """
+import sys
+from pathlib import Path
+from tunekit.upstream import fsdp_on_cpu
+
+fsdp_on_cpu()
+from accelerate import Accelerator
+from accelerate.utils import FullyShardedDataParallelPlugin
+
+accelerator = Accelerator(mixed_precision="bf16", fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2), cpu=True)
+policy = accelerator.state.fsdp_plugin.mixed_precision_policy
+said = f"{accelerator.distributed_type} {getattr(policy, 'param_dtype', None)}"
+(Path(sys.argv[1]) / f"rank-{accelerator.process_index}").write_text(said)
+"""
+
+
+def test_fsdp_on_cpu_takes_the_mixed_precision_policy(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = write(tmp_path / "mixed.py", MIXED)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": "true"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = [(tmp_path / f"rank-{rank}").read_text() for rank in (0, 1)]
+    assert said == ["DistributedType.FSDP torch.bfloat16"] * 2  # bf16 gathers, as on GPUs
