@@ -389,3 +389,28 @@ def test_fsdp_on_cpu_takes_the_mixed_precision_policy(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     said = [(tmp_path / f"rank-{rank}").read_text() for rank in (0, 1)]
     assert said == ["DistributedType.FSDP torch.bfloat16"] * 2  # bf16 gathers, as on GPUs
+
+
+def test_trl_arguments_use_the_current_names_and_library_warnings_go_to_the_run_log(tmp_path):
+    import warnings
+    from types import SimpleNamespace
+
+    from tunekit.config import load_config
+    from tunekit.methods import rlhf
+    from tunekit.rl.trl_algos import trl_arguments
+    from tunekit.runs.folder import RunFolder
+
+    config = load_config(rlhf.Config, "rlhf/tiny-gpt-arith-grpo", ["train.use_cpu=true"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = trl_arguments(config, SimpleNamespace(path=tmp_path / "args"))
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+    assert args.activation_checkpointing is False and args.gradient_checkpointing is False
+    with warnings.catch_warnings(record=True) as shown:  # what reaches the terminal
+        warnings.simplefilter("always")
+        RunFolder(tmp_path / "run").start("rlhf", "method: rlhf\n", False)
+        model_code = "/venv/lib/python3.11/site-packages/transformers/modeling_utils.py"
+        warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarning, model_code, 3313)
+        warnings.warn_explicit("your reward module says", FutureWarning, str(tmp_path / "reward.py"), 1)
+    assert [str(w.message) for w in shown] == ["your reward module says"]
+    assert "is_gradient_checkpointing" in (tmp_path / "run" / "warnings.log").read_text()
