@@ -414,3 +414,67 @@ def test_trl_arguments_use_the_current_names_and_library_warnings_go_to_the_run_
         warnings.warn_explicit("your reward module says", FutureWarning, str(tmp_path / "reward.py"), 1)
     assert [str(w.message) for w in shown] == ["your reward module says"]
     assert "is_gradient_checkpointing" in (tmp_path / "run" / "warnings.log").read_text()
+
+
+def test_a_resumed_stream_starts_where_the_run_stopped_even_after_going_round(tmp_path, tokenizer):
+    from types import SimpleNamespace
+
+    rows = [{"text": f"document number {i} " * (i % 3 + 1)} for i in range(30)]
+    path = write(tmp_path / "c.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    corpus_ = corpus.sources([str(path)], "data.train", "text")
+
+    def passes(dataset, count):
+        return [[row["input_ids"] for row in dataset] for _ in range(count)]
+
+    whole = passes(corpus.streamed(corpus_, tokenizer, 8), 1)[0]
+    assert len(whole) % 4, len(whole)  # in batches of 4, a pass ends with a short batch
+    steps_per_pass = len(whole) // 4 + 1
+    resumed = passes(corpus.streamed(corpus_, tokenizer, 8, corpus.StreamPosition(steps_per_pass + 2, 4, 1)), 2)
+    assert resumed == [whole[8:], whole]  # 2 steps into the second pass, then a full third one
+    assert passes(corpus.streamed(corpus_, tokenizer, 8, corpus.StreamPosition(3, 4, 1)), 1) == [whole[12:]]
+    exactly_round = corpus.StreamPosition(steps_per_pass, 4, 1)
+    assert passes(corpus.streamed(corpus_, tokenizer, 8, exactly_round), 1) == [whole]  # never an empty epoch
+
+    write(tmp_path / "checkpoint-6" / "trainer_state.json", json.dumps({"global_step": 6}))
+    args = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, world_size=2,
+                           dataloader_drop_last=False)
+    assert corpus.stream_position(tmp_path / "checkpoint-6", args) == corpus.StreamPosition(6, 8, 2)
+
+
+def test_a_streamed_pretrain_killed_after_going_round_resumes_to_the_uninterrupted_weights(tmp_path, cli):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, SHARED
+
+    text = write(tmp_path / "c.txt", (SHARED / "tiny_shakespeare" / "input.txt").read_text()[:1000])  # 21 blocks: 6 steps a pass
+    recipe = write(tmp_path / "p.yaml", f"""\
+method: pretrain
+model:
+  config: {{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2}}
+data:
+  train: {text}
+  streaming: true
+  block_size: 32
+tokenizer:
+  vocab_size: 300
+train:
+  max_steps: 12
+  per_device_train_batch_size: 4
+  learning_rate: 1.0e-2
+  logging_steps: 1
+  save_steps: 9
+  use_cpu: true
+""")
+    assert cli("pretrain", recipe, "-o", tmp_path / "straight").code == 0
+    steps = [json.loads(line)["step"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNEKIT_FAULT": "kill-after-save:9"}
+    killed = subprocess.run([sys.executable, "-m", "tunekit", "pretrain", str(recipe), "-o", str(tmp_path / "killed")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = cli("pretrain", recipe, "-o", tmp_path / "killed", "--resume")
+    assert resumed.code == 0, resumed.err
+    weights = [(tmp_path / run / "model" / "model.safetensors").read_bytes() for run in ("straight", "killed")]
+    assert weights[0] == weights[1] and max(steps) == 12
+    assert "resuming a streamed corpus after 9 steps" in resumed.err

@@ -243,13 +243,60 @@ def packed(corpus: list[Source], tokenizer: Any, block_size: int, num_proc: int 
     return prepare.record(key, [str(target)])
 
 
-def streamed(corpus: list[Source], tokenizer: Any, block_size: int) -> Any:
-    """The corpus as an IterableDataset of blocks, tokenised while training reads it."""
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a resumed run stood in its stream: the optimizer steps it had taken, and how the
+    Trainer turns blocks into steps (a batch over all processes, accumulated; each pass over the
+    corpus is one Trainer epoch, whose last batch and last accumulation may be short)."""
+
+    steps: int
+    batch: int  # blocks per batch, all processes together (rank 0 reads the stream and hands them out)
+    accumulation: int
+    drop_last: bool = False
+
+    def skip(self, pass_blocks: int | None) -> int:
+        """Blocks to skip from the start of a pass; `pass_blocks`: a pass's length, once known."""
+        per_step = self.batch * self.accumulation
+        if pass_blocks is None:  # not yet gone round the corpus (if it had, a pass says so)
+            return self.steps * per_step
+        batches = pass_blocks // self.batch if self.drop_last else -(-pass_blocks // self.batch)
+        return self.steps % max(1, -(-batches // self.accumulation)) * per_step
+
+
+def streamed(corpus: list[Source], tokenizer: Any, block_size: int, resume: StreamPosition | None = None) -> Any:
+    """The corpus as an IterableDataset of blocks, tokenised while training reads it; each pass over
+    it is one epoch of the Trainer's. With `resume`, the first pass starts where the interrupted run
+    stood, past the blocks it had trained on (counted round the corpus as often as it had gone
+    round). The skipped blocks are read and tokenised again (a stream keeps no index of where its
+    blocks start), never trained on."""
     from datasets import IterableDataset
 
+    pending = [resume]
+
     def generate() -> Iterator[dict[str, list[int]]]:
-        for array in blocks(encoded(corpus, tokenizer, 1), end_token(tokenizer), block_size):
-            for row in array:
-                yield {"input_ids": row.tolist()}
+        position, pending[0] = pending[0], None
+        left = position.skip(None) if position else 0
+        while True:
+            count = given = 0
+            for array in blocks(encoded(corpus, tokenizer, 1), end_token(tokenizer), block_size):
+                for row in array:
+                    count += 1
+                    if left:
+                        left -= 1
+                        continue
+                    given += 1
+                    yield {"input_ids": row.tolist()}
+            if given or not count or position is None:
+                return
+            left, position = position.skip(count), None  # it had gone round: the same place in this pass
 
     return IterableDataset.from_generator(generate)
+
+
+def stream_position(checkpoint: Path, args: Any) -> StreamPosition:
+    """Where the run that saved `checkpoint` stood in its stream."""
+    import json
+
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    return StreamPosition(step, args.per_device_train_batch_size * args.world_size, args.gradient_accumulation_steps,
+                          args.dataloader_drop_last)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from tunekit.config import Recipe, Section, to_yaml
-from tunekit.data.corpus import Source, packed, sources, streamed, texts
+from tunekit.data.corpus import Source, packed, sources, stream_position, streamed, texts
 from tunekit.data.prepare import Prepared
 from tunekit.errors import UserError
 
@@ -190,6 +191,12 @@ def run(config: Config, data: Data, run_dir: Path, overwrite: bool = False, resu
         if config.pretrain.objective == "mlm" and tokenizer.mask_token is None:
             raise UserError("model.tokenizer: the tokenizer has no mask token; masked-LM pre-training needs one")
         train, held_out = training_blocks(config, data, tokenizer, args.seed)
+    if config.data.streaming and resume:  # the stream itself starts where the run stopped, not the Trainer
+        position = stream_position(Path(resume), args)
+        print(f"tunekit: resuming a streamed corpus after {position.steps} steps: the blocks trained on in the "
+              "current pass are read and tokenised again, not trained on, to start where the run stopped",
+              file=sys.stderr, flush=True)
+        train, args.ignore_data_skip = streamed(data.train, tokenizer, config.data.block_size, position), True
     model = build_model(config, tokenizer)
     trainable, total = count_parameters(model)
     run.start(
