@@ -147,7 +147,8 @@ def once(args: Any, name: str, build: Any) -> Any:
 
     from datasets import Dataset, load_from_disk
 
-    key = hashlib.sha256(f"{args.output_dir}/{name}".encode()).hexdigest()[:16]
+    machine = args.process_index - args.local_process_index  # machines on one host share its temp folder
+    key = hashlib.sha256(f"{args.output_dir}/{name}/{machine}".encode()).hexdigest()[:16]
     cache = Path(tempfile.gettempdir()) / f"tunekit-{key}-{name}"
     from tunekit.distributed import local_main_first
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,13 @@ def read_marker(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def temporary(path: Path) -> Path:
+    """Where a process writes `path` before renaming it into place: a name of its own, also among
+    machines that share the cache on one disk (process ids repeat across machines)."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
 def write_marker(path: Path, content: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(content, indent=1))
-    os.replace(temporary, path)
+    scratch = temporary(path)
+    scratch.write_text(json.dumps(content, indent=1))
+    os.replace(scratch, path)

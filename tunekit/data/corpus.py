@@ -233,7 +233,7 @@ def packed(corpus: list[Source], tokenizer: Any, block_size: int, num_proc: int 
     if found is not None:
         return found
     target = cache.folder("prepared") / f"{key}.arrow"
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary = cache.temporary(target)
     procs = max(1, num_proc or prepare.available_cores())
     try:
         write_blocks(blocks(encoded(corpus, tokenizer, procs), end_token(tokenizer), block_size), temporary)

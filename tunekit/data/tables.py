@@ -234,14 +234,17 @@ def read_file(path: Path, source: str) -> Table:
     folder = cache.folder("files")
     target, marker = folder / f"{key}.arrow", folder / f"{key}.json"
     info = cache.read_marker(marker)
-    if info is None:
-        temporary = folder / f".{key}.{os.getpid()}.tmp"
+    if info is None:  # machines that share the cache may convert the same file at once: each renames its own
+        rows, numbers = cache.temporary(target), cache.temporary(folder / f"{key}.lines.npy")
         try:
-            lines, names = convert(path, source, temporary)
-            np.save(folder / f"{key}.lines.npy", np.asarray(lines, dtype=np.int64))
-            os.replace(temporary, target)
+            lines, names = convert(path, source, rows)
+            with numbers.open("wb") as out:
+                np.save(out, np.asarray(lines, dtype=np.int64))
+            os.replace(numbers, folder / f"{key}.lines.npy")
+            os.replace(rows, target)
         finally:
-            temporary.unlink(missing_ok=True)
+            rows.unlink(missing_ok=True)
+            numbers.unlink(missing_ok=True)
         info = {"file": str(path.resolve()), "rows": len(lines), "names": names}
         cache.write_marker(marker, info)
     dataset = Dataset.from_file(str(target))
