@@ -9,8 +9,13 @@ consolidated into one full state dict for `model/` by `full_state_dict`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +62,77 @@ def zero_sharding(stage: str, processes: int) -> str:
     parts = {"1": "optimizer state", "2": "optimizer state and gradients",
              "3": "parameters, gradients and optimizer state"}.get(stage, "see the DeepSpeed config")
     return f"{parts} over {processes} processes (ZeRO stage {stage})"
+
+
+WAIT_POLL_S = 0.5  # how often a waiting rank looks for its local main process's signal
+
+
+@contextlib.contextmanager
+def local_main_first(args: Any, desc: str) -> Iterator[None]:
+    """Local rank 0 runs the block first (building a cached result: a tokenised dataset, a packed
+    corpus), the other ranks of its machine after it.
+
+    The others wait by polling a signal file, not at a collective barrier: a barrier is bounded by
+    the collective timeout (train.ddp_timeout, 30 min), which a cold preparation of a large dataset
+    outlasts, and the waiting ranks then died. The wait here has no limit as long as the local main
+    process lives; it ends with one line when that process fails or dies. The file is in this
+    machine's temp folder, named by a token that global rank 0 draws for this call (so no earlier
+    run's file is ever taken for it) and by the machine's first rank (machines may share a disk)."""
+    import torch.distributed as dist
+
+    # All ranks arrive here together (the slow part is inside), so this exchange waits for nobody.
+    mine = (uuid.uuid4().hex if args.process_index == 0 else None, os.getpid())
+    gathered: list[Any] = [None] * args.world_size
+    dist.all_gather_object(gathered, mine)
+    first = args.process_index - args.local_process_index  # the global rank of this machine's local main
+    signal = Path(tempfile.gettempdir()) / f"tunekit-first-{gathered[0][0]}-{first}"
+    if args.local_process_index != 0:
+        wait_for_signal(signal, gathered[first][1], desc)
+        yield
+        return
+    forget_old_signals(signal.parent)
+    try:
+        yield
+    except BaseException as err:
+        write_signal(signal, f"failed: {type(err).__name__}")
+        raise
+    write_signal(signal, "done")
+
+
+def forget_old_signals(folder: Path) -> None:
+    """Signals are left for the waiting ranks, which read them at any time; a day later nobody will."""
+    for old in folder.glob("tunekit-first-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > 86400:
+                old.unlink()
+
+
+def write_signal(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def wait_for_signal(path: Path, pid: int, desc: str) -> None:
+    while True:
+        said = path.read_text() if path.exists() else None
+        if said is None and not process_alive(pid):
+            said = path.read_text() if path.exists() else "ended"  # it may have signalled, then died
+        if said == "done":
+            return
+        if said is not None:
+            raise TrainingFailure(f"the local main process (pid {pid}) {said} while {desc}; see its message above")
+        time.sleep(WAIT_POLL_S)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def engine_of_accelerator(accelerator: Any) -> ParallelismName:

@@ -144,6 +144,11 @@ def check_engine(config: Recipe, accelerate_config: str | None, nproc: int | Non
     if rlhf is not None and rlhf.algo == "ppo":
         raise UserError(f"{where}: rlhf.algo: ppo does not run under {engine} yet (tunekit's PPO loop does not "
                         "shard its models); use --nproc N (DDP) or recipes/accelerate/ddp.yaml")
+    if engine == "fsdp" and rlhf is not None and not cuda_available():
+        # TRL's GRPO/RLOO trainers build their Accelerator themselves, where tunekit's CPU FSDP switch
+        # (tunekit.upstream.fsdp_on_cpu) is not applied, so they would load every model and then stop.
+        raise UserError(f"{where}: rlhf.algo: {rlhf.algo} under FSDP needs CUDA GPUs (not supported on CPUs); "
+                        "use --nproc N (DDP) or recipes/accelerate/ddp.yaml")
     if engine == "fsdp" and config.peft.quantize != "none" and not cuda_available():
         raise UserError(f"{where}: peft.quantize: {config.peft.quantize} (QLoRA) under FSDP needs CUDA GPUs (not "
                         "supported on CPUs); set peft.quantize: none, or train QLoRA in one process")

@@ -194,7 +194,9 @@ def first_on_each_machine(args: Any, desc: str) -> Any:
     if args.world_size == 1:
         yield
         return
-    with args.main_process_first(local=True, desc=desc):
+    from tunekit.distributed import local_main_first
+
+    with local_main_first(args, desc):  # a wait not bounded by ddp_timeout
         yield
 
 
@@ -208,9 +210,12 @@ def once(args: Any, name: str, build: Any) -> Any:
 
     from datasets import Dataset, load_from_disk
 
-    key = hashlib.sha256(f"{args.output_dir}/{name}".encode()).hexdigest()[:16]
+    machine = args.process_index - args.local_process_index  # machines on one host share its temp folder
+    key = hashlib.sha256(f"{args.output_dir}/{name}/{machine}".encode()).hexdigest()[:16]
     cache = Path(tempfile.gettempdir()) / f"tunekit-{key}-{name}"
-    with args.main_process_first(local=True, desc=f"tokenising {name}"):
+    from tunekit.distributed import local_main_first
+
+    with local_main_first(args, f"tokenising {name}"):
         if args.local_process_index == 0:
             Dataset.from_list(build()).save_to_disk(str(cache))
     return load_from_disk(str(cache))  # Arrow, memory-mapped: not turned back into Python rows

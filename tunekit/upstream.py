@@ -109,7 +109,8 @@ def fsdp_on_cpu() -> None:
     ACCELERATE_USE_FSDP) only when the processes are GPU-like (MULTI_GPU, MULTI_XPU, ...). With
     processes on CPU it stays MULTI_CPU and trains with DDP, silently. PyTorch's `fully_shard`
     (FSDP2) itself trains on CPU with gloo (checked with torch 2.13), so after accelerate's own
-    set-up the state is switched to FSDP with the plugin it was given (checked with accelerate 1.15.0,
+    set-up the state is switched to FSDP with the plugin it was given, and the plugin gets the
+    mixed-precision policy accelerate gives it on GPUs (checked with accelerate 1.15.0,
     torch 2.13.0, transformers 5.24.0). Does nothing where accelerate already chose FSDP (GPUs, or a
     later accelerate that fixes this)."""
     from accelerate.state import AcceleratorState, PartialState
@@ -123,6 +124,8 @@ def fsdp_on_cpu() -> None:
         original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":  # as accelerate does for GPUs: bf16 gathers and computes in bf16
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
@@ -211,3 +214,12 @@ def join_caches(first: Any, second: Any) -> None:
         length = max(a.keys.shape[-2], b.keys.shape[-2])
         a.keys = torch.cat([padded(a.keys, length), padded(b.keys, length)], dim=0)
         a.values = torch.cat([padded(a.values, length), padded(b.values, length)], dim=0)
+
+
+def trim_cache_left(cache: Any, columns: int) -> None:
+    """Drop the first `columns` positions of every layer of a `can_join` KV cache (transformers
+    5.24 `DynamicLayer`: its key and value tensors are its whole state). The caller drops the same
+    columns of its attention mask: they are padding in every row."""
+    for layer in cache.layers:
+        layer.keys = layer.keys[..., columns:, :]
+        layer.values = layer.values[..., columns:, :]

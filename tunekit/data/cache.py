@@ -2,8 +2,8 @@
 
 Everything tunekit derives from data (a file read into Arrow, the tokenised and masked examples,
 the packed blocks of a corpus) is written once under the cache folder and memory-mapped from then
-on. A result is filed under a key made of what decides it: the data files' path, size and
-modification time, the tokenizer and its chat template, and the options that change the result.
+on. A result is filed under a key made of what decides it: the data files' content (sha256, see
+`file_key`), the tokenizer and its chat template, and the options that change the result.
 A second run, a `--resume` and the other ranks of a multi-process run find it there.
 
 The folder: $TUNEKIT_CACHE, else $HF_DATASETS_CACHE/tunekit, else ~/.cache/tunekit.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,39 @@ def digest(*parts: Any) -> str:
     return h.hexdigest()[:20]
 
 
+HASH_BLOCK = 1 << 20
+
+
 def file_key(path: Path) -> str:
-    """A data file as it is now: its resolved path, size and modification time."""
+    """A data file by its content: the sha256 of every byte, and its size.
+
+    Path, size and mtime are not enough: a same-size rewrite with its mtime restored (tar, container
+    layers, reproducible builds) would reuse the old rows. A full hash costs about 1 s per GB, far
+    less than reading the rows it saves, and it is computed once per version of the file: it is
+    remembered under the file's stat identity, which includes the inode change time (ctime), a time
+    the kernel sets on every write or mtime change and no tool can set back."""
+    resolved = path.resolve()
+    before = _identity(resolved)
+    memo = folder("hashes") / f"{digest(*before)}.json"
+    found = read_marker(memo)
+    if found is None:
+        found = {"file": str(resolved), "sha256": content_hash(resolved)}
+        if _identity(resolved) == before:  # not changed while it was read: the hash holds for this version
+            write_marker(memo, found)
+    return digest("file", found["sha256"], before[3])
+
+
+def _identity(path: Path) -> list[Any]:
     stat = path.stat()
-    return digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return [str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def content_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
 
 
 def tokenizer_key(tokenizer: Any) -> str:
@@ -69,7 +99,13 @@ def read_marker(path: Path) -> JsonObject | None:
         return None
 
 
+def temporary(path: Path) -> Path:
+    """Where a process writes `path` before renaming it into place: a name of its own, also among
+    machines that share the cache on one disk (process ids repeat across machines)."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
 def write_marker(path: Path, content: JsonObject) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(content, indent=1))
-    os.replace(temporary, path)
+    scratch = temporary(path)
+    scratch.write_text(json.dumps(content, indent=1))
+    os.replace(scratch, path)

@@ -33,7 +33,7 @@ class Source:
     """One data file or Hub dataset of a corpus: a text file read in pieces, or a table's rows."""
 
     spec: str
-    key: str
+    key: str  # what decides the source's text: the file (or Hub dataset) and, for a table, its text column
     path: Path | None = None  # a text file
     table: Table | None = None  # rows with a text column
     column: str = "text"
@@ -98,13 +98,15 @@ def sources(specs: list[str], key: str, column: str, streaming: bool = False) ->
         if path is not None and file_suffix(path) == ".txt":
             source = Source(spec, cache.file_key(path), path=path)
         elif path is None and streaming:
-            source = Source(spec, spec, table=hub_stream(spec, key), column=column)
+            source = Source(spec, cache.digest(spec, "text_column", column), table=hub_stream(spec, key), column=column)
             found.append(source)
             continue
         else:
+            # The key names the rows and the column read from them: every result keyed on a Source
+            # (the packed blocks, a tokenizer trained on the corpus) then differs with data.text_column.
             table = read_table(spec, key)
-            source = Source(spec, table.key, table=table, column=column)
-        marker = cache.folder("checks") / f"{cache.digest('corpus', source.key, column)}.json"
+            source = Source(spec, cache.digest(table.key, "text_column", column), table=table, column=column)
+        marker = cache.folder("checks") / f"{cache.digest('corpus', source.key)}.json"
         if cache.read_marker(marker) is None:
             if not sum(bool(text.strip()) for text, _ in source.pieces()):
                 raise UserError(f"{spec}: no text found (data.text_column is {column!r})")
@@ -232,7 +234,7 @@ def packed(corpus: list[Source], tokenizer: Any, block_size: int, num_proc: int 
     if found is not None:
         return found
     target = cache.folder("prepared") / f"{key}.arrow"
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary = cache.temporary(target)
     procs = max(1, num_proc or prepare.available_cores())
     try:
         write_blocks(blocks(encoded(corpus, tokenizer, procs), end_token(tokenizer), block_size), temporary)
@@ -242,13 +244,60 @@ def packed(corpus: list[Source], tokenizer: Any, block_size: int, num_proc: int 
     return prepare.record(key, [str(target)])
 
 
-def streamed(corpus: list[Source], tokenizer: Any, block_size: int) -> Any:
-    """The corpus as an IterableDataset of blocks, tokenised while training reads it."""
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a resumed run stood in its stream: the optimizer steps it had taken, and how the
+    Trainer turns blocks into steps (a batch over all processes, accumulated; each pass over the
+    corpus is one Trainer epoch, whose last batch and last accumulation may be short)."""
+
+    steps: int
+    batch: int  # blocks per batch, all processes together (rank 0 reads the stream and hands them out)
+    accumulation: int
+    drop_last: bool = False
+
+    def skip(self, pass_blocks: int | None) -> int:
+        """Blocks to skip from the start of a pass; `pass_blocks`: a pass's length, once known."""
+        per_step = self.batch * self.accumulation
+        if pass_blocks is None:  # not yet gone round the corpus (if it had, a pass says so)
+            return self.steps * per_step
+        batches = pass_blocks // self.batch if self.drop_last else -(-pass_blocks // self.batch)
+        return self.steps % max(1, -(-batches // self.accumulation)) * per_step
+
+
+def streamed(corpus: list[Source], tokenizer: Any, block_size: int, resume: StreamPosition | None = None) -> Any:
+    """The corpus as an IterableDataset of blocks, tokenised while training reads it; each pass over
+    it is one epoch of the Trainer's. With `resume`, the first pass starts where the interrupted run
+    stood, past the blocks it had trained on (counted round the corpus as often as it had gone
+    round). The skipped blocks are read and tokenised again (a stream keeps no index of where its
+    blocks start), never trained on."""
     from datasets import IterableDataset
 
+    pending = [resume]
+
     def generate() -> Iterator[dict[str, list[int]]]:
-        for array in blocks(encoded(corpus, tokenizer, 1), end_token(tokenizer), block_size):
-            for row in array:
-                yield {"input_ids": row.tolist()}
+        position, pending[0] = pending[0], None
+        left = position.skip(None) if position else 0
+        while True:
+            count = given = 0
+            for array in blocks(encoded(corpus, tokenizer, 1), end_token(tokenizer), block_size):
+                for row in array:
+                    count += 1
+                    if left:
+                        left -= 1
+                        continue
+                    given += 1
+                    yield {"input_ids": row.tolist()}
+            if given or not count or position is None:
+                return
+            left, position = position.skip(count), None  # it had gone round: the same place in this pass
 
     return IterableDataset.from_generator(generate)
+
+
+def stream_position(checkpoint: Path, args: Any) -> StreamPosition:
+    """Where the run that saved `checkpoint` stood in its stream."""
+    import json
+
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    return StreamPosition(step, args.per_device_train_batch_size * args.world_size, args.gradient_accumulation_steps,
+                          args.dataloader_drop_last)

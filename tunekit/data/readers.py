@@ -220,6 +220,13 @@ class ArrowFile:
 
         names = list(dict.fromkeys(k for row in rows for k in row))
         columns = {name: [row.get(name) for row in rows] for name in names}
+        if self.schema is not None and set(names) <= set(self.schema.names) and self._nested():
+            # Converting to a struct type drops the keys it lacks without a word (a `meta.alias`, an
+            # extra key of a message first seen in a later batch), so this batch's own types are
+            # read first, and a wider schema restarts the file.
+            wider = self._unified(self._inferred(columns, lines), lines)
+            if not wider.equals(self.schema):
+                raise ArrowFile.Restart(wider)
         if self.schema is not None and set(names) <= set(self.schema.names):
             try:
                 table = pa.Table.from_pydict({n: columns.get(n, [None] * len(rows)) for n in self.schema.names},
@@ -228,18 +235,34 @@ class ArrowFile:
                 table = None
             if table is not None:
                 return self._append(table)
-        try:
-            table = pa.Table.from_pydict(columns)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as err:
-            raise UserError(f"{self.source}: {self._mixed(columns, lines, err)}; give each column one type") from None
+        table = self._inferred(columns, lines)
         if self.schema is None:
             self.schema = table.schema
             return self._append(table)
+        raise ArrowFile.Restart(self._unified(table, lines))
+
+    def _nested(self) -> bool:
+        import pyarrow as pa
+
+        return any(pa.types.is_nested(field.type) for field in self.schema)
+
+    def _inferred(self, columns: dict[str, list[Any]], lines: list[int]) -> Any:
+        """The batch as a table with the types its own values have."""
+        import pyarrow as pa
+
         try:
-            wider = pa.unify_schemas([self.schema, table.schema], promote_options="permissive")
+            return pa.Table.from_pydict(columns)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as err:
+            raise UserError(f"{self.source}: {self._mixed(columns, lines, err)}; give each column one type") from None
+
+    def _unified(self, table: Any, lines: list[int]) -> Any:
+        """The schema so far widened to hold the batch too (new columns, new keys of structs)."""
+        import pyarrow as pa
+
+        try:
+            return pa.unify_schemas([self.schema, table.schema], promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             raise UserError(f"{self.source}: {self._changed(table.schema, lines)}; give each column one type") from None
-        raise ArrowFile.Restart(wider)
 
     def _append(self, table: Any) -> None:
         import pyarrow as pa

@@ -3,7 +3,7 @@ Hub dataset, checked record by record so that a bad line is reported with its nu
 
 A file is read once, as a stream, into an Arrow file in the cache (tunekit.data.cache) and memory-mapped
 from there: a million rows never sit in memory as Python objects. A second read of the same file
-(same path, size and modification time) opens the cached Arrow file at once.
+(same content: tunekit.data.cache.file_key) opens the cached Arrow file at once.
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def read_table(spec: str, key: str = "data.train", split: str = "train") -> Tabl
 
 
 def read_file(path: Path, source: str) -> Table:
-    """The file as an Arrow table, converted once and cached under its path, size and mtime."""
+    """The file as an Arrow table, converted once and cached under its content (cache.file_key)."""
     import numpy as np
     from datasets import Dataset
 
@@ -235,14 +235,17 @@ def read_file(path: Path, source: str) -> Table:
     folder = cache.folder("files")
     target, marker = folder / f"{key}.arrow", folder / f"{key}.json"
     info = cache.read_marker(marker)
-    if info is None:
-        temporary = folder / f".{key}.{os.getpid()}.tmp"
+    if info is None:  # machines that share the cache may convert the same file at once: each renames its own
+        rows, numbers = cache.temporary(target), cache.temporary(folder / f"{key}.lines.npy")
         try:
-            lines, names = convert(path, source, temporary)
-            np.save(folder / f"{key}.lines.npy", np.asarray(lines, dtype=np.int64))
-            os.replace(temporary, target)
+            lines, names = convert(path, source, rows)
+            with numbers.open("wb") as out:
+                np.save(out, np.asarray(lines, dtype=np.int64))
+            os.replace(numbers, folder / f"{key}.lines.npy")
+            os.replace(rows, target)
         finally:
-            temporary.unlink(missing_ok=True)
+            rows.unlink(missing_ok=True)
+            numbers.unlink(missing_ok=True)
         info = {"file": str(path.resolve()), "rows": len(lines), "names": names}
         cache.write_marker(marker, info)
     dataset = Dataset.from_file(str(target))

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from tunekit.config import Recipe, Section
-from tunekit.data.corpus import Source, packed, sources, streamed, texts
+from tunekit.data.corpus import Source, packed, sources, stream_position, streamed, texts
 from tunekit.data.prepare import Prepared
 from tunekit.errors import UserError
 from tunekit.jsontypes import Metrics
@@ -201,8 +203,19 @@ def setup(config: Config, data: Data, run: Any) -> Any:
             "eval_data": config.data.eval or f"{config.data.eval_fraction:.0%} of blocks",
             "train_rows": rows_of(train), "eval_rows": rows_of(held_out), **batch_info(args),
             "tokens_per_block": config.data.block_size}
-    return Setup(model, tokenizer, info, trainer_fit(make_trainer, config.data.block_size), evaluate,
-                 trained_model=lambda trainer: model)
+    fit = trainer_fit(make_trainer, config.data.block_size)
+
+    def train_model(run: Any, resume: Path | None) -> Any:
+        nonlocal train
+        if config.data.streaming and resume:  # the stream itself starts where the run stopped, not the Trainer
+            position = stream_position(Path(resume), args)
+            print(f"tunekit: resuming a streamed corpus after {position.steps} steps: the blocks trained on in the "
+                  "current pass are read and tokenised again, not trained on, to start where the run stopped",
+                  file=sys.stderr, flush=True)
+            train, args.ignore_data_skip = streamed(data.train, tokenizer, config.data.block_size, position), True
+        return fit(run, resume)
+
+    return Setup(model, tokenizer, info, train_model, evaluate, trained_model=lambda trainer: model)
 
 
 def task(config: Config) -> str:

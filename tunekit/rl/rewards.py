@@ -17,8 +17,10 @@ value that is not a number, NaN or infinity, or the wrong count stops the run wi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import io
 import math
 import numbers
 import re
@@ -129,24 +131,45 @@ def load_callable(spec: str, where: str) -> Callable[..., Any]:
         if module is None:
             loader_spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(loader_spec)
-            try:
-                loader_spec.loader.exec_module(module)
-            except Exception as err:  # noqa: BLE001 - the user's file: say what broke, in one line
-                raise UserError(f"{where}: {spec!r}: loading {target} raised {type(err).__name__}: {err}") from None
+            users_import(lambda: loader_spec.loader.exec_module(module), f"{where}: {spec!r}: loading {target}")
             sys.modules[name] = module
     else:
         if "" not in sys.path and str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))  # as `python -m` does: a module beside the recipe's user
         try:
-            module = importlib.import_module(target)
+            module = users_import(lambda: importlib.import_module(target), f"{where}: {spec!r}: importing {target}")
         except ImportError as err:
-            raise UserError(f"{where}: {spec!r}: cannot import {target} ({err}); put it on PYTHONPATH or name a "
-                            "file: path/to/file.py:function") from None
+            raise UserError(f"{where}: {spec!r}: cannot import {target} ({first_line(err)}); put it on PYTHONPATH or "
+                            "name a file: path/to/file.py:function") from None
     function = getattr(module, attribute, None)
     if not callable(function):
         found = "not callable" if function is not None else "not found"
         raise UserError(f"{where}: {spec!r}: {attribute} {found} in {target}")
     return function
+
+
+def users_import(action: Callable[[], Any], what: str) -> Any:
+    """Run the import of a user's module; whatever it raises, or a `sys.exit` (a script that parses
+    its arguments at import), is one line. What it prints meanwhile is held back, and shown only
+    when the import succeeds; on failure the last line it printed (argparse's error) is quoted."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            result = action()
+    except ImportError:
+        raise
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - the user's code: say what broke, in one line
+        said = [line.strip() for line in printed.getvalue().splitlines() if line.strip()]
+        shown = f" after printing {said[-1][:200]!r}" if said else ""
+        if isinstance(err, SystemExit):
+            raise UserError(f"{what} called sys.exit({err.code!r}){shown}; a reward module must not exit at import") from None
+        raise UserError(f"{what} raised {type(err).__name__}: {first_line(err)}{shown}") from None
+    sys.stdout.write(printed.getvalue())
+    return result
+
+
+def first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), "")
 
 
 def check_reward_functions(sections: list[RewardFunctionSection], source: str) -> None:

@@ -26,7 +26,9 @@ def trl_arguments(config: Any, run: Any) -> Any:
     ppo, generation = config.ppo, config.generation
     per_round = ppo.rollout_batch_size // ppo.minibatch_size  # optimizer steps per pass over a round
     train = dict(config.train)
-    train.setdefault("gradient_checkpointing", train.pop("activation_checkpointing", False))
+    # transformers 5.24 names it activation_checkpointing; TRL's configs default the old name to True,
+    # which warns (FutureWarning) unless the new one is given.
+    train.setdefault("activation_checkpointing", train.pop("gradient_checkpointing", False))
     values = {
         **train,
         "output_dir": str(run.path),

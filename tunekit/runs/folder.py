@@ -21,6 +21,7 @@ from tunekit.distributed import running
 from tunekit.errors import UserError
 from tunekit.files import read_json, write_atomic, write_json
 from tunekit.jsontypes import JsonObject, Metrics
+from tunekit.runs.library_warnings import route_library_warnings
 
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD")
 
@@ -69,10 +70,12 @@ class RunFolder:
 
     def start(self, method: str, config_yaml: str, overwrite: bool, **info: Any) -> None:
         if not self.enabled:
+            route_library_warnings(None)  # the main process logs them
             return
         if overwrite and self.path.is_dir():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        route_library_warnings(self.path / "warnings.log")
         write_atomic(self.path / "config.yaml", scrub_secrets(config_yaml))
         engine = running()
         self.info = {"method": method, "status": "running", "command": scrub_secrets(command_line()),

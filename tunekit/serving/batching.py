@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunekit.upstream import can_join, forward_with_cache, join_caches
+from tunekit.upstream import can_join, forward_with_cache, join_caches, trim_cache_left
 
 log = logging.getLogger("tunekit.serving.server")
 
@@ -115,10 +115,14 @@ def choose_tokens(logits: Any, rows: list[Row]) -> list[int]:
         probs = torch.softmax(logits[index].float() / temps[:, None], dim=-1)
         sorted_p, order = probs.sort(dim=-1, descending=True)
         sorted_p = sorted_p * ((sorted_p.cumsum(-1) - sorted_p) < top_p[:, None])  # the top one always stays
-        cdf = (sorted_p / sorted_p.sum(-1, keepdim=True)).cumsum(-1)
+        cdf = sorted_p.cumsum(-1)
         draws = torch.stack([torch.rand((), generator=rows[i].generator, device=logits.device) for i in sampled])
-        position = (cdf < draws[:, None]).sum(-1).clamp(max=cdf.shape[-1] - 1)
-        chosen[index] = order.gather(1, position[:, None]).squeeze(1)
+        # A float32 cdf ends a little off its true total (normalised, up to ~2e-7 under 1): the draw
+        # is scaled to where the cdf really ends, and the position kept inside the nucleus, so a draw
+        # near 1 never falls past it onto the last token of the vocabulary (the least likely one).
+        last = (sorted_p > 0).sum(-1, keepdim=True) - 1
+        position = torch.minimum((cdf < draws[:, None] * cdf[:, -1:]).sum(-1, keepdim=True), last)
+        chosen[index] = order.gather(1, position).squeeze(1)
     return chosen.tolist()
 
 
@@ -133,7 +137,10 @@ class BatchDecoder:
         self.wait_s = wait_s
         self.eos_ids = {tokenizer.eos_token_id, *self._config_eos(model)} - {None}
         # batches: groups of jobs prefilled together; joins: groups that joined a running batch
-        self.stats = {"batches": 0, "joins": 0, "rows": 0, "rows_cancelled": 0, "tokens": 0, "largest_batch": 0}
+        # width: positions in the running batch's KV cache now; widest: the most it has held
+        self.stats = {"batches": 0, "joins": 0, "rows": 0, "rows_cancelled": 0, "rows_failed": 0, "tokens": 0,
+                      "largest_batch": 0, "width": 0, "widest": 0}
+        self._live: list[Job] = []  # the jobs with rows in the running batch, or being prefilled
         self._queue: deque[Job] = deque()
         self._ready = threading.Condition()
         self._closed = False
@@ -192,21 +199,34 @@ class BatchDecoder:
                 continue
             try:
                 self._decode(jobs)
-            except Exception as err:  # the server keeps serving; these requests get a 500
-                log.exception("generation failed for a batch of %d requests", len(jobs))
-                for job in jobs:
-                    for i in range(job.n):
-                        job.emit(Event(job.first_index + i, "", error=f"{type(err).__name__}: {err}"))
+            except Exception as err:  # a forward pass failed: the server keeps serving; these requests get a 500
+                log.exception("generation failed for a batch of %d requests", len(self._live))
+                for job in self._live:
+                    self._fail(job, err)
+            self._live = []
+
+    def _fail(self, job: Job, err: Exception) -> None:
+        """End one request with a server error; its rows leave the batch at the next step."""
+        job.cancel()
+        self.stats["rows_failed"] += job.n
+        for i in range(job.n):
+            job.emit(Event(job.first_index + i, "", error=f"{type(err).__name__}: {err}"))
 
     def _rows(self, jobs: list[Job]) -> list[Row]:
+        """Each job's rows with their generators; a job whose rows cannot be set up fails alone."""
         import torch
 
         rows = []
         for job in jobs:
-            for i in range(job.n):
-                seed = job.sampling.seed + i if job.sampling.seed is not None else random.getrandbits(63)
-                generator = torch.Generator(device=self.model.device).manual_seed(seed)
-                rows.append(Row(job, job.first_index + i, generator))
+            try:
+                for i in range(job.n):
+                    seed = job.sampling.seed + i if job.sampling.seed is not None else random.getrandbits(63)
+                    generator = torch.Generator(device=self.model.device).manual_seed(seed)
+                    rows.append(Row(job, job.first_index + i, generator))
+            except Exception as err:
+                log.exception("a request could not start")
+                rows = [row for row in rows if row.job is not job]
+                self._fail(job, err)
         return rows
 
     def _decode(self, jobs: list[Job]) -> None:
@@ -215,10 +235,14 @@ class BatchDecoder:
         appended), so a long generation does not hold up the requests behind it."""
         import torch
 
+        self._live = list(jobs)
         batch = self._prefill(jobs)
+        jobs.clear()  # from here on self._live holds the jobs still decoding, and only those
         while batch is not None:
             waiting = self._take(self.max_batch - len(batch.rows)) if can_join(batch.cache) else []
-            jobs.extend(waiting)  # so that a failure reaches them too
+            # Only the jobs still decoding are held (and failed, should a step fail): finished ones
+            # and their replies are let go however long the batch runs.
+            self._live = list({id(row.job): row.job for row in batch.rows}.values()) + waiting
             newcomers = self._prefill(waiting) if waiting else None
             if newcomers is not None:
                 batch = self._join(batch, newcomers)
@@ -242,6 +266,8 @@ class BatchDecoder:
         import torch
 
         rows = self._rows(jobs)
+        if not rows:
+            return None
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
         width = max(len(row.job.prompt_ids) for row in rows)
@@ -261,14 +287,30 @@ class BatchDecoder:
             logits, cache = forward_with_cache(self.model, cache, input_ids=ids, attention_mask=mask,
                                                position_ids=positions, use_cache=True, logits_to_keep=1)
             tokens = choose_tokens(logits[:, -1, :], rows)
-        keep = [i for i, (row, token) in enumerate(zip(rows, tokens)) if self._advance(row, token)]
+        keep = [i for i, (row, token) in enumerate(zip(rows, tokens)) if self._advance_or_fail(row, token)]
         if not keep:
+            self.stats["width"] = 0
             return None
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=mask.device)
             cache.batch_select_indices(index)
             mask = mask[index]
+        cache, mask = self._trimmed(cache, mask)
         return Batch([rows[i] for i in keep], cache, mask, [tokens[i] for i in keep])
+
+    def _trimmed(self, cache: Any, mask: Any) -> tuple[Any, Any]:
+        """Without the columns on the left that are padding in every row: the rows that needed
+        them have left, and a batch that requests keep joining would otherwise grow a column per
+        step for as long as it runs."""
+        if can_join(cache):
+            used = mask.any(0).nonzero()
+            first = int(used[0]) if len(used) else 0
+            if first:
+                trim_cache_left(cache, first)
+                mask = mask[:, first:]
+        self.stats["width"] = mask.shape[1]
+        self.stats["widest"] = max(self.stats["widest"], mask.shape[1])
+        return cache, mask
 
     def _join(self, batch: Batch, newcomers: Batch) -> Batch:
         import torch
@@ -278,6 +320,15 @@ class BatchDecoder:
         width = max(batch.mask.shape[1], newcomers.mask.shape[1])
         masks = [torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in (batch.mask, newcomers.mask)]
         return Batch(batch.rows + newcomers.rows, batch.cache, torch.cat(masks), batch.tokens + newcomers.tokens)
+
+    def _advance_or_fail(self, row: Row, token: int) -> bool:
+        """`_advance`, where an error (decoding, a stop sequence) fails only this row's request."""
+        try:
+            return self._advance(row, token)
+        except Exception as err:
+            log.exception("a request failed")
+            self._fail(row.job, err)
+            return False
 
     def _advance(self, row: Row, token: int) -> bool:
         """Give a row its new token and emit the text that is safe to show; False when it ends."""

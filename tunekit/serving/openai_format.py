@@ -35,6 +35,7 @@ class ServeOptions:
     top_p: float = 0.9
     api_key: str | None = None
     log_prompts: bool = False
+    max_body: int = 1 << 20  # bytes of a request body (tunekit.serving.guard)
 
 
 class ApiError(Exception):
@@ -57,6 +58,13 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 # ---------------------------------------------------------------------------------------------
 # Request bodies (OpenAI's field names; fields that change the output but that tunekit does not
 # implement are refused rather than silently ignored)
+
+# Bounds of the fields that cost work in every step of a row's batch: each stop sequence is
+# searched for, and its prefixes held back, after every token of the row. OpenAI takes 4 stops.
+MAX_STOPS = 4
+MAX_STOP_CHARS = 128
+# torch seeds a generator with a 64-bit number; a choice i of a request is seeded with seed + i.
+SEEDS = (-(2**63), 2**63 - 1)  # OpenAI's seed is a 64-bit signed integer
 
 UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "functions", "tool_choice", "function_call", "response_format",
                "logit_bias", "presence_penalty", "frequency_penalty", "echo", "suffix", "best_of")
@@ -127,6 +135,12 @@ def sampling_of(body: Common, prompt_tokens: int, options: ServeOptions) -> Samp
                        + (f" and max_tokens asks for {asked} more" if asked else "") + "; shorten it",
                        param="messages" if isinstance(body, ChatRequest) else "prompt", code="context_length_exceeded")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if len(stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise ApiError(400, f"stop: at most {MAX_STOPS} sequences of at most {MAX_STOP_CHARS} characters each",
+                       param="stop")
+    if body.seed is not None and not SEEDS[0] <= body.seed <= SEEDS[1]:
+        raise ApiError(400, f"seed: {body.seed} is not a 64-bit signed integer ({SEEDS[0]} to {SEEDS[1]})",
+                       param="seed")
     return Sampling(
         max_tokens=min(asked or options.max_tokens, room),
         temperature=options.temperature if body.temperature is None else body.temperature,
@@ -173,6 +187,10 @@ class Reply:
             self.open -= 1
         return event
 
+    async def rest(self) -> None:
+        while self.open:
+            await self.next()
+
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
@@ -212,6 +230,13 @@ async def stream_events(reply: Reply, jobs: list[Job], chat: bool, head: JsonObj
             job.cancel()
 
 
+async def disconnected(request: Request) -> None:
+    """Returns when the client closes its connection. The body has been read, so the server's next
+    message is the disconnect: seen at once, not at a pause between tokens."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def answer(request: Request, engine: BatchDecoder, options: ServeOptions, body: Common, prompts: list[list[int]]) -> Any:
     """Submit one job per prompt and answer with the whole response or a stream of chunks."""
     chat = isinstance(body, ChatRequest)
@@ -225,14 +250,15 @@ async def answer(request: Request, engine: BatchDecoder, options: ServeOptions, 
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(stream_events(reply, jobs, chat, head, usage), media_type="text/event-stream")
+    collect, gone = asyncio.ensure_future(reply.rest()), asyncio.ensure_future(disconnected(request))
     try:
-        while reply.open:
-            try:
-                await asyncio.wait_for(reply.next(), timeout=1.0)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    return None
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not collect.done():  # the client left: its rows leave the batch at the next step
+            return None
+        collect.result()  # a generation error: raised here
     finally:
+        collect.cancel()
+        gone.cancel()
         for job in jobs:
             job.cancel()
     if options.log_prompts:

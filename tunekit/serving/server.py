@@ -9,7 +9,6 @@ server. Prompts are not logged unless `log_prompts` is set."""
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import logging
 import socket
@@ -18,7 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -26,6 +25,7 @@ from starlette.exceptions import HTTPException
 from tunekit.errors import UserError
 from tunekit.jsontypes import JsonObject
 from tunekit.serving.batching import BatchDecoder
+from tunekit.serving.guard import Guard
 from tunekit.serving.openai_format import (
     ApiError,
     ChatRequest,
@@ -39,22 +39,20 @@ from tunekit.serving.openai_format import (
 
 log = logging.getLogger("tunekit.serving.server")
 
+# The body cap: 1 MiB, or more for a long context. A prompt that fills the context takes about 4
+# bytes a token as text, up to ~12 as JSON-escaped non-Latin text; 16 leaves room for the rest.
+BODY_BYTES_PER_TOKEN = 16
+
 
 # ---------------------------------------------------------------------------------------------
 # The app
 
 
 def create_app(engine: BatchDecoder, options: ServeOptions) -> Any:
-    """The FastAPI app over a started engine; every route needs the API key when one is set."""
-
-    def authorise(request: Request) -> None:
-        if options.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {options.api_key}".encode()):
-            raise ApiError(401, "a valid API key is needed: send `Authorization: Bearer KEY`", code="invalid_api_key")
-
-    app = FastAPI(title="tunekit serve", dependencies=[Depends(authorise)], docs_url=None, redoc_url=None, openapi_url=None)
+    """The FastAPI app over a started engine; every route needs the API key when one is set (checked
+    by tunekit.serving.guard before the body is read, which is capped at options.max_body bytes)."""
+    app = FastAPI(title="tunekit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, api_key=options.api_key, max_body=options.max_body)
     app.state.options = options
 
     @app.exception_handler(ApiError)
@@ -88,10 +86,12 @@ def create_app(engine: BatchDecoder, options: ServeOptions) -> Any:
         if bad:
             raise ApiError(400, f"{bad} is not supported by tunekit serve; leave it out", param=bad)
 
+    def fits(prompts: int, n: int) -> None:
+        if prompts * n > engine.max_batch:
+            raise ApiError(400, f"{prompts} prompt(s) x n={n} choices exceed the batch of {engine.max_batch}", param="n")
+
     async def reply(body: Common, prompts: list[list[int]], request: Request) -> Any:
-        if len(prompts) * body.n > engine.max_batch:
-            raise ApiError(400, f"{len(prompts)} prompt(s) x n={body.n} choices exceed the batch of {engine.max_batch}",
-                           param="n")
+        fits(len(prompts), body.n)
         shown = f", {json.dumps(body.model_dump(include={'messages', 'prompt'}))}" if options.log_prompts else ""
         log.info("%s: %s prompt tokens, n=%d%s", request.url.path, "+".join(str(len(p)) for p in prompts), body.n, shown)
         return await answer(request, engine, options, body, prompts)
@@ -109,6 +109,7 @@ def create_app(engine: BatchDecoder, options: ServeOptions) -> Any:
     async def completions(body: CompletionRequest, request: Request) -> Any:
         check(body)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        fits(len(texts), body.n)  # before tokenising them all
         return await reply(body, [engine.tokenizer(t)["input_ids"] for t in texts], request)
 
     return app
@@ -137,10 +138,11 @@ def build(target: str, api_key: str | None = None, model_id: str | None = None, 
     model, tokenizer, settings = load_chat_model(target, "serve")
     if torch.cuda.is_available() and model.device.type == "cpu" and not getattr(model, "is_quantized", False):
         model.to("cuda")
+    context = context_length(model, tokenizer)
     defaults = settings_with(settings).model_dump(include=set(settings))  # the run's own settings only
     options = ServeOptions(
-        model_id=model_id or Path(target.rstrip("/")).name, context_length=context_length(model, tokenizer),
-        api_key=api_key, log_prompts=log_prompts,
+        model_id=model_id or Path(target.rstrip("/")).name, context_length=context,
+        api_key=api_key, log_prompts=log_prompts, max_body=max(1 << 20, BODY_BYTES_PER_TOKEN * context),
         **{k: defaults[k] for k in ("temperature", "top_p") if k in defaults},
         **({"max_tokens": defaults["max_new_tokens"]} if "max_new_tokens" in defaults else {}),
     )
