@@ -340,7 +340,7 @@ def runs(
     from tunekit.runs.inventory import run_rows, table
 
     rows = run_rows(folder)
-    typer.echo(json.dumps(rows) if as_json else table(rows, ["run", "method", "status", "metric", "value", "wall_time_s", "base_model"]))
+    typer.echo(json.dumps(rows) if as_json else table(rows, ["run", "method", "status", "metric", "value", "wall_time_s", "base_model", "exports"]))
 
 
 @app.command()
@@ -351,6 +351,22 @@ def doctor(as_json: JsonOpt = False) -> None:
     with library_output_to_stderr():
         report = doctor_report()
     typer.echo(json.dumps(report) if as_json else doctor_lines(report))
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="a run folder (sft, pretrain, dpo, rlhf, lora) or a model folder")],
+    fmt: Annotated[str, typer.Option("--format", help="file format: gguf (llama.cpp, Ollama, LM Studio)")] = "gguf",
+    kind: Annotated[str, typer.Option("--type", help="f32, f16, bf16 or q8_0 (norms stay f32)")] = "f16",
+    out: Annotated[Path | None, typer.Option("--out", help="the .gguf file (default RUN/<name>-<type>.gguf)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing file")] = False,
+) -> None:
+    """Write a Llama-architecture decoder as one GGUF file, and an Ollama Modelfile beside it."""
+    from tunekit.export import export as export_model
+
+    with library_output_to_stderr():
+        written = export_model(run, fmt, kind, out, overwrite)
+    typer.echo(str(written))
 
 
 def quiet_library_noise() -> None:
