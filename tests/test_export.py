@@ -184,6 +184,7 @@ def test_tiny_gpt_tokenizer_reads_back(gpt, tmp_path):
     modelfile = out.with_suffix(".Modelfile").read_text()
     assert modelfile.startswith("# Ollama") and "FROM ./gpt.gguf" in modelfile
     assert 'PARAMETER stop "<|end|>"' in modelfile and 'TEMPLATE """' in modelfile  # tunekit's format: Ollama needs it
+    assert 'PARAMETER stop "<|user|>"' in modelfile  # a model that starts the next turn is done
 
 
 def test_metadata_and_tensors(gpt, tmp_path):

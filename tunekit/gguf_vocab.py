@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from tunekit.data.chat import CHAT_TEMPLATE
+from tunekit.data.chat import CHAT_TEMPLATE, END, ROLE_TOKENS
 from tunekit.errors import UserError
 
 # token types, as llama.cpp numbers them (gguf.TokenType)
@@ -121,10 +121,12 @@ def modelfile(gguf_name: str, vocab: Vocab) -> str:
     TEMPLATE only where Ollama cannot take the chat template from the file itself."""
     template = vocab.chat_template or ""
     eos = vocab.tokens[vocab.special["eos"]] if "eos" in vocab.special else None
-    marked = [t for t, kind in zip(vocab.tokens, vocab.types) if kind == CONTROL and t in template]
+    tunekit_format = template == GENERATION_TAGS.sub("", CHAT_TEMPLATE) and eos == END
+    # tunekit's template writes its role tokens from the role's name, so they are not in its text
+    marked = ROLE_TOKENS if tunekit_format else [t for t, kind in zip(vocab.tokens, vocab.types) if kind == CONTROL and t in template]
     stops = list(dict.fromkeys([*([eos] if eos else []), *marked]))
     lines = [f"# Ollama: ollama create NAME -f {gguf_name.removesuffix('.gguf')}.Modelfile", f"FROM ./{gguf_name}"]
     lines += [f"PARAMETER stop {json.dumps(stop)}" for stop in stops]
-    if template and template == GENERATION_TAGS.sub("", CHAT_TEMPLATE) and eos == "<|end|>":
+    if tunekit_format:
         lines.append(f'TEMPLATE """{TUNEKIT_OLLAMA_TEMPLATE}"""')
     return "\n".join(lines) + "\n"
