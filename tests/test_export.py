@@ -232,7 +232,8 @@ def test_permutation_interleaves_the_halves_of_each_head():
     assert permute_rows(rows, 1).ravel().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
 
 
-def test_adapter_run_is_merged_first(cli, gpt, tmp_path):
+@pytest.mark.parametrize("dora", [False, True])  # plain LoRA: merged tensor by tensor; DoRA: by peft
+def test_adapter_run_is_merged_first(cli, gpt, tmp_path, dora):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -240,7 +241,7 @@ def test_adapter_run_is_merged_first(cli, gpt, tmp_path):
     folder, _ = gpt
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tuned = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
-                                            init_lora_weights=False)).eval()
+                                            init_lora_weights=False, use_dora=dora)).eval()
     run = tmp_path / "lora-run"
     tuned.save_pretrained(run / "adapter")
     base.config.save_pretrained(run / "adapter")
@@ -248,6 +249,9 @@ def test_adapter_run_is_merged_first(cli, gpt, tmp_path):
     tokenizer.save_pretrained(run / "adapter")
     (run / "run.json").write_text(json.dumps({"method": "sft", "status": "done"}))
     (run / "config.yaml").write_text("method: sft\n")
+    from tunekit.export import lora_merged_weights
+
+    assert (lora_merged_weights(run / "adapter") is None) == dora
     result = cli("export", run, "--type", "f32", "--out", tmp_path / "lora.gguf")
     assert result.code == 0, result.err
     back, _ = read_back(tmp_path / "lora.gguf")

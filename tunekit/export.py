@@ -105,13 +105,18 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def load_model(source: Source) -> tuple[Any, Any, Any]:
     """(config, tokenizer, weights). A saved model is read tensor by tensor from its safetensors
-    files, so memory holds one tensor at a time; an adapter run is loaded whole and its adapter
-    folded into the base weights, in memory (a QLoRA base is loaded in full precision for that)."""
+    files, so memory holds one tensor at a time; so is a plain LoRA run's base, each tensor merged
+    as it is read. Other adapters are merged by peft on the whole model in memory (a QLoRA base is
+    loaded in full precision for that)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if source.adapter:
         from tunekit.models import load_run_model
 
+        adapter = source.path / "adapter"
+        streamed = lora_merged_weights(adapter)
+        if streamed is not None:
+            return AutoConfig.from_pretrained(adapter), AutoTokenizer.from_pretrained(adapter), streamed
         model, tokenizer = load_run_model(source.path, AutoModelForCausalLM, quantized=False)
         model = model.merge_and_unload().eval()
         return model.config, tokenizer, ModuleWeights(model)
@@ -162,6 +167,45 @@ class FolderWeights:
                     handle.readinto(data)
                     dtype = getattr(torch, self.DTYPES[entry["dtype"]])
                     yield key, torch.frombuffer(data, dtype=dtype).reshape(entry["shape"]) if data else torch.empty(entry["shape"], dtype=dtype)
+
+
+class LoraMergedWeights(FolderWeights):
+    """A LoRA run's weights merged one tensor at a time: W + scale * B @ A, the base tensor read
+    from its checkpoint and the adapter's pair (a few MB, held whole) applied to it."""
+
+    def __init__(self, files: list[Path], pairs: dict[str, tuple[Any, Any]], scale: float) -> None:
+        super().__init__(files)
+        self.pairs, self.scale = pairs, scale
+
+    def tensors(self) -> Iterator[tuple[str, Any]]:
+        for key, tensor in super().tensors():
+            if key in self.pairs:
+                down, up = self.pairs[key]
+                tensor = tensor.float() + self.scale * (up.float() @ down.float())
+            yield key, tensor
+
+
+def lora_merged_weights(adapter: Path) -> LoraMergedWeights | None:
+    """The streamed merge for a plain LoRA adapter on a safetensors base; None for anything else
+    (DoRA, per-layer ranks, fully trained modules, a QLoRA-only base...), which peft merges."""
+    from safetensors.torch import load_file
+
+    config = read_json(adapter / "adapter_config.json")
+    base = Path(config.get("base_model_name_or_path") or "")
+    files = sorted(base.glob("*.safetensors")) if base.is_dir() else []
+    plain = (config.get("peft_type") == "LORA" and not config.get("use_dora") and not config.get("rank_pattern")
+             and not config.get("alpha_pattern") and not config.get("fan_in_fan_out") and not config.get("modules_to_save"))
+    if not (plain and files and (adapter / "adapter_model.safetensors").is_file()):
+        return None
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, tensor in load_file(adapter / "adapter_model.safetensors").items():
+        module, dot, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if not dot or part not in ("A.weight", "B.weight"):
+            return None  # something besides the low-rank pairs: let peft merge it
+        pairs.setdefault(f"{module}.weight", {})[part[0]] = tensor
+    rank = config["r"]
+    scale = config["lora_alpha"] / (rank ** 0.5 if config.get("use_rslora") else rank)
+    return LoraMergedWeights(files, {key: (pair["A"], pair["B"]) for key, pair in pairs.items()}, scale)
 
 
 class ModuleWeights:
