@@ -34,12 +34,11 @@ Q8_BLOCK = 32  # q8_0 stores blocks of 32 values of a row (34 bytes each: an f16
 
 @dataclass(frozen=True)
 class Source:
-    """What is exported: a run folder (`run` set) or a plain model folder, and the config it has."""
+    """What is exported: a run folder (`run` set, with `adapter` when it saved one) or a model folder."""
 
     path: Path
     run: bool
     adapter: bool
-    config: dict[str, Any]
 
 
 def export(target: Path, fmt: str = "gguf", kind: str = "f16", out: Path | None = None, overwrite: bool = False) -> Path:
@@ -93,7 +92,7 @@ def check_source(target: Path) -> Source:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", "default") != "default":
         raise UserError(f"{target}: rope scaling {rope.get('rope_type')!r}; `tunekit export` writes plain rope only")
-    return Source(info.path, info.method is not None, info.method is not None and info.adapter, config)
+    return Source(info.path, info.method is not None, info.method is not None and info.adapter)
 
 
 def read_config(path: Path) -> dict[str, Any]:
