@@ -52,3 +52,22 @@ def test_llama_cpp_gives_the_greedy_text_of_tunekit(tmp_path):
     for a, b in zip(ours, theirs):
         print(f"  tunekit: {a!r}\n  llama.cpp: {b!r}")
     assert same >= 9
+
+
+@pytest.mark.parametrize("tokenizer_of", ["tunekit", "smollm2"])
+def test_llama_cpp_tokenises_like_the_tokenizer(tmp_path, tokenizer_of):
+    """llama.cpp's own tokenizer, built from the file's metadata (pre-tokenizer by name), gives the
+    ids of the run's tokenizer on 1,000 varied strings."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from test_export import save_tiny_llama, smol_tokenizer, tiny_gpt_tokenizer, varied_strings
+
+    from tunekit.export import export
+
+    tokenizer = smol_tokenizer() if tokenizer_of == "smollm2" else tiny_gpt_tokenizer()
+    save_tiny_llama(tmp_path / "model", tokenizer)
+    out = export(tmp_path / "model", kind="f32", out=tmp_path / "model.gguf")
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    strings = varied_strings(tokenizer)
+    differ = [s for s in strings
+              if llm.tokenize(s.encode("utf-8"), add_bos=False, special=True) != tokenizer(s, add_special_tokens=False).input_ids]
+    assert not differ, f"{len(differ)} of {len(strings)} differ, e.g. {differ[:3]!r}"
