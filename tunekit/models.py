@@ -31,10 +31,13 @@ def check_model_reference(section: ModelSection) -> None:
     """Cheap pre-load check: a local-looking model path must exist (a Hub id is checked on load)."""
     if section.name is None:
         return
+    from tunekit.modelzoo import catalogue_model_of, missing_model_message
+
     name = resolve_model_path(section.name)
-    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
+    # models/NAME of the catalogue is a folder that `make models` writes, never a Hub id
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or catalogue_model_of(name) is not None
     if looks_local and not (Path(name) / "config.json").is_file():
-        raise UserError(f"model.name: {section.name}: no model there (expected a folder with config.json)")
+        raise UserError(missing_model_message(section.name))
 
 
 def torch_dtype(section: ModelSection, frozen: bool = False) -> Any:

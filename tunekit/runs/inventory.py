@@ -36,6 +36,7 @@ def run_rows(folder: Path) -> list[JsonObject]:
             "run": str(info_path.parent), "method": info.get("method"), "base_model": info.get("base_model"),
             "status": info.get("status"), "metric": key, "value": metrics.get(key) if key else None,
             "wall_time_s": info.get("wall_time_s"),
+            "exports": ", ".join(f"{e.get('format')}:{e.get('type')}" for e in info.get("exports") or []) or None,
         })
     return rows
 

@@ -84,4 +84,27 @@ Fine-tuned with tunekit `{info.get("method")}`{f" ({peft_method} adapter)" if pe
 
 The resolved recipe is in `config.yaml`; training curves in `loss.png`{" and `reward.png`" if info.get("method") == "rlhf" else ""}
 and `metrics.jsonl`.
+{exports_section(info.get("exports") or [])}"""
+
+
+EXPORTS_HEADING = "\n## Exports\n"
+
+
+def exports_section(exports: list[dict[str, Any]]) -> str:
+    """The files `tunekit export` wrote from this run (empty when none)."""
+    if not exports:
+        return ""
+    rows = "\n".join(f"| `{e['file']}` | {e['format']} | {e['type']} | {e['bytes']:,} | {e['at']} |" for e in exports)
+    return f"""{EXPORTS_HEADING}
+Written by `tunekit export` (GGUF: llama.cpp, Ollama with the `.Modelfile` beside it, LM Studio).
+
+| file | format | type | bytes | written |
+|---|---|---|---|---|
+{rows}
 """
+
+
+def with_exports(card: str, exports: list[dict[str, Any]]) -> str:
+    """The card with its Exports section (the last one) replaced by one listing `exports`."""
+    head = card.split(EXPORTS_HEADING, 1)[0].rstrip("\n") + "\n"
+    return head + exports_section(exports)
