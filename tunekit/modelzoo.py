@@ -91,8 +91,8 @@ def missing_model_message(spec: str, key: str = "model.name") -> str:
 
 
 def fetch_models(
-    names: list[str], mirror: Path | None = None, dest: Path = MODELS_DIR, overwrite: bool = False,
-    timeout: float = 60.0, say: Callable[[str], None] = print,
+    names: list[str], mirror: Path | None = None, dest: Path = MODELS_DIR, timeout: float = 60.0,
+    overwrite: bool = False, say: Callable[[str], None] = print,
 ) -> None:
     """Write the named models ("all" for every one) under `dest`; `say` gets a line per model."""
     if mirror is not None and not mirror.is_dir():
