@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 # The recipes' public datasets are copied from this mirror folder when it exists, else downloaded.
 DATA_MIRROR ?= ../shared/data
 
-.PHONY: install test lint demo bench bench-ppo clean data arith
+.PHONY: install test lint demo bench bench-ppo bench-soak clean data arith
 
 install:
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench: data
 	$(BIN)/python bench/classify.py
 
 # PPO against TRL 1.12's (deleted in TRL 1.13) PPOTrainer, installed beside tunekit's TRL in /tmp/trl112.
+# tunekit serve under steady traffic with bad requests mixed in: 2 x 10 min (bench/README.md, Serve soak)
+bench-soak: data
+	$(BIN)/python bench/serve_soak.py
+
 bench-ppo:
 	test -d /tmp/trl112/trl || $(BIN)/pip install --no-deps --target /tmp/trl112 trl==1.12.0
 	OMP_NUM_THREADS=1 $(BIN)/python bench/ppo.py
