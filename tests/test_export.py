@@ -56,9 +56,12 @@ def save_tiny_llama(folder: Path, tokenizer, tie: bool = True):
 
 
 def make_run(root: Path, model_folder: Path, method: str = "sft") -> Path:
+    """A finished run folder as training writes it; run.json records the head the method trained."""
     run = root / f"{method}-run"
     shutil.copytree(model_folder, run / "model")
-    (run / "run.json").write_text(json.dumps({"method": method, "status": "done", "base_model": str(model_folder)}))
+    task = "sequence-classification" if method == "classify" else "causal-lm"
+    (run / "run.json").write_text(json.dumps({"method": method, "task": task, "status": "done",
+                                              "base_model": str(model_folder)}))
     (run / "config.yaml").write_text(f"method: {method}\n")
     (run / "README.md").write_text(f"# {method} run\n\nA card.\n")
     return run
