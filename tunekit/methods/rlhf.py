@@ -302,7 +302,8 @@ def setup(config: Config, data: Data, run: Any) -> Any:
             if key.startswith("reward/"):
                 metrics[f"{key.removeprefix('reward/')}_before"] = before[key]
                 metrics[f"{key.removeprefix('reward/')}_after"] = after[key]
-        plot_rewards(run.path / "metrics.jsonl", run.path / "reward.png", kl_per_token=config.rlhf.algo != "ppo")
+        if run.enabled:  # the first process writes the run folder; two writers of one chart would race
+            plot_rewards(run.path / "metrics.jsonl", run.path / "reward.png", kl_per_token=config.rlhf.algo != "ppo")
         return metrics
 
     info = {"train_data": config.data.train, "eval_data": config.data.eval or f"last {config.data.eval_size} rows",
