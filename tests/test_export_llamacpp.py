@@ -14,12 +14,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = [json.loads(line)["prompt"] for line in (ROOT / "data/arith/heldout.jsonl").read_text().splitlines()[:8]] + [
-    "Name three colours.", "Write one sentence about the sea."]
+
+
+def prompts(arith: Path) -> list[str]:
+    """Eight held-out sums (conftest writes data/arith) and two open prompts."""
+    heldout = (arith / "heldout.jsonl").read_text().splitlines()[:8]
+    return [json.loads(line)["prompt"] for line in heldout] + [
+        "Name three colours.", "Write one sentence about the sea."]
 
 
 @pytest.mark.slow
-def test_llama_cpp_gives_the_greedy_text_of_tunekit(tmp_path):
+def test_llama_cpp_gives_the_greedy_text_of_tunekit(tmp_path, arith_data):
     llama_cpp = pytest.importorskip("llama_cpp")
     target = Path(os.environ.get("TUNEKIT_EXPORT_RUN", ROOT / "models" / "smollm2-135m-instruct"))
     if not target.is_dir():
@@ -29,7 +34,7 @@ def test_llama_cpp_gives_the_greedy_text_of_tunekit(tmp_path):
 
     out = export(target, kind="f32", out=tmp_path / "model-f32.gguf")
     model, tokenizer, _ = load_chat_model(str(target), "test")
-    conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
+    conversations = [[{"role": "user", "content": p}] for p in prompts(arith_data)]
     greedy = settings_with({}, temperature=0.0, max_new_tokens=32)
     # one prompt at a time, as llama.cpp runs them: no padding in either
     ours = [generate(model, tokenizer, [c], greedy)[0]["response"] for c in conversations]
@@ -48,7 +53,7 @@ def test_llama_cpp_gives_the_greedy_text_of_tunekit(tmp_path):
         theirs.append(tokenizer.decode(new, skip_special_tokens=True).strip())
         llm.reset()
     same = sum(a == b for a, b in zip(ours, theirs))
-    print(f"llama.cpp and tunekit agree on {same} of {len(PROMPTS)} prompts")
+    print(f"llama.cpp and tunekit agree on {same} of {len(conversations)} prompts")
     for a, b in zip(ours, theirs):
         print(f"  tunekit: {a!r}\n  llama.cpp: {b!r}")
     assert same >= 9
