@@ -110,3 +110,36 @@ def test_no_chart_without_the_series(tmp_path):
     assert not plot_losses(metrics, tmp_path / "loss.png", "sft")
     assert not plot_rewards(metrics, tmp_path / "reward.png")
     assert not (tmp_path / "loss.png").exists() and not (tmp_path / "reward.png").exists()
+
+
+def test_a_folder_write_that_fails_leaves_the_old_folder_whole(tmp_path):
+    from tunekit.files import write_folder
+
+    target = tmp_path / "tokenizer"
+    write_folder(target, lambda folder: (folder / "vocab.json").write_text("old"))
+
+    def crash(folder: Path) -> None:
+        (folder / "vocab.json").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_folder(target, crash)
+    assert (target / "vocab.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer"]  # no temporary folder left behind
+    write_folder(target, lambda folder: (folder / "vocab.json").write_text("new"))
+    assert (target / "vocab.json").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer"]
+
+
+def test_a_cache_folder_another_process_finished_first_is_kept(tmp_path):
+    from tunekit.files import write_folder
+
+    target = tmp_path / "tokenizer"
+
+    def late(folder: Path) -> None:  # another process finishes its copy while this one writes
+        write_folder(target, lambda other: (other / "vocab.json").write_text("first"))
+        (folder / "vocab.json").write_text("second")
+
+    write_folder(target, late, keep_existing=True)
+    assert (target / "vocab.json").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer"]

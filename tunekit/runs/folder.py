@@ -12,14 +12,13 @@ import os
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from tunekit.distributed import running
 from tunekit.errors import UserError
-from tunekit.files import read_json, write_atomic, write_json
+from tunekit.files import read_json, write_atomic, write_folder, write_json
 from tunekit.jsontypes import JsonObject, Metrics
 from tunekit.runs.library_warnings import route_library_warnings
 
@@ -121,13 +120,12 @@ class RunFolder:
         final = self.path / subdir
         if not self.enabled:
             return final
-        tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{subdir}."))
-        for i, obj in enumerate(objects):
-            obj.save_pretrained(tmp, **({"state_dict": weights} if i == 0 and weights is not None else {}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        return final
+
+        def write(folder: Path) -> None:
+            for i, obj in enumerate(objects):
+                obj.save_pretrained(folder, **({"state_dict": weights} if i == 0 and weights is not None else {}))
+
+        return write_folder(final, write)
 
     def save_model(self, model: Any, tokenizer: Any) -> Path:
         """`model/` for full fine-tuning; `adapter/` (PEFT format) for an adapter, with the base
