@@ -69,20 +69,19 @@ def test_an_rloo_runs_config_reads_back(tmp_path):
     assert validate_config(rlhf.Config, parse_yaml(to_yaml(config)), "config.yaml").grpo.epsilon_high == 0.3
 
 
-def test_wrong_values_are_one_line_exit_2(cli):
-    cases = {
-        "grpo.loss_type=drgrpo": "grpo.loss_type: Input should be 'grpo', 'dr_grpo', 'dapo'",
-        "grpo.importance_sampling_level=sentence": "grpo.importance_sampling_level: Input should be 'token' or 'sequence'",
-        "grpo.scale_rewards=std": "grpo.scale_rewards: Input should be 'group', 'batch' or 'none'",
-        "grpo.epsilon_high=0": "grpo.epsilon_high: Input should be greater than 0",
-        "grpo.num_iterations=0": "grpo.num_iterations: Input should be greater than 0",
-        "grpo.mask_truncated_completion=true": "grpo.mask_truncated_completion: unknown key; did you mean mask_truncated_completions?",
-        "grpo.loss_type=luspo": "grpo: loss_type luspo is a sequence-level loss; set importance_sampling_level: sequence",
-        "grpo.num_iterations=2": "grpo.num_iterations: 2, but ppo.epochs: 1; they are one setting",
-    }
-    for override, expected in cases.items():
-        result = cli("rlhf", RECIPE, "--dry-run", "--set", override)
-        assert result.code == 2 and expected in result.err and result.err.count("\n") == 1, (override, result.err)
+@pytest.mark.parametrize(("override", "expected"), [
+    ("grpo.loss_type=drgrpo", "grpo.loss_type: Input should be 'grpo', 'dr_grpo', 'dapo'"),
+    ("grpo.importance_sampling_level=sentence", "grpo.importance_sampling_level: Input should be 'token' or 'sequence'"),
+    ("grpo.scale_rewards=std", "grpo.scale_rewards: Input should be 'group', 'batch' or 'none'"),
+    ("grpo.epsilon_high=0", "grpo.epsilon_high: Input should be greater than 0"),
+    ("grpo.num_iterations=0", "grpo.num_iterations: Input should be greater than 0"),
+    ("grpo.mask_truncated_completion=true", "grpo.mask_truncated_completion: unknown key; did you mean mask_truncated_completions?"),
+    ("grpo.loss_type=luspo", "grpo: loss_type luspo is a sequence-level loss; set importance_sampling_level: sequence"),
+    ("grpo.num_iterations=2", "grpo.num_iterations: 2, but ppo.epochs: 1; they are one setting"),
+])
+def test_wrong_values_are_one_line_exit_2(cli, override, expected):
+    result = cli("rlhf", RECIPE, "--dry-run", "--set", override)
+    assert result.code == 2 and expected in result.err and result.err.count("\n") == 1, result.err
 
 
 @pytest.mark.parametrize(("algo", "option", "refused"), [
