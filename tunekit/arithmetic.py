@@ -2,15 +2,25 @@
 (examples/arith.mk): pre-train the tiny GPT on worked problems, SFT it on problem -> worked answer,
 then GRPO / PPO with the `exact_answer` reward.
 
-A two-digit number plus or minus a one-digit number, in a handful of sentence templates: the tiny
-GPT learns the format and many of the sums, not all of them, which leaves room for RL (with two
-two-digit numbers, it learnt to copy the operands but no better than chance at the digits).
-Every problem is a (template, name, item, a, b) draw from one seeded generator; the held-out set's
-(operation, a, b) never occurs in the training or pre-training sets, so a held-out answer cannot be
-recalled, only computed.
+Two levels of difficulty, each written to a folder of its own with the same files and columns:
 
-    python -m tunekit.arithmetic data/arith                      # train.jsonl, heldout.jsonl, pretrain.jsonl
-    python -m tunekit.arithmetic data/arith --report runs/rlhf-*  # accuracy before / after, CPU minutes
+- easy (the default): a two-digit number plus or minus a one-digit number, in a handful of sentence
+  templates. The tiny GPT learns the format and many of the sums, not all of them, which leaves
+  room for RL (with two two-digit numbers, it learnt to copy the operands but no better than chance
+  at the digits); an SFT'd SmolLM2 solves ~95% of them, which leaves RL little to do.
+- hard: two-step problems (`a + b - c`, `a - b + c`, `a + b + c`, `a - b - c`) of a three-digit
+  number (200-999) and two two-digit ones, and one-step sums and differences of two three-digit
+  numbers, worked one equation per step (`347 + 28 = 375. 375 - 56 = 319. The answer is 319.`);
+  no intermediate or final result is negative.
+
+Every problem is one draw from one seeded generator; the held-out set's key (the operations and the
+operands) never occurs in the training or pre-training sets, so a held-out answer cannot be
+recalled, only computed. The easy files are byte for byte what this module wrote before `hard`
+existed (tests/test_arithmetic.py holds their sha256).
+
+    python -m tunekit.arithmetic data/arith                       # train.jsonl, heldout.jsonl, pretrain.jsonl
+    python -m tunekit.arithmetic data/arith-hard --difficulty hard
+    python -m tunekit.arithmetic data/arith --report runs/rlhf-*   # accuracy before / after, CPU minutes
 """
 
 from __future__ import annotations
@@ -34,7 +44,19 @@ TEMPLATES = (
     ("-", "A box holds {a} {item}. {b} {item} are taken out. How many {item} remain in the box?"),
     ("-", "{name} needs {a} {item} and already has {b}. How many more {item} does {name} need?"),
 )
+# hard: (operations, template) with {name}, {item}, {a}, {b} and, for two steps, {c}
+HARD_TEMPLATES = (
+    ("+-", "{name} has {a} {item}. {name} gets {b} more and then gives away {c}. How many {item} does {name} have now?"),
+    ("+-", "A shop had {a} {item}. It received {b} more and sold {c}. How many {item} does it have left?"),
+    ("-+", "A box holds {a} {item}. {b} {item} are taken out and {c} are put in. How many {item} are in the box now?"),
+    ("-+", "{name} has {a} {item}, gives away {b} and then finds {c}. How many {item} does {name} have now?"),
+    ("++", "There are {a} {item} in one box, {b} in another and {c} in a third. How many {item} are there in total?"),
+    ("--", "{name} has {a} {item}, gives {b} to a friend and loses {c}. How many {item} are left?"),
+    ("+", "A shop sold {a} {item} on Monday and {b} {item} on Tuesday. How many {item} did it sell in all?"),
+    ("-", "A store had {a} {item} and sold {b}. How many {item} remain?"),
+)
 MARKER = "The answer is"
+DIFFICULTIES = ("easy", "hard")
 
 
 @dataclass(frozen=True)
@@ -42,7 +64,7 @@ class Problem:
     question: str
     worked: str  # "347 + 128 = 475. The answer is 475."
     answer: str
-    key: tuple[str, int, int]  # (operation, a, b): what makes two problems the same sum
+    key: tuple[str | int, ...]  # (operations, operands...): what makes two problems the same sum
 
     def row(self) -> dict[str, str]:
         return {"prompt": self.question, "completion": self.worked, "answer": self.answer}
@@ -57,32 +79,56 @@ def draw(rng: random.Random) -> Problem:
     return Problem(question, worked, str(result), (op, a, b))
 
 
-def make(seed: int, train: int, heldout: int, pretrain: int, equations: int = 0) -> dict[str, list[Problem]]:
+def apply(op: str, x: int, y: int) -> int:
+    return x + y if op == "+" else x - y
+
+
+def draw_hard(rng: random.Random) -> Problem:
+    """A two-step problem of a three-digit and two two-digit numbers, or a one-step one of two
+    three-digit numbers. No step goes below zero: a >= 200 stays above two two-digit subtractions,
+    and a one-step difference takes b <= a."""
+    ops, template = rng.choice(HARD_TEMPLATES)
+    a = rng.randint(200, 999)
+    b = rng.randint(10, 99) if len(ops) == 2 else rng.randint(100, a if ops == "-" else 999)
+    steps, total = [f"{a} {ops[0]} {b} = {apply(ops[0], a, b)}."], apply(ops[0], a, b)
+    operands: tuple[int, ...] = (a, b)
+    if len(ops) == 2:
+        c = rng.randint(10, 99)
+        steps.append(f"{total} {ops[1]} {c} = {apply(ops[1], total, c)}.")
+        total, operands = apply(ops[1], total, c), (a, b, c)
+    question = template.format(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b, c=operands[-1])
+    worked = " ".join(steps) + f" {MARKER} {total}."
+    return Problem(question, worked, str(total), (ops, *operands))
+
+
+def make(seed: int, train: int, heldout: int, pretrain: int, equations: int = 0,
+         difficulty: str = "easy") -> dict[str, list[Problem]]:
     """Held-out problems first (distinct sums), then training and pre-training problems whose sums are
-    not held out. The same seed and sizes give the same problems."""
+    not held out. The same seed, sizes and difficulty give the same problems."""
+    next_problem = draw_hard if difficulty == "hard" else draw
     rng = random.Random(seed)
-    held: dict[tuple[str, int, int], Problem] = {}
+    held: dict[tuple[str | int, ...], Problem] = {}
     while len(held) < heldout:
-        problem = draw(rng)
+        problem = next_problem(rng)
         held.setdefault(problem.key, problem)
     sets: dict[str, list[Problem]] = {"heldout": list(held.values()), "train": [], "pretrain": [], "equations": []}
     for name, count in (("train", train), ("pretrain", pretrain), ("equations", equations)):
         while len(sets[name]) < count:
-            problem = draw(rng)
+            problem = next_problem(rng)
             if problem.key not in held:
                 sets[name].append(problem)
     return sets
 
 
 def write(folder: Path, seed: int = 0, train: int = 4000, heldout: int = 500, pretrain: int = 20000,
-          equations: int = 100000) -> list[Path]:
+          equations: int = 100000, difficulty: str = "easy") -> list[Path]:
     """train.jsonl and heldout.jsonl (prompt, completion, answer) and pretrain.jsonl (text: worked
     problems, and bare equations `63 - 5 = 58.` that give the small model many more sums to learn
     from per token, shuffled together), each written to a temporary file and renamed into place."""
     folder.mkdir(parents=True, exist_ok=True)
-    sets = make(seed, train, heldout, pretrain, equations)
+    sets = make(seed, train, heldout, pretrain, equations, difficulty)
     texts = [f"{p.question} {p.worked}" for p in sets.pop("pretrain")]
-    texts += [p.worked.split(". ")[0] + "." for p in sets.pop("equations")]
+    texts += [p.worked.split(f" {MARKER}")[0] for p in sets.pop("equations")]  # the worked steps alone
     random.Random(seed).shuffle(texts)
     written = []
     for name, rows in (("heldout", [p.row() for p in sets["heldout"]]), ("train", [p.row() for p in sets["train"]]),
@@ -115,13 +161,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heldout", type=int, default=500, help="held-out problems (sums never in training)")
     parser.add_argument("--pretrain", type=int, default=20000, help="worked problems as pre-training text")
     parser.add_argument("--equations", type=int, default=100000, help="bare equations as pre-training text")
+    parser.add_argument("--difficulty", choices=DIFFICULTIES, default="easy",
+                        help="easy: 2-digit +/- 1-digit; hard: two-step problems of 2-3 digit numbers "
+                             "(write them to a folder of their own, e.g. data/arith-hard)")
     parser.add_argument("--report", type=Path, nargs="+", help="instead: print RL runs' accuracy before / after")
     args = parser.parse_args(argv)
     if args.report:
         for run in args.report:
             print(report(run))
         return
-    for path in write(args.folder, args.seed, args.train, args.heldout, args.pretrain, args.equations):
+    for path in write(args.folder, args.seed, args.train, args.heldout, args.pretrain, args.equations, args.difficulty):
         print(path)
 
 

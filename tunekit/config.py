@@ -310,6 +310,8 @@ def format_validation_error(cls: type[BaseModel], err: ValidationError, source: 
         message = "expected a mapping (a section with keys)"
     shown = first.get("input")
     got = "" if kind.startswith("value_error") or isinstance(shown, dict) else f" (got {shown!r})"
+    if not loc and kind.startswith("value_error"):  # a rule across sections: its message names the keys
+        return f"{source}: {message}"
     return f"{source}: {key}: {message}{got}"
 
 

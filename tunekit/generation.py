@@ -80,14 +80,22 @@ def generate_ids(model: Any, tokenizer: Any, ids: Any, mask: Any, settings: Gene
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], settings: GenerationSection,
              batch_size: int = 16) -> list[JsonObject]:
     """One response per conversation: text, whether it ended by itself (EOS), and its length."""
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    return continue_texts(model, tokenizer, texts, settings, batch_size)
+
+
+def continue_texts(model: Any, tokenizer: Any, texts: list[str], settings: GenerationSection,
+                   batch_size: int = 16) -> list[JsonObject]:
+    """One response per prompt text (already rendered: special tokens are not added), in left-padded
+    batches, up to its first EOS: text, whether it ended by itself, and its length. Sampling draws
+    from settings.seed, so the same texts in the same batches give the same responses."""
     import torch
 
     torch.manual_seed(settings.seed)
     results = []
-    for start in range(0, len(conversations), batch_size):
-        chunk = conversations[start : start + batch_size]
-        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chunk]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(model.device)
         for row in generate_ids(model, tokenizer, batch["input_ids"], batch["attention_mask"], settings).tolist():
             stopped = tokenizer.eos_token_id in row
             tokens = row[: row.index(tokenizer.eos_token_id)] if stopped else row

@@ -1,6 +1,16 @@
 """`tunekit eval MODEL... --task TASK.yaml`: judging a causal LM the GPT-2/GPT-3 way, on tasks it
 was never trained on: perplexity of a text, multiple choice by log-likelihood, and generation with
-a scorer; zero-shot or with K demonstrations in the prompt (in-context learning)."""
+a scorer; zero-shot or with K demonstrations in the prompt (in-context learning).
+
+Generation is greedy (temperature: 0, the default) or sampled (temperature, top_p, `samples` per
+prompt, from `seed`). A generate task reports its scorer's mean, `<scorer>_se` and `examples`:
+each prompt's score is the mean over its samples, and the standard error is taken over the n
+prompts, sqrt(mean((s_i - mean)^2) / n), which for one 0/1 score per prompt is sqrt(p(1-p)/n). The
+K samples of one prompt are not independent draws of the benchmark (they share the question), so n
+is the number of prompts, never n x K. The `exact_answer` scorer is the reward function of the same
+name (tunekit.rl.rewards): the text after the last `marker`, or with no marker the last number of
+the response, against the row's `answer_column`; a task and an RL run measure accuracy the same way.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +25,7 @@ from tunekit.config import Section, read_yaml_mapping, validate_section
 from tunekit.data.tables import read_table
 from tunekit.errors import UserError
 from tunekit.jsontypes import Row
+from tunekit.rl.rewards import exact_answer
 
 
 class Task(Section):
@@ -28,11 +39,19 @@ class Task(Section):
     verbalizer: dict[str, str] | None = Field(None, description="multiple_choice: label value -> answer text")
     label_column: str = Field("label", description="multiple_choice: the gold label column")
     target: str = Field("{output}", description="generate: the reference answer, with {column} placeholders")
-    scorer: Literal["exact_match", "contains", "f1"] = Field("f1", description="generate: how an answer is scored")
+    scorer: Literal["exact_match", "contains", "f1", "exact_answer"] = Field(
+        "f1", description="generate: how an answer is scored (against target; exact_answer: against answer_column)")
+    marker: str | None = Field(
+        None, description="exact_answer: the answer is the text after the last marker (e.g. 'The answer is'); "
+                          "null: the last number in the response")
+    answer_column: str = Field("answer", description="exact_answer: the row's column that holds the answer")
     max_new_tokens: int = Field(64, gt=0, description="generate: longest answer")
+    temperature: float = Field(0.0, ge=0, description="generate: 0 = greedy (the default); above 0: sampled")
+    top_p: float = Field(1.0, gt=0, le=1, description="generate, sampled: nucleus mass (1 = the full distribution)")
+    samples: int = Field(1, ge=1, description="generate: responses per prompt (sampled); a prompt scores their mean")
     shots: int = Field(0, ge=0, description="demonstrations placed before each query")
     pool: str | None = Field(None, description="file the demonstrations are drawn from (default: data)")
-    seed: int = Field(0, description="seed of the demonstration draw")
+    seed: int = Field(0, description="seed of the demonstration draw and of sampling")
     separator: str = Field("\n\n", description="between demonstrations and query")
     chat: bool = Field(False, description="demonstrations as prior chat turns, through the chat template")
     block_size: int = Field(256, gt=1, description="perplexity: tokens per scored window")
@@ -41,11 +60,22 @@ class Task(Section):
     def _choices_for_multiple_choice(self) -> Task:
         if self.kind == "multiple_choice" and not (self.choices or self.verbalizer):
             raise ValueError("multiple_choice needs choices: [...] or verbalizer: {label: text}")
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"samples: {self.samples} greedy answers would all be the same; set temperature above 0")
+        if self.scorer != "exact_answer" and (self.marker is not None or self.answer_column != "answer"):
+            raise ValueError(f"marker and answer_column are arguments of scorer exact_answer, not of {self.scorer}")
         return self
 
 
 def load_task(path: str) -> Task:
-    return validate_section(Task, read_yaml_mapping(Path(path)), path)
+    """A task file, checked; for exact_answer, also that its rows have the answer column."""
+    task = validate_section(Task, read_yaml_mapping(Path(path)), path)
+    if task.kind == "generate" and task.scorer == "exact_answer":
+        first = next(iter(read_table(task.data, "task.data").rows), {})
+        if task.answer_column not in first:
+            raise UserError(f"{path}: answer_column: {task.data} has no column {task.answer_column!r} (it has "
+                            f"{', '.join(first)}); set answer_column to the one with the answers")
+    return task
 
 
 def fill(template: str, row: Row, where: str) -> str:
@@ -145,13 +175,24 @@ def multiple_choice(model: Any, tokenizer: Any, task: Task, rows: list, pool: li
 
 
 def generation_task(model: Any, tokenizer: Any, task: Task, rows: list, pool: list, rng: random.Random) -> dict[str, float]:
+    """Each prompt answered `samples` times (greedy or sampled), each answer scored, a prompt's score
+    their mean; the mean over prompts and its standard error (module docstring)."""
+    prompts = [build_prompt(task, tokenizer, row, demonstrations(task, pool, row, rng), lambda d: " " + fill(task.target, d, "pool")) for row in rows]
+    outputs = generate_raw(model, tokenizer, [p for p in prompts for _ in range(task.samples)], task)
+    scores = score_answers(task, [row for row in rows for _ in range(task.samples)], outputs)
+    per_prompt = [sum(scores[i : i + task.samples]) / task.samples for i in range(0, len(scores), task.samples)]
+    mean, se = mean_and_se(per_prompt)
+    return {task.scorer: mean, f"{task.scorer}_se": se, "examples": len(rows), "samples": task.samples}
+
+
+def score_answers(task: Task, rows: list[Row], answers: list[str]) -> list[float]:
+    """One score per answer, by the task's scorer, against the row it answers."""
     from tunekit.runs.metrics import squad_exact_match, squad_f1
 
-    prompts = [build_prompt(task, tokenizer, row, demonstrations(task, pool, row, rng), lambda d: " " + fill(task.target, d, "pool")) for row in rows]
-    tokenizer.padding_side = "left"
-    outputs = generate_raw(model, tokenizer, prompts, task.max_new_tokens)
+    if task.scorer == "exact_answer":
+        return exact_answer(answers, rows, task.answer_column, task.marker)
     scores = []
-    for row, answer in zip(rows, outputs):
+    for row, answer in zip(rows, answers):
         reference = fill(task.target, row, "data")
         if task.scorer == "exact_match":
             scores.append(float(squad_exact_match(answer, [reference])))
@@ -159,22 +200,30 @@ def generation_task(model: Any, tokenizer: Any, task: Task, rows: list, pool: li
             scores.append(float(reference.strip().lower() in answer.lower()))
         else:
             scores.append(squad_f1(answer, [reference]))
-    return {task.scorer: sum(scores) / len(scores), "examples": len(rows)}
+    return scores
 
 
-def generate_raw(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy continuations of plain-text prompts, cut at EOS or the first blank line."""
-    import torch
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error sqrt(mean((v - mean)^2) / n): sqrt(p(1-p)/n) for 0/1 values."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / n / n)
 
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.inference_mode():
-            out = model.generate(**batch.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        for row in out[:, batch["input_ids"].shape[1] :]:
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).split("\n\n")[0].strip())
-    return answers
+
+def generate_raw(model: Any, tokenizer: Any, prompts: list[str], task: Task, batch_size: int = 16) -> list[str]:
+    """Continuations of rendered prompts in left-padded batches, greedy or sampled as the task says,
+    each cut at EOS. A plain-text prompt's continuation is cut at its first blank line too (the
+    model would go on with another demonstration); a chat turn ends at EOS only, so a chat model's
+    answer keeps its paragraphs."""
+    from tunekit.generation import GenerationSection, continue_texts
+
+    if tokenizer.pad_token is None:  # a batch needs one; masked out, so any token will do
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation continues from the right end of each row
+    settings = GenerationSection(max_new_tokens=task.max_new_tokens, temperature=task.temperature, top_p=task.top_p,
+                                 seed=task.seed)
+    responses = [r["response"] for r in continue_texts(model, tokenizer, prompts, settings, batch_size)]
+    return responses if task.chat else [r.split("\n\n")[0].strip() for r in responses]
 
 
 def perplexity(model: Any, tokenizer: Any, task: Task) -> dict[str, float]:
@@ -233,13 +282,15 @@ def table_of(results: dict[str, dict[str, dict[str, float]]]) -> str:
     """Models as rows, each task's headline metric as a column."""
     from tunekit.runs.inventory import table
 
-    headline = ("accuracy", "f1", "exact_match", "contains", "perplexity")
+    headline = ("accuracy", "f1", "exact_match", "contains", "exact_answer", "perplexity")
     rows = []
     for model, by_task in results.items():
         row: Row = {"model": model}
         for name, metrics in by_task.items():
             key = next(k for k in headline if k in metrics)
             row[f"{name} {key}"] = metrics[key]
+            if f"{key}_se" in metrics:
+                row[f"{name} {key}_se"] = metrics[f"{key}_se"]
         rows.append(row)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     return table(rows, columns)

@@ -8,7 +8,9 @@ RLOOTrainer on the same prompts, reward model and sampling settings (`ppo.steps`
 `ppo.rollout_batch_size` responses each, so the three spend the same sampling budget). Prompts come
 from any SFT-style file (the prompt part of each row) or a plain text column. eval.json holds the
 mean reward of sampled responses on held-out prompts for the starting policy and the trained one
-(same prompts, seed and sampling settings) and the trained policy's KL to the reference.
+(same prompts, seed and sampling settings) and the trained policy's KL to the reference. The `grpo:`
+section picks TRL's GRPO variant (loss_type, importance_sampling_level, scale_rewards, epsilon_high,
+mask_truncated_completions; TRL's defaults, see tunekit.rl.trl_algos).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tunekit.generation import ChatRecipe
 from tunekit.jsontypes import Metrics, Row
 from tunekit.method import Method, Setup
 from tunekit.rl.rewards import RewardFunctionSection, as_sections, check_reward_functions
+from tunekit.rl.trl_algos import GrpoSection
 from tunekit.runs.plots import plot_rewards
 from tunekit.train_section import TrainSection
 
@@ -90,7 +93,8 @@ class PpoSection(Section):
     steps: int = Field(100, gt=0, description="rollout batches (each: generate, score, update)")
     rollout_batch_size: int = Field(32, gt=0, description="responses sampled per step and process")
     minibatch_size: int = Field(8, gt=0, description="responses per optimizer step")
-    epochs: int = Field(4, gt=0, description="passes over each rollout batch (grpo / rloo: num_iterations)")
+    epochs: int = Field(4, gt=0, description="passes over each rollout batch (grpo / rloo: TRL's num_iterations, "
+                                                          "which grpo.num_iterations may set instead)")
     clip_range: float = Field(0.2, gt=0, description="policy ratio clip epsilon")
     value_clip_range: float = Field(0.2, gt=0, description="value clip around the rollout's values")
     vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
@@ -127,6 +131,7 @@ class Config(ChatRecipe):
     data: PromptData
     rlhf: RlhfSection
     ppo: PpoSection = PpoSection()
+    grpo: GrpoSection = Field(GrpoSection(), description="TRL's GRPO variants (loss_type, scale_rewards, ...)")
 
     @model_validator(mode="before")
     @classmethod
@@ -148,6 +153,21 @@ class Config(ChatRecipe):
         if self.rlhf.algo != "ppo" and (size % group or size % mini):
             raise ValueError(f"{self.rlhf.algo}: ppo.rollout_batch_size ({size}) must be a multiple of "
                              f"rlhf.num_generations ({group}) and of ppo.minibatch_size ({mini}); change one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _grpo_options_fit_the_algo(self) -> Config:
+        """grpo.num_iterations is ppo.epochs under TRL's name: it sets it, unless ppo.epochs says otherwise;
+        an option the algorithm does not read is refused (tunekit.rl.trl_algos)."""
+        passes = self.grpo.num_iterations
+        if passes is not None and passes != self.ppo.epochs:
+            if "epochs" in self.ppo.model_fields_set:
+                raise ValueError(f"grpo.num_iterations: {passes}, but ppo.epochs: {self.ppo.epochs}; they are one setting "
+                                 "(passes over each rollout batch), keep one of them")
+            self.ppo.epochs = passes
+        refused = self.grpo.refused_for(self.rlhf.algo)
+        if refused:
+            raise ValueError(refused)
         return self
 
 

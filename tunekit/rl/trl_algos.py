@@ -2,14 +2,87 @@
 recipe's prompts, reward model and sampling settings, mapped so that the sampling budget matches PPO's:
 `ppo.steps` generation rounds of `ppo.rollout_batch_size` responses (`rlhf.num_generations` per
 prompt), each used for `ppo.epochs` passes in minibatches of `ppo.minibatch_size`. The per-step log
-gets tunekit's metric names beside TRL's own."""
+gets tunekit's metric names beside TRL's own.
+
+The recipe's `grpo:` section (GrpoSection) holds the options that define today's GRPO variants
+(Dr. GRPO, DAPO, GSPO, ...), under TRL's names and with TRL 1.16's defaults, so that a recipe without
+the section trains exactly as before: loss_type dapo, importance_sampling_level token,
+scale_rewards group, epsilon_high = ppo.clip_range, mask_truncated_completions false. It is a
+section of its own beside `ppo:` (not keys of `rlhf:`) because its keys are TRL's, read by TRL's
+trainers only. loss_type, importance_sampling_level and scale_rewards are GRPOTrainer's alone;
+epsilon_high and mask_truncated_completions RLOOTrainer has too; tunekit's PPO reads none of them
+(`refused_for` says which, `tunekit rlhf` refuses them before a model loads).
+
+num_iterations, TRL's name for the passes over each generation round, is `ppo.epochs`: one setting
+with one value. `grpo.num_iterations` may be given instead (it then sets ppo.epochs, and both show
+in config.yaml); given beside a different ppo.epochs it is refused.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field, field_validator, model_validator
+
+from tunekit.config import Section
 from tunekit.errors import UserError
 from tunekit.rl.rewards import component_means
+
+# The losses of TRL 1.16's GRPOConfig.loss_type (trl/trainer/grpo_config.py).
+LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
+GRPO_ONLY = ("loss_type", "importance_sampling_level", "scale_rewards")
+
+
+class GrpoSection(Section):
+    """`grpo:` TRL's GRPO options (checked against TRL 1.16); the defaults are TRL's, so a recipe
+    without the section trains as it did before the section existed."""
+
+    loss_type: LossType = Field(
+        "dapo", description="how token losses are summed: dapo (TRL's default: over the active tokens of the "
+        "accumulated batch, no length bias), grpo (per sequence length: the original paper, length-biased), dr_grpo "
+        "(over a constant, max_new_tokens), bnpo (active tokens of the local batch), cispo, sapo, luspo (needs "
+        "importance_sampling_level: sequence), vespo; algo grpo only")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="the policy ratio per token (GRPO, TRL's default) or one per response, the mean of "
+        "its tokens' log-ratios (sequence = GSPO; the GSPO paper pairs it with loss_type: grpo); algo grpo only")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="what a reward's advantage is divided by: the std of its group (TRL's default, the "
+        "GRPO paper), of the whole batch (PPO Lite), or nothing (none: Dr. GRPO, no question-difficulty bias); "
+        "true / false mean group / none, as in TRL; algo grpo only")
+    epsilon_high: float | None = Field(
+        None, gt=0, description="upper clip range of the policy ratio (DAPO's clip-higher suggests 0.28; cispo: "
+        "its epsilon max, e.g. 5.0); null: the same as ppo.clip_range, TRL's default; algo grpo and rloo")
+    mask_truncated_completions: bool = Field(
+        False, description="leave responses that hit generation.max_new_tokens out of the loss (DAPO); off by "
+        "default, as in TRL, since short max_new_tokens would drop most of tunekit's small demos; algo grpo and rloo")
+    num_iterations: int | None = Field(
+        None, gt=0, description="passes over each rollout batch: TRL's name for ppo.epochs, which it sets (null: "
+        "ppo.epochs decides); algo grpo and rloo")
+
+    @field_validator("scale_rewards", mode="before")
+    @classmethod
+    def _booleans_as_trl_reads_them(cls, value: Any) -> Any:
+        return {True: "group", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _loss_fits_its_level(self) -> GrpoSection:
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            raise ValueError("loss_type luspo is a sequence-level loss; set importance_sampling_level: sequence")
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            raise ValueError("loss_type vespo weighs whole sequences itself; set importance_sampling_level: token")
+        return self
+
+    def refused_for(self, algo: str) -> str | None:
+        """The first option set away from its default that `algo` does not read, as an error line
+        that names it; None when every option fits."""
+        changed = [key for key, field in type(self).model_fields.items() if getattr(self, key) != field.default]
+        for key in changed:
+            if algo == "ppo":
+                instead = "set ppo.epochs" if key == "num_iterations" else "set rlhf.algo: grpo, or remove it"
+                return f"grpo.{key}: not read by rlhf.algo ppo (tunekit's PPO, not TRL's); {instead}"
+            if algo == "rloo" and key in GRPO_ONLY:
+                return f"grpo.{key}: not read by rlhf.algo rloo (TRL's RLOOTrainer has no {key}); set rlhf.algo: grpo, or remove it"
+        return None
 
 # TRL's log key -> tunekit's name (the PPO trainer's), where the two mean the same thing.
 RENAMED = {
@@ -48,7 +121,11 @@ def trl_arguments(config: Any, run: Any) -> Any:
         "save_steps": train["save_steps"] * per_round * ppo.epochs,
         "save_total_limit": 1,
         "disable_dropout": True,
+        "epsilon_high": config.grpo.epsilon_high,
+        "mask_truncated_completions": config.grpo.mask_truncated_completions,
     }
+    if config.rlhf.algo == "grpo":
+        values.update({key: getattr(config.grpo, key) for key in GRPO_ONLY})
     cls = GRPOConfig if config.rlhf.algo == "grpo" else RLOOConfig
     try:
         return cls(**values)

@@ -1,0 +1,58 @@
+"""tunekit.arithmetic: the default (easy) files are byte for byte those of before `--difficulty`
+existed; hard problems are worked correctly, step by step, and never leak a held-out sum."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+from tunekit import arithmetic
+
+# sha256 of `python -m tunekit.arithmetic FOLDER` (seed 0, default sizes) as written before the
+# hard difficulty was added: the easy data, and every result measured on it, must not move.
+EASY_SHA256 = {
+    "heldout.jsonl": "a2bdb48cfe087cc1f9d0aa8f98d45c66b8aaeb9e6410166267d30dd9f56efd5b",
+    "train.jsonl": "7ec963eb79ddb4c59ed4f2cc34037a30b46114dc267d55d7d105d6b258f8e27a",
+    "pretrain.jsonl": "8ddc4124bf7377ac9af412718e3a8c5eab25fa637977583a0420a4431ffddef6",
+}
+STEP = re.compile(r"(\d+) ([+-]) (\d+) = (\d+)\.")
+
+
+def test_default_files_are_unchanged(tmp_path):
+    arithmetic.main([str(tmp_path)])
+    assert {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in tmp_path.iterdir()} == EASY_SHA256
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_hard_problems_are_worked_step_by_step_and_held_out(tmp_path):
+    arithmetic.main([str(tmp_path), "--difficulty", "hard", "--train", "600", "--heldout", "300",
+                     "--pretrain", "50", "--equations", "50"])
+    train, heldout = read(tmp_path / "train.jsonl"), read(tmp_path / "heldout.jsonl")
+    assert len(train) == 600 and len(heldout) == 300
+    two_step = 0
+    for row in train + heldout:
+        assert set(row) == {"prompt", "completion", "answer"}
+        assert row["completion"].endswith(f"The answer is {row['answer']}.")
+        steps = STEP.findall(row["completion"])
+        assert 1 <= len(steps) <= 2
+        for i, (x, op, y, result) in enumerate(steps):
+            assert int(result) == (int(x) + int(y) if op == "+" else int(x) - int(y)) >= 0
+            assert x in row["prompt"] or (i > 0 and x == steps[i - 1][3])  # step 2 continues from step 1
+            assert y in row["prompt"]
+        assert steps[-1][3] == row["answer"]
+        two_step += len(steps) == 2
+        assert 100 <= int(steps[0][0]) <= 999  # a three-digit first operand
+    assert two_step > len(train + heldout) // 2  # mostly two-step problems
+
+    def key(row):
+        return tuple(token for step in STEP.findall(row["completion"]) for token in step[1:3]) + (
+            STEP.findall(row["completion"])[0][0],)
+
+    assert not {key(r) for r in heldout} & {key(r) for r in train}
+    assert len({key(r) for r in heldout}) == len(heldout)
+    equations = [json.loads(line)["text"] for line in (tmp_path / "pretrain.jsonl").read_text().splitlines()]
+    assert len(equations) == 100 and not any("The answer is" in t and "?" not in t for t in equations)
