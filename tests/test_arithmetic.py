@@ -56,3 +56,20 @@ def test_hard_problems_are_worked_step_by_step_and_held_out(tmp_path):
     assert len({key(r) for r in heldout}) == len(heldout)
     equations = [json.loads(line)["text"] for line in (tmp_path / "pretrain.jsonl").read_text().splitlines()]
     assert len(equations) == 100 and not any("The answer is" in t and "?" not in t for t in equations)
+
+
+def test_the_arithmetic_table_comes_from_the_files_the_chain_wrote(tmp_path):
+    from tunekit import arith_table
+
+    (tmp_path / "smol-eval").mkdir()
+    (tmp_path / "smol-time").mkdir()
+    for name, value in (("base", 0.05), ("grpo-seed1", 0.61), ("grpo-seed2", 0.65)):
+        metrics = {"arith-hard-exact-sampled": {"exact_answer": value, "exact_answer_se": 0.02, "examples": 500}}
+        (tmp_path / "smol-eval" / f"{name}.json").write_text(json.dumps({"some/model": metrics}))
+    (tmp_path / "smol-time" / "grpo-seed1.txt").write_text(
+        "\tUser time (seconds): 500.0\n\tSystem time (seconds): 100.0\n\tMaximum resident set size (kbytes): 3500000\n")
+    lines = arith_table.real_table(tmp_path)
+    row = next(line for line in lines if line.startswith("| grpo-seed1 |"))
+    assert "0.610 +- 0.020" in row and "| 10.0 | 3.50 |" in row
+    assert any("mean 0.630" in line and "0.610-0.650" in line for line in lines)
+    assert "0.050 +- 0.020" in next(line for line in lines if line.startswith("| base |"))

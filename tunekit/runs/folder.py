@@ -58,6 +58,26 @@ def scrub_secrets(text: str) -> str:
     return text
 
 
+def source_version() -> str:
+    """tunekit's version and, when it runs from a git checkout, the commit (`+dirty` with
+    uncommitted changes to tracked files): what a figure measured from this run was measured on."""
+    import subprocess
+
+    from tunekit import __version__
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return __version__
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__} ({commit}{'+dirty' if changed else ''})"
+
+
 class RunFolder:
     """One training run's folder. Only the main process writes (`enabled=False` elsewhere)."""
 
@@ -78,7 +98,7 @@ class RunFolder:
         write_atomic(self.path / "config.yaml", scrub_secrets(config_yaml))
         engine = running()
         self.info = {"method": method, "status": "running", "command": scrub_secrets(command_line()),
-                     "device": device_name(), "engine": engine.name, "sharding": engine.sharding, **info}
+                     "tunekit": source_version(), "device": device_name(), "engine": engine.name, "sharding": engine.sharding, **info}
         self._write_info()
         print(banner(self.info, self.path), file=sys.stderr, flush=True)
 

@@ -1,0 +1,102 @@
+"""The README's arithmetic tables, regenerated from what the chains wrote: one command, no figure
+typed by hand.
+
+    python -m tunekit.arith_table runs        # after `make smol` (and `make arith` for the tiny GPT)
+
+Real model (examples/smol.mk): every `tunekit eval --out` file in RUNS/smol-eval/ is a row (its name:
+base, sft, grpo, grpo-seed1, ppo, ...), with each task's exact-answer accuracy +- its standard error,
+and the CPU minutes (user + system) and peak memory of the step that trained it, from the
+`/usr/bin/time -v` report of the same name in RUNS/smol-time/. Rows named grpo-seed* are also
+summarised as mean and spread. Tiny GPT (examples/arith.mk): each RL run's held-out accuracy before and
+after (its eval.json) and CPU minutes (its time.txt). Each table names the tunekit commit its runs
+recorded (run.json's `tunekit`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+TASKS = ("arith-exact", "arith-exact-sampled", "arith-hard-exact", "arith-hard-exact-sampled")
+TRAINED_BY = {"sft": "lora-smollm2-arith", "grpo": "lora-smollm2-arith-grpo", "ppo": "lora-smollm2-arith-ppo"}
+TINY = ("sft-tiny-gpt-arith", "rlhf-tiny-gpt-arith-grpo", "rlhf-tiny-gpt-arith-ppo")
+
+
+def cpu_and_memory(report: Path) -> tuple[float, float] | None:
+    """CPU minutes (user + system) and peak resident memory in GB of a `/usr/bin/time -v` report."""
+    if not report.is_file():
+        return None
+    text = report.read_text()
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([0-9.]+)", text))
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    return cpu / 60, (int(peak.group(1)) / 1e6 if peak else float("nan"))
+
+
+def commit_of(run: Path) -> str:
+    path = run / "run.json"
+    return json.loads(path.read_text()).get("tunekit", "?") if path.is_file() else "?"
+
+
+def accuracy(metrics: dict[str, float] | None) -> str:
+    if not metrics or "exact_answer" not in metrics:
+        return "-"
+    return f"{metrics['exact_answer']:.3f} +- {metrics.get('exact_answer_se', float('nan')):.3f}"
+
+
+def real_table(runs: Path) -> list[str]:
+    evals = sorted((runs / "smol-eval").glob("*.json"))
+    if not evals:
+        return []
+    lines = ["| model | " + " | ".join(TASKS) + " | step CPU min | step peak GB |", "|---" * (len(TASKS) + 3) + "|"]
+    seeds: dict[str, list[float]] = {}
+    for path in evals:
+        name = path.stem
+        by_task = next(iter(json.loads(path.read_text()).values()))
+        timing = cpu_and_memory(runs / "smol-time" / f"{name}.txt")
+        cost = f"{timing[0]:.1f} | {timing[1]:.2f}" if timing else "- | -"
+        lines.append(f"| {name} | " + " | ".join(accuracy(by_task.get(t)) for t in TASKS) + f" | {cost} |")
+        if name.startswith("grpo-seed") or name == "grpo":
+            for task in TASKS:
+                if task in by_task:
+                    seeds.setdefault(task, []).append(by_task[task]["exact_answer"])
+    for task, values in seeds.items():
+        if len(values) > 1:
+            lines.append(f"\nGRPO over {len(values)} seeds, {task}: mean {statistics.mean(values):.3f}, "
+                         f"spread (min-max) {min(values):.3f}-{max(values):.3f}")
+    commits = {commit_of(runs / folder) for folder in TRAINED_BY.values() if (runs / folder).is_dir()}
+    return [f"Real model (SmolLM2-135M-Instruct), runs on tunekit {', '.join(sorted(commits)) or '?'}:", "", *lines]
+
+
+def tiny_table(runs: Path) -> list[str]:
+    lines = []
+    for folder in TINY:
+        run = runs / folder
+        path = run / "eval.json"
+        if not path.is_file():
+            continue
+        metrics = json.loads(path.read_text())
+        timing = cpu_and_memory(run / "time.txt")
+        before, after = metrics.get("exact_answer_before"), metrics.get("exact_answer_after")
+        shown = f"{before:.3f} -> {after:.3f}" if before is not None and after is not None else "-"
+        lines.append(f"| {folder} | {shown} | {f'{timing[0]:.1f}' if timing else '-'} | {commit_of(run)} |")
+    if not lines:
+        return []
+    return ["Tiny GPT (examples/arith.mk):", "", "| run | held-out exact answer before -> after | CPU min | tunekit |",
+            "|---|---|---|---|", *lines]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tunekit.arith_table", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, nargs="?", default=Path("runs"), help="the chains' runs folder")
+    args = parser.parse_args(argv)
+    tables = [t for t in (real_table(args.runs), tiny_table(args.runs)) if t]
+    if not tables:
+        raise SystemExit(f"{args.runs}: no smol-eval/*.json and no tiny arithmetic runs; run `make smol` or `make arith`")
+    print("\n\n".join("\n".join(t) for t in tables))
+
+
+if __name__ == "__main__":
+    main()
