@@ -108,7 +108,7 @@ def test_models_that_change_their_logits_keep_their_own_loss():
     assert lean_loss.lean_parts(torch.nn.Linear(2, 2)) is None
 
 
-def trainer(folder, lean: bool, monkeypatch):
+def trainer(folder, out, lean: bool, monkeypatch, lora: bool):
     """tunekit's SFT trainer on 8 rows, batch 2, 2 accumulation steps, 2 optimizer steps (SGD: AdamW's
     first step moves a weight by the learning rate times the sign of its gradient, so float32 noise on a
     near-zero gradient would be magnified to the learning rate); `lean` False takes
@@ -127,14 +127,20 @@ def trainer(folder, lean: bool, monkeypatch):
     for length in (9, 14, 6, 11, 13, 8, 10, 7):
         ids = torch.randint(5, len(tokenizer), (length,), generator=generator).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2:]})
-    args = SFTConfig(output_dir=str(folder / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=2,
                      max_steps=2, learning_rate=1e-2, optim="sgd", report_to="none", save_strategy="no", logging_steps=1,
                      disable_tqdm=True, use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0)
     model = AutoModelForCausalLM.from_pretrained(folder)
+    if lora:  # as `tunekit lora` hands it over: a PeftModel
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear"))
     return LeanSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
 
 
-def test_sft_trainer_steps_equal_the_models_own_loss(tiny_gpt, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora", [False, True])
+def test_sft_trainer_steps_equal_the_models_own_loss(tiny_gpt, tmp_path, monkeypatch, lora):
     from tunekit import upstream
 
     taken = []
@@ -145,11 +151,11 @@ def test_sft_trainer_steps_equal_the_models_own_loss(tiny_gpt, tmp_path, monkeyp
         return original(self, *args)
 
     monkeypatch.setattr(upstream.LeanSFTTrainer, "lean_step", spy)
-    lean = trainer(tiny_gpt, True, monkeypatch)
+    lean = trainer(tiny_gpt, tmp_path / "lean", True, monkeypatch, lora)
     lean_losses = [r["loss"] for r in lean.train() and lean.state.log_history if "loss" in r]
     assert taken and all(taken)
     monkeypatch.undo()
-    plain = trainer(tiny_gpt, False, monkeypatch)
+    plain = trainer(tiny_gpt, tmp_path / "plain", False, monkeypatch, lora)
     plain_losses = [r["loss"] for r in plain.train() and plain.state.log_history if "loss" in r]
     assert lean_losses == pytest.approx(plain_losses, rel=1e-5)
     for (name, a), b in zip(lean.model.named_parameters(), plain.model.parameters()):
