@@ -2,7 +2,7 @@
 
     make bench-real
     HF_HUB_OFFLINE=1 .venv/bin/python bench/real.py [--data arith alpaca] [--methods full lora]
-        [--batch 8] [--max-length 256] [--warmup 2] [--steps 6] [--lr 1e-4] [--json out.json]
+        [--batch 8] [--max-length 256] [--warmup 2] [--steps 6] [--lr 1e-4] [--threads N] [--json out.json]
 
 SmolLM2-135M-Instruct (models/smollm2-135m-instruct when `make models` has fetched it; else the same
 config with random weights and a BPE tokenizer trained on the rows): Llama, hidden 576, intermediate
@@ -81,6 +81,7 @@ class Plan:
     warmup: int
     steps: int
     lr: float
+    threads: int
 
     @property
     def rows(self) -> int:
@@ -214,6 +215,7 @@ def peak_rss_mb() -> float:
 def child(variant: str, plan_file: Path) -> None:
     """`--one VARIANT`: train one variant and print its figures as the last line (JSON)."""
     plan = Plan(**json.loads(plan_file.read_text()))
+    torch.set_num_threads(plan.threads)
     rows = json.loads((Path(plan.work) / f"rows-{plan.data}.json").read_text())
     runner = {"tunekit": run_tunekit, "trl": run_trl, "plain": run_plain}[variant]
     figures = runner(plan, rows)
@@ -264,13 +266,14 @@ def step_flops(config: Any, rows: list[dict[str, Any]], plan: Plan) -> float:
 def run_all(options: argparse.Namespace, work: Path) -> dict[str, Any]:
     from transformers import AutoConfig
 
+    torch.set_num_threads(options.threads)
     base = base_model(work)
     config = AutoConfig.from_pretrained(base)
     results: dict[str, Any] = {"model": str(base), "threads": torch.get_num_threads(), "rows": {}, "runs": []}
     rates: dict[str, list[float]] = {}
     for data in options.data:
         plan = Plan(data, "full", str(base), str(work), options.batch, options.max_length, options.warmup,
-                    options.steps, options.lr)
+                    options.steps, options.lr, options.threads)
         rows = tokenized_rows(plan)
         (work / f"rows-{data}.json").write_text(json.dumps(rows))
         measured = rows[plan.warmup * plan.batch :]
@@ -329,6 +332,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads of every variant and of the matmul peak (default: torch's own)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
