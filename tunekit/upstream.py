@@ -11,12 +11,18 @@ from trl import DPOTrainer, SFTTrainer
 
 
 class LeanSFTTrainer(SFTTrainer):
-    """SFTTrainer whose training step is Trainer's: the loss from the model, nothing else.
+    """SFTTrainer whose training step is Trainer's loss, computed where the labels are trained.
 
     TRL 1.16's `SFTTrainer.compute_loss` also computes per-token entropy and top-1 accuracy over
     the full logits on every step, for its logs; on a CPU that costs about a quarter of the step
     time (measured in bench/sft.py). tunekit builds its own labels (tunekit.data.masking), so the
     model's own loss is the SFT loss, averaged over the trained tokens of the whole batch.
+
+    A training step takes that same loss from `tunekit.lean_loss` (the LM head only on trained
+    positions, in chunks: no [batch, length, vocabulary] logits) whenever `lean_step` allows it;
+    evaluation, which returns logits, and every other case take transformers 5.24's
+    `Trainer.compute_loss`, whose reduction (num_items_in_batch, the scaling across processes) the
+    lean step repeats.
     """
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
@@ -24,8 +30,33 @@ class LeanSFTTrainer(SFTTrainer):
         # Padding-free packed rows are kept apart (block-diagonal attention from position_ids) only
         # when the model builds no KV cache; TRL sets the same flag in its own compute_loss.
         inputs["use_cache"] = False
-        return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        parts = self.lean_step(model, inputs, return_outputs)
+        if parts is None:
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        from tunekit.lean_loss import lean_causal_lm_loss
+
+        # The model divides by num_items_in_batch only when the Trainer passes it (model_accepts_loss_kwargs)
+        loss = lean_causal_lm_loss(parts, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss does
+        return loss
+
+    def lean_step(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        """(body, head) for tunekit.lean_loss when this step can take its loss from there: a training
+        step on plain labels, no loss option of the Trainer's (label smoothing, compute_loss_func,
+        sequence parallelism), the model not wrapped (DDP, FSDP, DeepSpeed: their hooks live in the
+        wrapper's forward) and its forward a plain body -> head -> cross-entropy (lean_parts)."""
+        import torch
+
+        from tunekit.lean_loss import lean_parts
+
+        parallel = getattr(self.accelerator, "parallelism_config", None)
+        if (return_outputs or not model.training or not torch.is_grad_enabled() or "labels" not in inputs
+                or "shift_labels" in inputs or self.label_smoother is not None or self.compute_loss_func is not None
+                or (parallel is not None and parallel.sp_enabled) or self.accelerator.unwrap_model(model) is not model):
+            return None
+        return lean_parts(model)
 
 
 def completion_logps(model: Any, inputs: dict[str, Any]) -> Any:

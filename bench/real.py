@@ -1,0 +1,352 @@
+"""SFT at a real model's shape: tunekit, TRL's SFTTrainer and a plain PyTorch loop, side by side.
+
+    make bench-real
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/real.py [--data arith alpaca] [--methods full lora]
+        [--batch 8] [--max-length 256] [--warmup 2] [--steps 6] [--lr 1e-4] [--threads N] [--json out.json]
+
+SmolLM2-135M-Instruct (models/smollm2-135m-instruct when `make models` has fetched it; else the same
+config with random weights and a BPE tokenizer trained on the rows): Llama, hidden 576, intermediate
+1,536, 30 layers, vocabulary 49,152, tied embeddings. Full fine-tuning and LoRA (r 16, alpha 32,
+dropout 0, every linear layer of the body) on the first batch x (warmup + steps) rows of
+data/arith/train.jsonl (short responses) or data/alpaca/alpaca_small_2k.json (long ones), tokenised
+and masked by tunekit (loss on the response only), in file order, padded per batch. Matched for all
+three: the rows and their order, batch, max_length, AdamW (no weight decay), constant learning rate,
+gradient clipping at 1.0, float32, no gradient checkpointing, the adapter's initial weights:
+  tunekit  what `tunekit sft` / `tunekit lora` train with (sft.build_trainer: LeanSFTTrainer);
+  trl      TRL's SFTTrainer with its own compute_loss, on the same tokenised rows (+ PEFT: the model
+           is wrapped with get_peft_model before it is handed over);
+  plain    forward (the model's own loss), backward, clip, AdamW step.
+Each variant runs in a process of its own (`--one VARIANT`), so its peak RSS (VmHWM) is its own.
+Time per step is taken from the end of the warm-up steps to the end of the last; tokens/s counts
+the rows' real (non-padding) tokens; loss is the last step's mean loss (equal across variants up to
+float32 summation order: the same work is done).
+
+CPU MFU = FLOPs a step must do / step time / peak. The peak is the best float32 matmul rate of
+this CPU (torch.mm, the default thread count) at the model's own shapes: [tokens, 576] x [576, 1536],
+[tokens, 1536] x [1536, 576], [tokens, 576] x [576, 576] with `tokens` the real tokens of a batch,
+and [trained tokens, 576] x [576, 49152] (the LM head), timed before and after the variants.
+FLOPs per step, with N the weights of the body's linear layers, T the real tokens, T_lab the trained
+positions (label != -100 after the shift), h the hidden size, V the vocabulary, and attention the
+causal half of QK^T and AV (2 x T_row^2 x 576 per layer and row, forward):
+  full:  6 N T + 6 h V T_lab + 3 attention      (forward 2, activation gradients 2, weight gradients 2)
+  lora:  4 N T + 4 h V T_lab + 3 attention + 6 N_lora T   (no gradients of frozen weights)
+The head counts only the trained positions: that is all a step must do (tunekit's path does only
+that; a path that runs the head everywhere does more work for the same result, hence a lower MFU).
+Embedding lookups, norms, activations and the optimizer are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[0] = str(ROOT)  # not bench/: bench/peft.py would shadow the peft package
+
+import torch  # noqa: E402
+
+MODEL = ROOT / "models" / "smollm2-135m-instruct"
+DATA = {"arith": ROOT / "data" / "arith" / "train.jsonl", "alpaca": ROOT / "data" / "alpaca" / "alpaca_small_2k.json"}
+VARIANTS = ("tunekit", "trl", "plain")
+# SmolLM2-135M-Instruct's config (models/smollm2-135m-instruct/config.json), for random weights
+SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+           "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+           "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+           "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+SEED = 42
+
+
+@dataclass
+class Plan:
+    """One measurement: which rows, model, method and settings; written to JSON for the child."""
+
+    data: str
+    method: str
+    base: str
+    work: str
+    batch: int
+    max_length: int
+    warmup: int
+    steps: int
+    lr: float
+    threads: int
+
+    @property
+    def rows(self) -> int:
+        return self.batch * (self.warmup + self.steps)
+
+
+def base_model(work: Path) -> Path:
+    """The real SmolLM2 folder, or the same config with random weights and a tokenizer trained here."""
+    if (MODEL / "model.safetensors").is_file():
+        return MODEL
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunekit.data.chat import train_tokenizer
+
+    texts = [line for path in DATA.values() if path.is_file() for line in path.read_text().splitlines()[:4000]]
+    tokenizer = train_tokenizer(texts, vocab_size=8000)
+    fields = dict(SMOLLM2)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(work / "base")
+    tokenizer.save_pretrained(work / "base")
+    return work / "base"
+
+
+def tunekit_config(plan: Plan) -> Any:
+    from tunekit.config import validate_config
+    from tunekit.methods import sft
+
+    raw = {"model": {"name": plan.base},
+           "data": {"train": str(DATA[plan.data]), "train_limit": plan.rows, "max_length": plan.max_length},
+           "peft": {"method": "lora" if plan.method == "lora" else "none", "r": LORA["r"],
+                    "alpha": LORA["lora_alpha"], "dropout": LORA["lora_dropout"]},
+           "train": {"seed": SEED, **trainer_settings(plan)}}
+    return validate_config(sft.Config, raw, "bench/real.py")
+
+
+def trainer_settings(plan: Plan) -> dict[str, Any]:
+    """The Trainer settings all three share (the plain loop does the same by hand)."""
+    return {"max_steps": plan.warmup + plan.steps, "per_device_train_batch_size": plan.batch,
+            "learning_rate": plan.lr, "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0,
+            "optim": "adamw_torch", "max_grad_norm": 1.0, "bf16": False, "gradient_checkpointing": False,
+            "packing": False, "train_sampling_strategy": "sequential", "save_strategy": "no", "eval_strategy": "no",
+            "logging_steps": 1, "report_to": "none", "disable_tqdm": True}
+
+
+def tokenized_rows(plan: Plan) -> list[dict[str, list[int]]]:
+    """The rows as tunekit tokenises and masks them (a few hundred: a list is fine here)."""
+    from transformers import AutoTokenizer
+
+    from tunekit.methods import sft
+
+    config = tunekit_config(plan)
+    tokenizer = AutoTokenizer.from_pretrained(plan.base)
+    return sft.tokenize_split(tokenizer, sft.check(config).train, config).dataset.to_list()
+
+
+def timed_train(trainer: Any, plan: Plan) -> dict[str, float]:
+    from bench.gpu_tools import step_timer
+
+    timer = step_timer(plan.warmup)
+    trainer.add_callback(timer)
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return {"seconds": timer.end - timer.start, "loss": losses[-1]}
+
+
+def run_tunekit(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, float]:
+    from tunekit.methods import sft
+    from tunekit.runs.folder import RunFolder
+    from tunekit.training import training_arguments
+
+    config = tunekit_config(plan)
+    args = training_arguments(config, RunFolder(Path(tempfile.mkdtemp(dir=plan.work))))
+    return timed_train(sft.build_trainer(config, sft.check(config), args, []), plan)
+
+
+def seeded_model(plan: Plan) -> Any:
+    """The base model (wrapped with the LoRA adapter for `lora`), from the same RNG state as tunekit's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, set_seed
+
+    set_seed(SEED)
+    model = AutoModelForCausalLM.from_pretrained(plan.base, dtype=torch.float32)
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA)) if plan.method == "lora" else model
+
+
+def run_trl(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, float]:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    settings = trainer_settings(plan)
+    args = SFTConfig(output_dir=tempfile.mkdtemp(dir=plan.work), max_length=plan.max_length, seed=SEED,
+                     use_cpu=not torch.cuda.is_available(), **settings)
+    trainer = SFTTrainer(model=seeded_model(plan), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(plan.base))
+    return timed_train(trainer, plan)
+
+
+def run_plain(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, float]:
+    from transformers import AutoTokenizer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = seeded_model(plan).train()
+    collate = DataCollatorForLanguageModeling(pad_token_id=AutoTokenizer.from_pretrained(plan.base).pad_token_id)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=plan.lr, weight_decay=0.0)
+    start = loss = None
+    for step in range(plan.warmup + plan.steps):
+        if step == plan.warmup:
+            start = time.perf_counter()
+        batch = collate(rows[step * plan.batch : (step + 1) * plan.batch])
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"seconds": time.perf_counter() - start, "loss": loss.item()}
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(variant: str, plan_file: Path) -> None:
+    """`--one VARIANT`: train one variant and print its figures as the last line (JSON)."""
+    plan = Plan(**json.loads(plan_file.read_text()))
+    torch.set_num_threads(plan.threads)
+    rows = json.loads((Path(plan.work) / f"rows-{plan.data}.json").read_text())
+    runner = {"tunekit": run_tunekit, "trl": run_trl, "plain": run_plain}[variant]
+    figures = runner(plan, rows)
+    print(json.dumps({**figures, "peak_rss_mb": peak_rss_mb()}), flush=True)
+
+
+def measure(plan: Plan, variant: str) -> dict[str, float]:
+    plan_file = Path(plan.work) / f"plan-{plan.data}-{plan.method}.json"
+    plan_file.write_text(json.dumps(asdict(plan)))
+    done = subprocess.run([sys.executable, __file__, "--one", variant, "--plan", str(plan_file)],
+                          capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{variant} {plan.data} {plan.method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def matmul_rates(tokens: int, trained: int, hidden: int, inner: int, vocab: int) -> dict[str, float]:
+    """GFLOP/s of float32 torch.mm at the model's shapes (best of 5 after one warm-up call)."""
+    rates = {}
+    for m, k, n in ((tokens, hidden, inner), (tokens, inner, hidden), (tokens, hidden, hidden), (trained, hidden, vocab)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        best = float("inf")
+        for _ in range(6):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+        rates[f"{m}x{k}x{n}"] = 2 * m * k * n / best / 1e9
+    return rates
+
+
+def step_flops(config: Any, rows: list[dict[str, Any]], plan: Plan) -> float:
+    """FLOPs of the measured steps (the module docstring says what is counted)."""
+    h, inner, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    attn = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    shapes = [(h, attn), (h, kv), (h, kv), (attn, h), (h, inner), (h, inner), (inner, h)]  # q k v o gate up down
+    body = layers * sum(a * b for a, b in shapes)
+    lora = layers * sum(LORA["r"] * (a + b) for a, b in shapes)
+    measured = rows[plan.warmup * plan.batch : plan.rows]
+    tokens = sum(len(r["input_ids"]) for r in measured)
+    trained = sum(sum(label != -100 for label in r["labels"][1:]) for r in measured)
+    attention = sum(layers * 2 * len(r["input_ids"]) ** 2 * attn for r in measured)
+    if plan.method == "full":
+        return 6 * body * tokens + 6 * h * vocab * trained + 3 * attention
+    return 4 * body * tokens + 4 * h * vocab * trained + 3 * attention + 6 * lora * tokens
+
+
+def run_all(options: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    torch.set_num_threads(options.threads)
+    base = base_model(work)
+    config = AutoConfig.from_pretrained(base)
+    results: dict[str, Any] = {"model": str(base), "threads": torch.get_num_threads(), "rows": {}, "runs": []}
+    rates: dict[str, list[float]] = {}
+    for data in options.data:
+        plan = Plan(data, "full", str(base), str(work), options.batch, options.max_length, options.warmup,
+                    options.steps, options.lr, options.threads)
+        rows = tokenized_rows(plan)
+        (work / f"rows-{data}.json").write_text(json.dumps(rows))
+        measured = rows[plan.warmup * plan.batch :]
+        tokens = sum(len(r["input_ids"]) for r in measured) // plan.steps
+        trained = sum(sum(label != -100 for label in r["labels"][1:]) for r in measured) // plan.steps
+        results["rows"][data] = {"tokens_per_step": tokens, "trained_per_step": trained}
+        for name, rate in matmul_rates(tokens, trained, config.hidden_size, config.intermediate_size,
+                                       config.vocab_size).items():
+            rates.setdefault(name, []).append(rate)
+        for method in options.methods:
+            plan.method = method
+            flops = step_flops(config, rows, plan)
+            for variant in options.variants:
+                figures = measure(plan, variant)
+                figures.update(data=data, method=method, variant=variant, tokens_per_s=tokens * plan.steps / figures["seconds"],
+                               step_s=figures["seconds"] / plan.steps, flops_per_s=flops / figures["seconds"])
+                results["runs"].append(figures)
+                print(json.dumps(figures), flush=True)
+    for data in options.data:  # the peak again, after: the machine may be shared
+        row = results["rows"][data]
+        for name, rate in matmul_rates(row["tokens_per_step"], row["trained_per_step"], config.hidden_size,
+                                       config.intermediate_size, config.vocab_size).items():
+            rates.setdefault(name, []).append(rate)
+    results["matmul_gflops"] = {name: max(values) for name, values in rates.items()}
+    results["peak_gflops"] = max(results["matmul_gflops"].values())
+    return results
+
+
+def table(results: dict[str, Any], options: argparse.Namespace) -> str:
+    peak = results["peak_gflops"]
+    lines = [f"model {results['model']}, {results['threads']} threads, batch {options.batch}, max_length "
+             f"{options.max_length}, {options.steps} steps after {options.warmup} warm-up",
+             "float32 matmul GFLOP/s at the model's shapes: "
+             + ", ".join(f"{k} {v:.0f}" for k, v in results["matmul_gflops"].items()) + f"; peak {peak:.0f}",
+             "| data | method | variant | tokens/s | s/step | peak RSS MB | loss after N steps | CPU MFU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        lines.append(f"| {r['data']} | {r['method']} | {r['variant']} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['loss']:.4f} | {100 * r['flops_per_s'] / 1e9 / peak:.1f}% |")
+    by = {(r["data"], r["method"], r["variant"]): r for r in results["runs"]}
+    for (data, method, variant), r in by.items():
+        if variant == "tunekit" and (data, method, "trl") in by:
+            trl = by[data, method, "trl"]
+            lines.append(f"{data} {method}: tunekit / TRL tokens/s {r['tokens_per_s'] / trl['tokens_per_s']:.2f}, "
+                         f"peak RSS {r['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", nargs="+", choices=sorted(DATA), default=["arith"])
+    parser.add_argument("--methods", nargs="+", choices=["full", "lora"], default=["full", "lora"])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads of every variant and of the matmul peak (default: torch's own)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.one:
+        child(options.one, options.plan)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run_all(options, Path(tmp))
+    if options.json:
+        options.json.write_text(json.dumps(results, indent=1))
+    print(table(results, options))
+
+
+if __name__ == "__main__":
+    main()
