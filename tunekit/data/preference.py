@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from tunekit.config import Section
+from tunekit.data.halves import SPLIT_HALF_HELP, SplitHalf, half_of
 from tunekit.data.masking import check_messages, is_hh_dialogue, parse_hh
 from tunekit.data.tables import Table, pick_column, read_table
 from tunekit.errors import UserError
@@ -52,6 +53,7 @@ class PreferenceData(Section):
     format: Literal["pairs", "prompt_pairs", "conversation", "hh", "label_pairs"] | None = Field(
         None, description="data layout; default: detected from the columns (label_pairs must be named)")
     train_limit: int | None = Field(None, gt=0, description="use the first N training pairs")
+    split_half: SplitHalf | None = Field(None, description=SPLIT_HALF_HELP + " (label_pairs: the text column's)")
     eval_limit: int | None = Field(None, gt=0, description="use the first N held-out pairs")
     text_column: str | None = Field(None, description=f"label_pairs: the text; default: the first of {', '.join(TEXT_COLUMNS)}")
     label_column: str = Field("label", description="label_pairs: the label column")
@@ -91,6 +93,9 @@ class Preferences:
 def load_preferences(section: PreferenceData, source: str) -> Preferences:
     """Read, split, normalise and check the training and held-out pairs (no model needed)."""
     table = read_table(section.train, "data.train")
+    if section.split_half:
+        text = pick_column(table, section.text_column, TEXT_COLUMNS, "data.text_column") if section.format == "label_pairs" else None
+        table = half_of(table, section.split_half, text)
     held_out = read_table(section.eval, "data.eval", split="test") if section.eval else None
     if held_out is None and section.eval_size:
         if section.eval_size >= len(table.rows):

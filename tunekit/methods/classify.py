@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import Field
 
 from tunekit.config import Recipe, Section
+from tunekit.data.halves import SPLIT_HALF_HELP, SplitHalf, half_of
 from tunekit.data.tables import Table, pick_column, read_table
 from tunekit.errors import UserError
 from tunekit.method import Method, Setup
@@ -29,6 +30,7 @@ class ClassifyData(Section):
     text_pair_column: str | None = Field(None, description="second text of a pair; default: sentence2 after sentence1")
     label_column: str = Field("label", description="label column: ints, strings, or floats for regression")
     train_limit: int | None = Field(None, gt=0, description="use the first N training rows")
+    split_half: SplitHalf | None = Field(None, description=SPLIT_HALF_HELP + " (the text column's)")
     eval_limit: int | None = Field(None, gt=0, description="use the first N evaluation rows")
     max_length: int = Field(128, gt=0, description="truncate longer inputs (tokens)")
 
@@ -74,7 +76,11 @@ class Config(Recipe):
 
 def check(config: Config) -> Data:
     """Read and validate the data (no model is loaded)."""
-    train_table = read_table(config.data.train, "data.train").head(config.data.train_limit)
+    train_table = read_table(config.data.train, "data.train")
+    if config.data.split_half:
+        text = pick_column(train_table, config.data.text_column, TEXT_COLUMNS, "data.text_column")
+        train_table = half_of(train_table, config.data.split_half, text)
+    train_table = train_table.head(config.data.train_limit)
     regression = config.classify.num_labels == 1
     train = examples(train_table, config)
     names = None if regression else label_names(train.labels, config)

@@ -23,12 +23,12 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from tunekit.config import Section
-from tunekit.data.masking import prompts_of_table
-from tunekit.data.tables import read_table
 from tunekit.errors import UserError
 from tunekit.generation import ChatRecipe
 from tunekit.jsontypes import Metrics, Row
 from tunekit.method import Method, Setup
+from tunekit.rl.judge import Keep
+from tunekit.rl.prompts import PromptData, read_prompts
 from tunekit.rl.rewards import RewardFunctionSection, as_sections, check_reward_functions
 from tunekit.rl.trl_algos import GrpoSection
 from tunekit.runs.plots import plot_rewards
@@ -65,6 +65,13 @@ class RlhfSection(Section):
         default_factory=list, description="reward functions (exact_answer, regex, module:function, file.py:function), "
                                           "alone or added to the reward model's score; a name alone is a list of one")
     reward_model_weight: float = Field(1.0, description="weight of the reward model's score beside rlhf.reward_fn")
+    judge: str | None = Field(None, description="run folder of a `tunekit reward` or `tunekit classify` run that scores "
+                                                "held-out responses beside the reward, never trained against "
+                                                "(tunekit.rl.judge: eval/judge, win rate in eval.json)")
+    judge_label: str | int | None = Field(None, description="classify judge: the class whose probability is its score; "
+                                                            "default: 1 or positive")
+    keep: Keep = Field("last", description="last: the final policy; best_judge: the policy of the evaluation point "
+                                           "(ppo.eval_steps) with the highest judge mean, put back at the end")
 
     _reward_fn_shorthand = field_validator("reward_fn", mode="before")(as_sections)
 
@@ -73,20 +80,9 @@ class RlhfSection(Section):
         if not self.reward_model and not self.reward_fn:
             raise ValueError(f"{self.algo} needs a reward: set rlhf.reward_model to a `tunekit reward` run folder, "
                              "rlhf.reward_fn to a reward function (e.g. exact_answer), or both")
+        if self.keep == "best_judge" and not self.judge:
+            raise ValueError("keep: best_judge needs a judge; set rlhf.judge to a reward or classify run folder")
         return self
-
-
-class PromptData(Section):
-    train: str | list[str] = Field(description="prompt file(s): any SFT-style file (its prompt part), or a text column")
-    eval: str | list[str] | None = Field(None, description="held-out prompt file(s); default: the last data.eval_size rows")
-    eval_size: int = Field(0, ge=0, description="rows held out from the end of the training prompts when no eval file")
-    format: Literal["alpaca", "prompt_completion", "messages", "text"] | None = Field(
-        None, description="data format; default: detected (a `prompt` column alone is a prompt per row)")
-    columns: dict[str, str] = Field(default_factory=dict, description="standard name -> your column, e.g. {text: sentence}")
-    prompt_words: int | None = Field(
-        None, gt=0, description="keep the first N words of each prompt; rows of N words or fewer are skipped "
-                                "(for continuation demos: a review's first words)")
-    train_limit: int | None = Field(None, gt=0, description="use the first N training prompts")
 
 
 class PpoSection(Section):
@@ -111,6 +107,9 @@ class PpoSection(Section):
     forward_batch_size: int | None = Field(
         None, gt=0, description="rows per forward pass in rollouts and updates (gradients accumulated over a "
                                 "minibatch): memory, apart from the PPO settings; null = a whole batch at once")
+    eval_steps: int | None = Field(
+        10, gt=0, description="with rlhf.judge: every N rounds (and after the last) score the held-out prompts with the "
+                              "reward and the judge (eval/proxy, eval/judge, eval/kl); null = before and after only")
 
     @model_validator(mode="after")
     def _minibatch_fits(self) -> PpoSection:
@@ -170,6 +169,16 @@ class Config(ChatRecipe):
             raise ValueError(refused)
         return self
 
+    @model_validator(mode="after")
+    def _judge_points_fit(self) -> Config:
+        if self.rlhf.algo != "ppo" and self.rlhf.judge and (self.rlhf.keep != "last" or "eval_steps" in self.ppo.model_fields_set
+                                                            and self.ppo.eval_steps):
+            raise ValueError(f"{self.rlhf.algo}: the judge scores before and after training only (evaluation points are "
+                             "PPO's); set ppo.eval_steps: null and rlhf.keep: last")
+        if self.rlhf.keep == "best_judge" and not self.ppo.eval_steps:
+            raise ValueError("rlhf.keep: best_judge picks among evaluation points; set ppo.eval_steps")
+        return self
+
 
 @dataclass
 class Data:
@@ -177,36 +186,6 @@ class Data:
     eval: list[list[dict[str, str]]]
     train_rows: list[Row] = field(default_factory=list)  # each prompt's data row, for rlhf.reward_fn
     eval_rows: list[Row] = field(default_factory=list)
-
-
-def read_prompts(specs: str | list[str], config: Config, key: str
-                 ) -> tuple[list[list[dict[str, str]]], list[dict[str, Any]]]:
-    """The prompt conversation of every row: the prompt part of an SFT-style row, a `prompt` column
-    alone, or a text column (as a user message), cut to data.prompt_words; and each one's data row
-    (all its columns: a reward function may compare against them)."""
-    prompts, rows = [], []
-    for spec in [specs] if isinstance(specs, str) else specs:
-        table = read_table(spec, key).renamed(config.data.columns)
-        rows += list(table.rows)  # RL prompt sets are small: each prompt keeps its row for the reward function
-        prompts += prompts_of_table(table, config.data.format, key)
-    words = config.data.prompt_words
-    if words:
-        kept = [(p, r) for p, r in zip(prompts, rows) if len(p[-1]["content"].split()) > words]
-        prompts = [[*p[:-1], {**p[-1], "content": " ".join(p[-1]["content"].split()[:words])}] for p, _ in kept]
-        rows = [r for _, r in kept]
-    if not prompts:
-        raise UserError(f"{config.source}: {key}: no prompts left" + (f" with more than data.prompt_words={words} words"
-                                                                      if words else ""))
-    check_columns(config, rows[0], key, spec)
-    return prompts, rows
-
-
-def check_columns(config: Config, row: Row, key: str, spec: str) -> None:
-    """Every exact_answer's column is in the prompt rows (checked on the first row)."""
-    for i, function in enumerate(config.rlhf.reward_fn):
-        if function.name == "exact_answer" and function.column not in row:
-            raise UserError(f"{config.source}: rlhf.reward_fn.{i}.column: {key} ({spec}) has no column "
-                            f"{function.column!r} (it has {', '.join(row)}); set column to the one with the answers")
 
 
 def check_ppo(config: Config) -> None:
@@ -251,7 +230,18 @@ def check(config: Config) -> Data:
         raise UserError(f"{config.source}: data.eval: held-out prompts are needed for eval.json; "
                         "set data.eval or data.eval_size")
     count = config.rlhf.eval_prompts
-    return Data(train, held_out[:count], train_rows, held_out_rows[:count])
+    data = Data(train, held_out[:count], train_rows, held_out_rows[:count])
+    if config.rlhf.judge and Path(config.rlhf.judge).exists():  # a chain may train it later: checked again at run time
+        judge_class(config, data)
+    return data
+
+
+def judge_class(config: Config, data: Data) -> int | None:
+    """rlhf.judge checked against the held-out prompts' text (tunekit.rl.judge); no model is loaded."""
+    from tunekit.rl.judge import check_judge
+
+    texts = [prompt[-1]["content"] for prompt in data.eval[:64]]
+    return check_judge(config.rlhf.judge, config.rlhf.judge_label, texts, config.source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,32 +279,42 @@ def frozen_reference(config: Config, policy: Any) -> Any:
 def setup(config: Config, data: Data, run: Any) -> Any:
     """rlhf's parts: the policy, its reward and prompts; training is tunekit's PPO loop or TRL's GRPO /
     RLOO, between two evaluations on the held-out prompts (same prompts, seed and sampling)."""
+    from tunekit.rl.judge import Judge, JudgeTracker, judge_metrics
     from tunekit.rl.rewards import build_rewards
-    from tunekit.rl.rollout import evaluate, make_prompts
+    from tunekit.rl.rollout import evaluate_rows, make_prompts
+    from tunekit.runs.folder import checkpoint_step
     from tunekit.training import status_on_error
 
+    positive = judge_class(config, data) if config.rlhf.judge else None  # before the policy loads
     policy, tokenizer = load_policy(config)
     reward = build_rewards(config.rlhf.reward_model, config.rlhf.reward_model_weight, config.rlhf.reward_fn,
                            config.rlhf.reward_batch_size)
     device = this_process_device(config)  # the evaluation before training samples there too
     policy.to(device)
     reward.to(device)
+    judge = Judge(config.rlhf.judge, positive, config.rlhf.reward_batch_size).to(device) if config.rlhf.judge else None
     train = make_prompts(data.train, tokenizer, config.rlhf.chat_template, data.train_rows)
     held_out = make_prompts(data.eval, tokenizer, config.rlhf.chat_template, data.eval_rows)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    measured: dict[str, dict[str, float]] = {}
+    measured: dict[str, Any] = {}
+
+    def measure(lm: Any, reference: Any, with_kl: bool = True) -> Any:
+        return evaluate_rows(lm, reference, tokenizer, reward, held_out, config.generation, config.generation.seed,
+                             with_kl=with_kl, judge=judge)
+
+    tracker = JudgeTracker(run, config.ppo.eval_steps, config.ppo.steps, config.rlhf.keep, measure) if judge else None
 
     def train_model(run: Any, resume: Path | None) -> tuple[Any, Any]:
         with status_on_error(run):
-            measured["before"] = evaluate(policy, None, tokenizer, reward, held_out, config.generation,
-                                          config.generation.seed, with_kl=False)  # the policy is its own reference
-            trained, reference = train_policy(config, policy, tokenizer, reward, train, run, resume)
-            measured["after"] = evaluate(trained, reference, tokenizer, reward, held_out, config.generation,
-                                         config.generation.seed)
+            measured["before"] = measure(policy, None, with_kl=False)  # the policy is its own reference
+            if tracker:
+                tracker.start(measured["before"], checkpoint_step(Path(resume)) if resume else None)
+            trained, reference = train_policy(config, policy, tokenizer, reward, train, run, resume, tracker)
+            measured["after"] = (tracker and tracker.finish(trained)) or measure(trained, reference)
         return trained, reference
 
     def report(trained: Any) -> Metrics:
-        before, after = measured["before"], measured["after"]
+        before, after = measured["before"].means(), measured["after"].means()
         metrics = {"reward_before": before["reward"], "reward_after": after["reward"], "kl": after["kl"],
                    "response_length_before": before["response_length"],
                    "response_length_after": after["response_length"]}
@@ -322,6 +322,8 @@ def setup(config: Config, data: Data, run: Any) -> Any:
             if key.startswith("reward/"):
                 metrics[f"{key.removeprefix('reward/')}_before"] = before[key]
                 metrics[f"{key.removeprefix('reward/')}_after"] = after[key]
+        if judge:
+            metrics.update(judge_metrics(measured["before"], measured["after"], tracker))
         if run.enabled:  # the first process writes the run folder; two writers of one chart would race
             plot_rewards(run.path / "metrics.jsonl", run.path / "reward.png", kl_per_token=config.rlhf.algo != "ppo")
         return metrics
@@ -329,19 +331,20 @@ def setup(config: Config, data: Data, run: Any) -> Any:
     info = {"train_data": config.data.train, "eval_data": config.data.eval or f"last {config.data.eval_size} rows",
             "train_rows": len(train), "eval_rows": len(held_out), "num_processes": world,
             "effective_batch_size": config.ppo.rollout_batch_size * world, "algo": config.rlhf.algo,
-            "reward_model": config.rlhf.reward_model, "reward_fn": ", ".join(f.name for f in config.rlhf.reward_fn) or None}
+            "reward_model": config.rlhf.reward_model, "judge": config.rlhf.judge, "reward_fn": ", ".join(f.name for f in config.rlhf.reward_fn) or None}
     return Setup(policy, tokenizer, info, train_model, report, trained_model=lambda result: result[0])
 
 
 def train_policy(config: Config, policy: Any, tokenizer: Any, reward: Any, prompts: list[Any], run: Any,
-                 resume: Path | None = None) -> tuple[Any, Any]:
+                 resume: Path | None = None, tracker: Any = None) -> tuple[Any, Any]:
     """Train with the chosen algorithm; (trained policy, its reference for the KL in eval.json)."""
     reference = frozen_reference(config, policy)
     if config.rlhf.algo != "ppo":
         from tunekit.rl.trl_algos import train_with_trl
 
         return train_with_trl(config, policy, tokenizer, reward, prompts, run, resume), reference
-    trainer = ppo_trainer(config, policy, tokenizer, reward, prompts, run, reference)
+    trainer = ppo_trainer(config, policy, tokenizer, reward, prompts, run, reference,
+                          on_step=tracker.at_step if tracker else None)
     if resume:
         trainer.load_checkpoint(Path(resume))
         run.forget_after(trainer.step)
@@ -350,12 +353,12 @@ def train_policy(config: Config, policy: Any, tokenizer: Any, reward: Any, promp
 
 
 def ppo_trainer(config: Config, policy: Any, tokenizer: Any, reward: Any, prompts: list[Any], run: Any,
-                reference: Any) -> Any:
+                reference: Any, on_step: Any = None) -> Any:
     """tunekit's PPO trainer with the recipe's settings (bench/gpu.py times this same trainer)."""
     from tunekit.rl.ppo import PPOTrainer
 
     return PPOTrainer(policy, tokenizer, reward, prompts, config.ppo, config.generation, config.args, log=run.log,
-                      reference=reference, shown_samples=config.rlhf.shown_samples, checkpoints=run)
+                      reference=reference, shown_samples=config.rlhf.shown_samples, checkpoints=run, on_step=on_step)
 
 
 METHOD = Method("rlhf", "Tune a causal LM against a reward model: PPO (tunekit's own), or --set rlhf.algo=grpo|rloo.",

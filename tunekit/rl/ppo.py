@@ -107,7 +107,7 @@ class PPOTrainer:
 
     def __init__(self, policy: Any, tokenizer: Any, reward: Any, prompts: list[Any], settings: Any, generation: Any,
                  train: PpoTraining, log: Any = None, reference: Any = None, shown_samples: int = 3,
-                 checkpoints: Any = None) -> None:
+                 checkpoints: Any = None, on_step: Any = None) -> None:
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
@@ -142,6 +142,8 @@ class PPOTrainer:
         self.seed, self.logging_steps, self.log, self.shown = train.seed, train.logging_steps, log or (lambda record: None), shown_samples
         # `checkpoints` is the run folder (RunFolder): checkpoint-N/ go there and are marked complete.
         self.save_steps, self.checkpoints, self.step = train.save_steps, checkpoints, 0
+        # on_step(step, policy, reference) after each round: the judge's evaluation points (tunekit.rl.judge)
+        self.on_step = on_step
 
     @property
     def policy(self) -> Any:
@@ -177,6 +179,8 @@ class PPOTrainer:
                     if step % self.logging_steps == 0 or last:
                         self.log_window(window, shown, progress)
                         window = []
+                    if self.on_step:
+                        self.on_step(step, self.policy, self.reference)
                     inject_fault(f"interrupt-rank-{self.accelerator.process_index}", step)
                     stopping = stop.agreed(self.accelerator.device, self.accelerator.num_processes)
                     if self.checkpoints and not last and (stopping or (self.save_steps and step % self.save_steps == 0)):

@@ -23,8 +23,10 @@ def encode(tokenizer: Any, text: str, max_length: int) -> list[int]:
         tokenizer.truncation_side = side
 
 
-def score_ids(model: Any, pad_token_id: int, ids: list[list[int]], batch_size: int = 32) -> list[float]:
-    """The reward of each token sequence, batched by length (right padding), in input order."""
+def score_ids(model: Any, pad_token_id: int, ids: list[list[int]], batch_size: int = 32,
+              positive: int | None = None) -> list[float]:
+    """The reward of each token sequence, batched by length (right padding), in input order: the
+    one output of a reward model, or (`positive`, a classifier) the probability of that class."""
     import torch
 
     device = next(model.parameters()).device
@@ -42,14 +44,16 @@ def score_ids(model: Any, pad_token_id: int, ids: list[list[int]], batch_size: i
                 input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
                 mask[row, : len(ids[i])] = 1
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-            for i, value in zip(chunk, logits[:, 0].float().cpu().tolist()):
+            column = logits[:, 0] if positive is None else logits.float().softmax(-1)[:, positive]
+            for i, value in zip(chunk, column.float().cpu().tolist()):
                 scores[i] = value
     model.train(was_training)
     return scores
 
 
 def score_texts(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32,
-                max_length: int = DEFAULT_MAX_LENGTH) -> list[float]:
-    """The reward model's score of each text (prompt and response together, as one string)."""
+                max_length: int = DEFAULT_MAX_LENGTH, positive: int | None = None) -> list[float]:
+    """The reward model's score of each text (prompt and response together, as one string), or a
+    classifier's probability of class `positive`."""
     ids = [encode(tokenizer, text, max_length) for text in texts]
-    return score_ids(model, tokenizer.pad_token_id, ids, batch_size)
+    return score_ids(model, tokenizer.pad_token_id, ids, batch_size, positive)

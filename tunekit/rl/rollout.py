@@ -194,31 +194,60 @@ def reference_of(lm: Any, reference: Any) -> Any:
     return adapter_off()
 
 
-def evaluate(lm: Any, reference: Any, tokenizer: Any, reward: RewardModel, prompts: list[Prompt],
-             generation: GenerationSection, seed: int, batch_size: int = 32, with_kl: bool = True) -> dict[str, float]:
-    """Mean reward of sampled responses on held-out prompts and (with_kl) the mean per-sequence KL to
-    the reference (sum over response tokens of log pi - log pi_ref), with a fixed sampling seed.
-    Before training the policy is the reference: with_kl=False skips two forwards that give 0."""
+@dataclass
+class Evaluation:
+    """Sampled responses to held-out prompts, each with its reward, (with a judge) its judge score,
+    and (with_kl) its KL to the reference: the per-prompt figures behind eval.json's means."""
+
+    prompts: list[str]
+    responses: list[str]
+    rewards: list[float]
+    lengths: list[float]
+    kls: list[float] = field(default_factory=list)
+    judge: list[float] = field(default_factory=list)
+    parts: dict[str, list[float]] = field(default_factory=dict)  # the reward's components
+
+    def means(self) -> dict[str, float]:
+        count = max(len(self.rewards), 1)
+        result = {"reward": sum(self.rewards) / count, "response_length": sum(self.lengths) / count,
+                  **{key: sum(values) / count for key, values in self.parts.items()}}
+        if self.judge:
+            result["judge"] = sum(self.judge) / count
+        return {**result, "kl": sum(self.kls) / count} if self.kls else result
+
+
+def evaluate_rows(lm: Any, reference: Any, tokenizer: Any, reward: RewardModel, prompts: list[Prompt],
+                  generation: GenerationSection, seed: int, batch_size: int = 32, with_kl: bool = True,
+                  judge: Any = None) -> Evaluation:
+    """Responses sampled on held-out prompts with a fixed seed, each scored by the reward, by `judge`
+    when given (anything with the reward model's `score`), and (with_kl) its per-sequence KL to the
+    reference (sum over response tokens of log pi - log pi_ref). Before training the policy is the
+    reference: with_kl=False skips two forwards that give 0."""
     torch.manual_seed(seed)
-    rewards, kls, lengths = [], [], []
-    parts: dict[str, list[float]] = {}  # the reward's components (rlhf.reward_fn beside a reward model)
+    result = Evaluation([p.shown for p in prompts], [], [], [])
     was_training = lm.training
     lm.eval()
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         samples = sample(lm, tokenizer, [p.policy_text for p in chunk], generation)
         raw, _ = scores_of(reward, chunk, samples, None)
-        rewards += raw.tolist()
+        result.responses += samples.texts
+        result.rewards += raw.tolist()
         for key, values in getattr(reward, "parts", {}).items():
-            parts.setdefault(key, []).extend(values)
-        lengths += samples.response_mask.sum(1).tolist()
+            result.parts.setdefault(key, []).extend(values)
+        result.lengths += samples.response_mask.sum(1).tolist()
+        if judge is not None:
+            result.judge += judge.score(chunk, samples.texts).tolist()
         if with_kl:
             logprobs = lm_logprobs(lm, samples, generation.temperature)
             with reference_of(lm, reference) as ref:
                 ref_logprobs = lm_logprobs(ref, samples, generation.temperature)
-            kls += ((logprobs - ref_logprobs) * samples.response_mask).sum(1).tolist()
+            result.kls += ((logprobs - ref_logprobs) * samples.response_mask).sum(1).tolist()
     lm.train(was_training)
-    count = max(len(rewards), 1)
-    result = {"reward": sum(rewards) / count, "response_length": sum(lengths) / count,
-              **{key: sum(values) / count for key, values in parts.items()}}
-    return {**result, "kl": sum(kls) / count} if with_kl else result
+    return result
+
+
+def evaluate(lm: Any, reference: Any, tokenizer: Any, reward: RewardModel, prompts: list[Prompt],
+             generation: GenerationSection, seed: int, batch_size: int = 32, with_kl: bool = True) -> dict[str, float]:
+    """Mean reward (and KL, response length) of sampled responses on held-out prompts (evaluate_rows)."""
+    return evaluate_rows(lm, reference, tokenizer, reward, prompts, generation, seed, batch_size, with_kl).means()

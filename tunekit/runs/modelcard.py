@@ -52,7 +52,8 @@ def as_list(value: Any) -> list[str]:
 
 def model_card(info: JsonObject, metrics: Metrics, task: str, peft_method: str | None, adapter: bool) -> str:
     front = yaml.safe_dump(metadata(info, task, peft_method, adapter), sort_keys=False, allow_unicode=True)
-    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()
+                     if not isinstance(v, list | dict))  # samples stay in eval.json
     trainable, total = info.get("trainable_params", 0), info.get("total_params", 0)
     share = f" ({100 * trainable / total:.2f}%)" if total else ""
     return f"""---

@@ -78,25 +78,45 @@ def loss_figure(records: list[JsonObject], method: str | None, name: str, units:
 
 
 def reward_figure(records: list[JsonObject], kl_per_token: bool, name: str) -> Any:
-    """Mean reward against step and, below, the KL divergence of the policy from the reference."""
+    """Mean reward against step and, below, the KL divergence of the policy from the reference; with
+    a judge (tunekit.rl.judge), a bottom row of the held-out evaluation points: the proxy's and the
+    judge's mean score against the KL, side by side (two scales, never one twin axis)."""
     reward, kl = series(records, "reward"), series(records, "kl")
     if not reward:
         return None
+    points = [r for r in records if all(isinstance(r.get(k), int | float) for k in ("eval/proxy", "eval/judge", "eval/kl"))]
     plt = pyplot()
-    panels = 2 if kl else 1
-    fig, axes = plt.subplots(panels, 1, figsize=(7, 3.2 + 1.8 * (panels - 1)), sharex=True, squeeze=False)
-    top = axes[0][0]
+    rows = 1 + bool(kl) + bool(points)
+    fig = plt.figure(figsize=(7, 3.2 + 1.8 * (rows - 1) + 0.6 * bool(points)))
+    grid = fig.add_gridspec(rows, 2)
+    top = fig.add_subplot(grid[0, :])
     top.plot(*zip(*reward), color="tab:blue", marker="o" if len(reward) < 12 else None, markersize=3)
     top.set_ylabel("mean reward\nreward model score")
     top.set_title(f"tunekit rlhf: {name}", fontsize=10)
     top.grid(alpha=0.3)
+    steps = top
     if kl:
-        low = axes[1][0]
-        low.plot(*zip(*kl), color="tab:orange", marker="o" if len(kl) < 12 else None, markersize=3)
-        low.set_ylabel("KL to reference\n" + ("nats per token" if kl_per_token else "nats per response"))
-        low.grid(alpha=0.3)
-    axes[-1][0].set_xlabel(step_label("rounds of rollouts"))
-    return layout(fig)
+        steps = fig.add_subplot(grid[1, :], sharex=top)
+        steps.plot(*zip(*kl), color="tab:orange", marker="o" if len(kl) < 12 else None, markersize=3)
+        steps.set_ylabel("KL to reference\n" + ("nats per token" if kl_per_token else "nats per response"))
+        steps.grid(alpha=0.3)
+        top.tick_params(labelbottom=False)
+    steps.set_xlabel(step_label("rounds of rollouts"))
+    from matplotlib.ticker import MaxNLocator
+
+    steps.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for column, (key, label, color) in enumerate((("eval/proxy", "proxy (training reward)", "tab:blue"),
+                                                  ("eval/judge", "held-out judge", "tab:green"))):
+        if not points:
+            break
+        ax = fig.add_subplot(grid[rows - 1, column])
+        ax.plot([r["eval/kl"] for r in points], [r[key] for r in points], color=color, marker="o", markersize=3)
+        for r in points[:: max(len(points) // 6, 1)]:  # a few step labels: where on the run each point is
+            ax.annotate(str(r["step"]), (r["eval/kl"], r[key]), fontsize=6, textcoords="offset points", xytext=(2, 2))
+        ax.set_ylabel(f"{label}\nheld-out mean")
+        ax.set_xlabel("KL to reference (nats per response)")
+        ax.grid(alpha=0.3)
+    return layout(fig, integer_steps=False)
 
 
 def pyplot() -> Any:
@@ -108,10 +128,11 @@ def pyplot() -> Any:
     return plt
 
 
-def layout(fig: Any) -> Any:
+def layout(fig: Any, integer_steps: bool = True) -> Any:
     from matplotlib.ticker import MaxNLocator
 
-    fig.axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    if integer_steps:  # the bottom axis counts steps, whole numbers
+        fig.axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in fig.axes:  # tick labels carry the whole value; no "1e-7-1.7e-2" offset text above a panel
         if type(ax.yaxis.get_major_formatter()).__name__ == "ScalarFormatter":
             ax.ticklabel_format(axis="y", useOffset=False)
