@@ -1,9 +1,10 @@
 # The real-model chain: SmolLM2-135M-Instruct (`tunekit model fetch`), its exact-answer accuracy on
-# tunekit's arithmetic problems before and after LoRA SFT, GRPO (and PPO) on harder problems from
-# the SFT model, a merge, and `tunekit serve` of the merged model answering the official `openai`
-# client. Each training step's target is its run folder's README.md (the model card, written last),
-# each evaluation's a JSON file under $(RUNS)/smol-eval/; every step runs under /usr/bin/time -v
-# (user + system CPU seconds and peak memory land in $(RUNS)/smol-time/STEP.txt).
+# tunekit's arithmetic problems (easy and hard) before and after LoRA SFT on both, GRPO (and PPO:
+# `make -f examples/smol.mk runs/smol-eval/ppo.json`) on the hard ones from the SFT model, a
+# merge, and `tunekit serve` of the merged model answering the official `openai` client. Each
+# training step's target is its run folder's README.md (the model card, written last), each
+# evaluation's a JSON file under $(RUNS)/smol-eval/; every step runs under /usr/bin/time -v (user +
+# system CPU seconds and peak memory land in $(RUNS)/smol-time/STEP.txt).
 #
 #   make smol                                        # the whole chain (see the README's table)
 #   make -f examples/smol.mk summary                 # the table, from the files the chain wrote
@@ -36,7 +37,7 @@ data/arith-hard/train.jsonl: tunekit/arithmetic.py
 $(EVAL)/base.json: $(MODEL)/config.json data/arith/train.jsonl data/arith-hard/train.jsonl
 	$(call TIMED,eval-base) $(TUNEKIT) eval $(MODEL) $(foreach t,$(EASY) $(HARD),--task $(t)) --out $@
 
-$(SFT)/README.md: recipes/sft/smollm2-arith.yaml $(MODEL)/config.json data/arith/train.jsonl
+$(SFT)/README.md: recipes/sft/smollm2-arith.yaml $(MODEL)/config.json data/arith/train.jsonl data/arith-hard/train.jsonl
 	$(call TIMED,sft) $(TUNEKIT) lora $< --output-dir $(SFT) --overwrite
 
 $(SFT)/merged/config.json: $(SFT)/README.md
