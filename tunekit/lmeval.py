@@ -55,6 +55,8 @@ class Task(Section):
     separator: str = Field("\n\n", description="between demonstrations and query")
     chat: bool = Field(False, description="demonstrations as prior chat turns, through the chat template")
     block_size: int = Field(256, gt=1, description="perplexity: tokens per scored window")
+    batch_size: int = Field(64, gt=0, description="generate: prompts answered together (a larger batch spreads "
+                                                  "each decoding step's fixed cost over more rows; memory grows)")
 
     @model_validator(mode="after")
     def _choices_for_multiple_choice(self) -> Task:
@@ -210,7 +212,7 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / n / n)
 
 
-def generate_raw(model: Any, tokenizer: Any, prompts: list[str], task: Task, batch_size: int = 16) -> list[str]:
+def generate_raw(model: Any, tokenizer: Any, prompts: list[str], task: Task) -> list[str]:
     """Continuations of rendered prompts in left-padded batches, greedy or sampled as the task says,
     each cut at EOS. A plain-text prompt's continuation is cut at its first blank line too (the
     model would go on with another demonstration); a chat turn ends at EOS only, so a chat model's
@@ -222,7 +224,7 @@ def generate_raw(model: Any, tokenizer: Any, prompts: list[str], task: Task, bat
     tokenizer.padding_side = "left"  # generation continues from the right end of each row
     settings = GenerationSection(max_new_tokens=task.max_new_tokens, temperature=task.temperature, top_p=task.top_p,
                                  seed=task.seed)
-    responses = [r["response"] for r in continue_texts(model, tokenizer, prompts, settings, batch_size)]
+    responses = [r["response"] for r in continue_texts(model, tokenizer, prompts, settings, task.batch_size)]
     return responses if task.chat else [r.split("\n\n")[0].strip() for r in responses]
 
 
