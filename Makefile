@@ -20,7 +20,7 @@ install:
 	$(BIN)/pip install "torch==2.13.0"
 	$(BIN)/pip install -e ".[test]" "torch==2.13.0"
 
-test: data
+test: data models
 	$(BIN)/python -m pytest -q tests
 
 # data/: every dataset of data/README.md, checked by sha256 (a few checksums when all are there).

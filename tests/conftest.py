@@ -115,11 +115,12 @@ def tiny_gpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def arith_data() -> Path:
-    """tunekit's own seeded arithmetic problems in data/arith (git-ignored), which the arithmetic
-    recipes read: written as `python -m tunekit.arithmetic data/arith` would, when absent."""
+    """tunekit's own seeded arithmetic problems in data/arith and data/arith-hard (git-ignored), which
+    the arithmetic recipes read: written as `python -m tunekit.arithmetic` would, when absent; the
+    fixture's value is data/arith."""
     from tunekit import arithmetic
 
-    folder = ROOT / "data" / "arith"
-    if not all((folder / name).is_file() for name in ("train.jsonl", "heldout.jsonl", "pretrain.jsonl")):
-        arithmetic.write(folder)
-    return folder
+    for difficulty, folder in (("hard", ROOT / "data" / "arith-hard"), ("easy", ROOT / "data" / "arith")):
+        if not all((folder / name).is_file() for name in ("train.jsonl", "heldout.jsonl", "pretrain.jsonl")):
+            arithmetic.write(folder, difficulty=difficulty)
+    return ROOT / "data" / "arith"

@@ -78,7 +78,8 @@ DATASETS: list[Dataset] = [
 
 # Data that tunekit writes itself (seeded: the same files every time), nothing to download: the
 # folder under data/ and the command that writes it.
-MADE: dict[str, str] = {"arith": "python -m tunekit.arithmetic data/arith"}
+MADE: dict[str, str] = {"arith": "python -m tunekit.arithmetic data/arith",
+                         "arith-hard": "python -m tunekit.arithmetic data/arith-hard --difficulty hard"}
 
 
 def under_data(path: Path, data_dir: Path) -> Path | None:
