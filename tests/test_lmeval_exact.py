@@ -11,7 +11,8 @@ import random
 import pytest
 from conftest import write
 
-from tunekit.lmeval import Task, build_prompt, generate_raw, generation_task, mean_and_se, score_answers
+from tunekit.lmeval import Task, build_prompt, generate_raw, generation_task, score_answers
+from tunekit.runs.metrics import mean_and_se
 
 ROWS = [{"prompt": f"Ann has {a} apples and gets {b} more. How many apples does Ann have?", "answer": str(a + b)}
         for a, b in [(12, 3), (40, 7), (7, 7), (81, 9), (33, 1), (5, 60), (19, 2)]]

@@ -179,6 +179,8 @@ def multiple_choice(model: Any, tokenizer: Any, task: Task, rows: list, pool: li
 def generation_task(model: Any, tokenizer: Any, task: Task, rows: list, pool: list, rng: random.Random) -> dict[str, float]:
     """Each prompt answered `samples` times (greedy or sampled), each answer scored, a prompt's score
     their mean; the mean over prompts and its standard error (module docstring)."""
+    from tunekit.runs.metrics import mean_and_se
+
     prompts = [build_prompt(task, tokenizer, row, demonstrations(task, pool, row, rng), lambda d: " " + fill(task.target, d, "pool")) for row in rows]
     outputs = generate_raw(model, tokenizer, [p for p in prompts for _ in range(task.samples)], task)
     scores = score_answers(task, [row for row in rows for _ in range(task.samples)], outputs)
@@ -203,13 +205,6 @@ def score_answers(task: Task, rows: list[Row], answers: list[str]) -> list[float
         else:
             scores.append(squad_f1(answer, [reference]))
     return scores
-
-
-def mean_and_se(values: list[float]) -> tuple[float, float]:
-    """The mean and its standard error sqrt(mean((v - mean)^2) / n): sqrt(p(1-p)/n) for 0/1 values."""
-    n = len(values)
-    mean = sum(values) / n
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / n / n)
 
 
 def generate_raw(model: Any, tokenizer: Any, prompts: list[str], task: Task) -> list[str]:

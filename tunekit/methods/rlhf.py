@@ -292,7 +292,7 @@ def setup(config: Config, data: Data, run: Any) -> Any:
     device = this_process_device(config)  # the evaluation before training samples there too
     policy.to(device)
     reward.to(device)
-    judge = Judge(config.rlhf.judge, positive, config.rlhf.reward_batch_size).to(device) if config.rlhf.judge else None
+    judge = Judge(config.rlhf.judge, config.rlhf.reward_batch_size, positive).to(device) if config.rlhf.judge else None
     train = make_prompts(data.train, tokenizer, config.rlhf.chat_template, data.train_rows)
     held_out = make_prompts(data.eval, tokenizer, config.rlhf.chat_template, data.eval_rows)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from tunekit.errors import UserError
 from tunekit.jsontypes import JsonObject, Metrics
+from tunekit.rl.reward_scores import RunScorer
 
 Keep = Literal["last", "best_judge"]
 JUDGE_METHODS = ("reward", "classify")
@@ -125,32 +126,9 @@ def unknown_share(tokenizer: Any, texts: list[str]) -> float:
 # Scoring
 
 
-class Judge:
-    """A judge run's model: the score of each prompt + response (tunekit reward's layout)."""
-
-    def __init__(self, run_dir: str, positive: int | None, batch_size: int = 32) -> None:
-        from transformers import AutoModelForSequenceClassification
-
-        from tunekit.models import load_run_model
-        from tunekit.rl.rollout import reward_max_length
-
-        path = Path(run_dir)
-        self.model, self.tokenizer = load_run_model(path, AutoModelForSequenceClassification)
-        self.model.eval().requires_grad_(False)
-        self.positive, self.batch_size, self.max_length = positive, batch_size, reward_max_length(path)
-
-    def to(self, device: Any) -> Judge:
-        self.model.to(device)
-        return self
-
-    def score(self, prompts: list[Any], responses: list[str]) -> Any:
-        import torch
-
-        from tunekit.rl.reward_scores import score_texts
-
-        texts = [p.reward_text(self.tokenizer, r) for p, r in zip(prompts, responses)]
-        scores = score_texts(self.model, self.tokenizer, texts, self.batch_size, self.max_length, self.positive)
-        return torch.tensor(scores, dtype=torch.float32)
+class Judge(RunScorer):
+    """A judge run's model: the score of each prompt + response, as the reward model scores them
+    (a classify run's: the probability of class `positive`)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,14 +194,12 @@ class JudgeTracker:
     def save_best(self) -> None:
         if not self.run.enabled:
             return
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        from tunekit.files import write_json
+        from tunekit.files import write_atomic, write_json
 
         folder = self.run.path / BEST
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(self.best_weights, str(folder / ".policy.safetensors.tmp"))
-        (folder / ".policy.safetensors.tmp").replace(folder / "policy.safetensors")
+        write_atomic(folder / "policy.safetensors", save(self.best_weights))
         write_json(folder / "point.json", {"step": self.best_step, "judge": self.best_judge})
 
     def finish(self, policy: Any) -> Any:
@@ -245,13 +221,13 @@ class JudgeTracker:
 def judge_metrics(before: Any, after: Any, tracker: JudgeTracker | None) -> Metrics:
     """eval.json's judge figures: its mean before and after, the final policy's win rate over the
     starting one (per prompt; ties half) with its standard error, and sample responses."""
+    from tunekit.runs.metrics import mean_and_se
+
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for b, a in zip(before.judge, after.judge)]
     count = len(wins)
-    rate = sum(wins) / max(count, 1)
-    spread = math.sqrt(sum((w - rate) ** 2 for w in wins) / (count - 1)) if count > 1 else 0.0
+    rate, se = mean_and_se(wins, ddof=1)
     metrics: Metrics = {"judge_before": sum(before.judge) / max(count, 1), "judge_after": sum(after.judge) / max(count, 1),
-                        "judge_win_rate": rate, "judge_win_rate_se": spread / math.sqrt(max(count, 1)),
-                        "judge_prompts": count}
+                        "judge_win_rate": rate, "judge_win_rate_se": se, "judge_prompts": count}
     if tracker is not None and tracker.keep == "best_judge":
         metrics["kept_step"] = tracker.best_step if tracker.best_step is not None else tracker.last_step
     metrics["samples"] = [

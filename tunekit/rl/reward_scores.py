@@ -3,6 +3,7 @@ when `tunekit reward` trains one and when PPO, GRPO and RLOO score policy respon
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tunekit.data.preference import DEFAULT_MAX_LENGTH
@@ -57,3 +58,42 @@ def score_texts(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 
     classifier's probability of class `positive`."""
     ids = [encode(tokenizer, text, max_length) for text in texts]
     return score_ids(model, tokenizer.pad_token_id, ids, batch_size, positive)
+
+
+def reward_max_length(run_dir: Path) -> int:
+    """The tokens per text a reward run trained with: its saved `data.max_length` (`train.max_length`
+    in runs saved before that key moved)."""
+    from tunekit.runs.folder import read_run_config
+
+    saved = read_run_config(run_dir)
+    old = (saved.get("train") or {}).get("max_length")
+    return int(old or (saved.get("data") or {}).get("max_length", DEFAULT_MAX_LENGTH))
+
+
+class RunScorer:
+    """A `tunekit reward` or `tunekit classify` run's model and tokenizer, scoring prompt + response
+    texts: a reward model's one output, or (`positive`) a classifier's probability of that class."""
+
+    def __init__(self, run_dir: str, batch_size: int = 32, positive: int | None = None) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        from tunekit.models import load_run_model
+
+        path = Path(run_dir)
+        self.model, self.tokenizer = load_run_model(path, AutoModelForSequenceClassification)
+        self.model.eval().requires_grad_(False)
+        self.batch_size, self.positive = batch_size, positive
+        # Texts are cut where the run cut them in training (as `predict` does).
+        self.max_length = reward_max_length(path)
+
+    def to(self, device: Any) -> RunScorer:
+        self.model.to(device)
+        return self
+
+    def score(self, prompts: list[Any], responses: list[str]) -> Any:
+        """A float32 tensor: the score of each prompt (a rollout Prompt) with its response."""
+        import torch
+
+        texts = [p.reward_text(self.tokenizer, r) for p, r in zip(prompts, responses)]
+        scores = score_texts(self.model, self.tokenizer, texts, self.batch_size, self.max_length, self.positive)
+        return torch.tensor(scores, dtype=torch.float32)

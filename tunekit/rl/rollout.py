@@ -14,6 +14,7 @@ import torch
 from tunekit.errors import UserError
 from tunekit.generation import GenerationSection, generate_ids
 from tunekit.jsontypes import Row
+from tunekit.rl.reward_scores import RunScorer
 
 
 @dataclass
@@ -49,13 +50,10 @@ def make_prompts(conversations: list[list[dict[str, str]]], tokenizer: Any, chat
             for messages, row in zip(conversations, rows)]
 
 
-class RewardModel:
+class RewardModel(RunScorer):
     """A `tunekit reward` run's model and tokenizer: one scalar per text."""
 
     def __init__(self, run_dir: str, batch_size: int = 32) -> None:
-        from transformers import AutoModelForSequenceClassification
-
-        from tunekit.models import load_run_model
         from tunekit.runs.folder import run_method
 
         path = Path(run_dir)
@@ -63,33 +61,7 @@ class RewardModel:
             raise UserError(f"rlhf.reward_model: {run_dir}: not a tunekit run folder; train one with `tunekit reward`")
         if run_method(path) != "reward":
             raise UserError(f"rlhf.reward_model: {run_dir}: a `tunekit {run_method(path)}` run, not a `tunekit reward` run")
-        self.model, self.tokenizer = load_run_model(path, AutoModelForSequenceClassification)
-        self.model.eval().requires_grad_(False)
-        self.batch_size = batch_size
-        # Texts are cut where the reward run cut them in training (as `predict` does).
-        self.max_length = reward_max_length(path)
-
-    def to(self, device: Any) -> RewardModel:
-        self.model.to(device)
-        return self
-
-    def score(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
-        from tunekit.rl.reward_scores import score_texts
-
-        texts = [p.reward_text(self.tokenizer, r) for p, r in zip(prompts, responses)]
-        scores = score_texts(self.model, self.tokenizer, texts, self.batch_size, self.max_length)
-        return torch.tensor(scores, dtype=torch.float32)
-
-
-def reward_max_length(run_dir: Path) -> int:
-    """The tokens per text a reward run trained with: its saved `data.max_length` (`train.max_length`
-    in runs saved before that key moved)."""
-    from tunekit.data.preference import DEFAULT_MAX_LENGTH
-    from tunekit.runs.folder import read_run_config
-
-    saved = read_run_config(run_dir)
-    old = (saved.get("train") or {}).get("max_length")
-    return int(old or (saved.get("data") or {}).get("max_length", DEFAULT_MAX_LENGTH))
+        super().__init__(run_dir, batch_size)
 
 
 def encode(tokenizer: Any, texts: list[str], device: Any) -> tuple[torch.Tensor, torch.Tensor]:

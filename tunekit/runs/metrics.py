@@ -1,5 +1,5 @@
 """Metrics computed locally (no network): GLUE-style classification and regression metrics, SQuAD
-exact match and F1."""
+exact match and F1, and a mean with its standard error."""
 
 from __future__ import annotations
 
@@ -85,3 +85,14 @@ def squad_metrics(predictions: dict[str, str], golds: dict[str, list[str]]) -> d
     em = sum(squad_exact_match(predictions.get(qid, ""), answers) for qid, answers in golds.items())
     f1 = sum(squad_f1(predictions.get(qid, ""), answers) for qid, answers in golds.items())
     return {"exact_match": 100 * em / len(golds), "f1": 100 * f1 / len(golds)}
+
+
+def mean_and_se(values: list[float], ddof: int = 0) -> tuple[float, float]:
+    """The mean and its standard error sqrt(sum((v - mean)^2) / (n - ddof) / n): with ddof 0,
+    sqrt(p(1-p)/n) for 0/1 values; with ddof 1, the sample standard deviation over sqrt(n). 0 and 0
+    for no values; a standard error of 0 where n - ddof is not positive."""
+    n = len(values)
+    mean = sum(values) / max(n, 1)
+    if n - ddof <= 0:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - ddof) / n)
