@@ -102,9 +102,6 @@ def reward_figure(records: list[JsonObject], kl_per_token: bool, name: str) -> A
         steps.grid(alpha=0.3)
         top.tick_params(labelbottom=False)
     steps.set_xlabel(step_label("rounds of rollouts"))
-    from matplotlib.ticker import MaxNLocator
-
-    steps.xaxis.set_major_locator(MaxNLocator(integer=True))
     for column, (key, label, color) in enumerate((("eval/proxy", "proxy (training reward)", "tab:blue"),
                                                   ("eval/judge", "held-out judge", "tab:green"))):
         if not points:
@@ -116,7 +113,7 @@ def reward_figure(records: list[JsonObject], kl_per_token: bool, name: str) -> A
         ax.set_ylabel(f"{label}\nheld-out mean")
         ax.set_xlabel("KL to reference (nats per response)")
         ax.grid(alpha=0.3)
-    return layout(fig, integer_steps=False)
+    return layout(fig, steps)
 
 
 def pyplot() -> Any:
@@ -128,11 +125,12 @@ def pyplot() -> Any:
     return plt
 
 
-def layout(fig: Any, integer_steps: bool = True) -> Any:
+def layout(fig: Any, steps: Any = None) -> Any:
+    """Whole-number ticks on the axis that counts steps (`steps`; default: the bottom one), and the
+    tick labels of every panel written out."""
     from matplotlib.ticker import MaxNLocator
 
-    if integer_steps:  # the bottom axis counts steps, whole numbers
-        fig.axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    (steps or fig.axes[-1]).xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in fig.axes:  # tick labels carry the whole value; no "1e-7-1.7e-2" offset text above a panel
         if type(ax.yaxis.get_major_formatter()).__name__ == "ScalarFormatter":
             ax.ticklabel_format(axis="y", useOffset=False)
