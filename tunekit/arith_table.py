@@ -20,6 +20,8 @@ import re
 import statistics
 from pathlib import Path
 
+from tunekit.runs.folder import recorded_version
+
 TASKS = ("arith-exact", "arith-exact-sampled", "arith-hard-exact", "arith-hard-exact-sampled")
 TRAINED_BY = {"sft": "lora-smollm2-arith", "grpo": "lora-smollm2-arith-grpo", "ppo": "lora-smollm2-arith-ppo"}
 TINY = ("sft-tiny-gpt-arith", "rlhf-tiny-gpt-arith-grpo", "rlhf-tiny-gpt-arith-ppo")
@@ -33,11 +35,6 @@ def cpu_and_memory(report: Path) -> tuple[float, float] | None:
     cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([0-9.]+)", text))
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     return cpu / 60, (int(peak.group(1)) / 1e6 if peak else float("nan"))
-
-
-def commit_of(run: Path) -> str:
-    path = run / "run.json"
-    return json.loads(path.read_text()).get("tunekit", "?") if path.is_file() else "?"
 
 
 def accuracy(metrics: dict[str, float] | None) -> str:
@@ -66,7 +63,7 @@ def real_table(runs: Path) -> list[str]:
         if len(values) > 1:
             lines.append(f"\nGRPO over {len(values)} seeds, {task}: mean {statistics.mean(values):.3f}, "
                          f"spread (min-max) {min(values):.3f}-{max(values):.3f}")
-    commits = {commit_of(runs / folder) for folder in TRAINED_BY.values() if (runs / folder).is_dir()}
+    commits = {recorded_version(runs / folder) for folder in TRAINED_BY.values() if (runs / folder).is_dir()}
     return [f"Real model (SmolLM2-135M-Instruct), runs on tunekit {', '.join(sorted(commits)) or '?'}:", "", *lines]
 
 
@@ -81,7 +78,7 @@ def tiny_table(runs: Path) -> list[str]:
         timing = cpu_and_memory(run / "time.txt")
         before, after = metrics.get("exact_answer_before"), metrics.get("exact_answer_after")
         shown = f"{before:.3f} -> {after:.3f}" if before is not None and after is not None else "-"
-        lines.append(f"| {folder} | {shown} | {f'{timing[0]:.1f}' if timing else '-'} | {commit_of(run)} |")
+        lines.append(f"| {folder} | {shown} | {f'{timing[0]:.1f}' if timing else '-'} | {recorded_version(run)} |")
     if not lines:
         return []
     return ["Tiny GPT (examples/arith.mk):", "", "| run | held-out exact answer before -> after | CPU min | tunekit |",

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,12 +143,13 @@ def write(folder: Path, seed: int = 0, train: int = 4000, heldout: int = 500, pr
 def report(run: Path) -> str:
     """One line: an RL run's held-out exact-answer accuracy before and after, and the CPU minutes
     (user + system) of the step, from the `/usr/bin/time -v` report in its time.txt."""
+    from tunekit.arith_table import cpu_and_memory
+
     metrics = json.loads((run / "eval.json").read_text())
     line = f"{run}: held-out exact_answer {metrics['exact_answer_before']:.3f} -> {metrics['exact_answer_after']:.3f}"
-    timing = run / "time.txt"
-    if timing.is_file():
-        cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([0-9.]+)", timing.read_text()))
-        line += f", {cpu / 60:.1f} CPU minutes"
+    timing = cpu_and_memory(run / "time.txt")
+    if timing:
+        line += f", {timing[0]:.1f} CPU minutes"
     return line
 
 

@@ -12,11 +12,10 @@ towards or under 50% is where over-optimisation starts. The commit the runs reco
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from tunekit.files import read_json
-from tunekit.runs.folder import read_run_config
+from tunekit.runs.folder import read_run_config, recorded_version
 
 HEADER = ("| run | ppo.kl_coef | proxy before -> after | judge before -> after | KL (nats) | judge win rate |\n"
           "|---|---|---|---|---|---|")
@@ -37,7 +36,7 @@ def table(runs: list[Path]) -> str:
     rows = [line for run in sorted(runs) if (line := row(run))]
     if not rows:
         return "no finished rlhf run with rlhf.judge among: " + ", ".join(str(r) for r in runs)
-    commits = sorted({json.loads((r / "run.json").read_text()).get("tunekit", "?") for r in runs if (r / "run.json").is_file()})
+    commits = sorted({recorded_version(r) for r in runs if (r / "run.json").is_file()})
     return "\n".join([HEADER, *rows, "", f"tunekit {', '.join(commits)}"])
 
 

@@ -78,6 +78,13 @@ def source_version() -> str:
     return f"{__version__} ({commit}{'+dirty' if changed else ''})"
 
 
+def recorded_version(run_dir: Path) -> str:
+    """The tunekit version (and commit) a run recorded in its run.json (source_version); "?" for a
+    folder without one."""
+    path = Path(run_dir) / "run.json"
+    return read_json(path).get("tunekit", "?") if path.is_file() else "?"
+
+
 class RunFolder:
     """One training run's folder. Only the main process writes (`enabled=False` elsewhere)."""
 
