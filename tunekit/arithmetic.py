@@ -31,6 +31,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunekit.files import write_atomic
+
 NAMES = ("Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jill", "Kai", "Lena")
 ITEMS = ("apples", "books", "coins", "stamps", "marbles", "pencils", "shells", "cards", "eggs", "nails")
 
@@ -123,7 +125,7 @@ def write(folder: Path, seed: int = 0, train: int = 4000, heldout: int = 500, pr
           equations: int = 100000, difficulty: str = "easy") -> list[Path]:
     """train.jsonl and heldout.jsonl (prompt, completion, answer) and pretrain.jsonl (text: worked
     problems, and bare equations `63 - 5 = 58.` that give the small model many more sums to learn
-    from per token, shuffled together), each written to a temporary file and renamed into place."""
+    from per token, shuffled together), each written atomically (tunekit.files)."""
     folder.mkdir(parents=True, exist_ok=True)
     sets = make(seed, train, heldout, pretrain, equations, difficulty)
     texts = [f"{p.question} {p.worked}" for p in sets.pop("pretrain")]
@@ -133,9 +135,7 @@ def write(folder: Path, seed: int = 0, train: int = 4000, heldout: int = 500, pr
     for name, rows in (("heldout", [p.row() for p in sets["heldout"]]), ("train", [p.row() for p in sets["train"]]),
                        ("pretrain", [{"text": t} for t in texts])):
         path = folder / f"{name}.jsonl"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(path)
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
         written.append(path)
     return written
 
