@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import openai
@@ -23,7 +24,8 @@ def start(model: str) -> tuple[subprocess.Popen, str]:
     deadline = time.monotonic() + 300
     for line in server.stderr:
         found = re.search(r"(http://\S+/v1)", line)
-        if found:
+        if found:  # the server's later log lines are passed on, so its pipe never fills and blocks it
+            threading.Thread(target=lambda: sys.stderr.writelines(server.stderr), daemon=True).start()
             return server, found.group(1)
         if time.monotonic() > deadline:
             break

@@ -105,7 +105,8 @@ class RunFolder:
         write_atomic(self.path / "config.yaml", scrub_secrets(config_yaml))
         engine = running()
         self.info = {"method": method, "status": "running", "command": scrub_secrets(command_line()),
-                     "tunekit": source_version(), "device": device_name(), "engine": engine.name, "sharding": engine.sharding, **info}
+                     "tunekit": source_version(), "device": device_name(), "engine": engine.name,
+                     "sharding": engine.sharding, **info}
         self._write_info()
         print(banner(self.info, self.path), file=sys.stderr, flush=True)
 
