@@ -178,6 +178,10 @@ def test_a_running_batch_trims_padding_columns_and_lets_finished_jobs_go(tiny):
     assert engine.stats["widest"] <= len(ids) + 2 * 16, engine.stats  # 31 x 8+ columns without trimming
     jobs[-1].cancel()
     engine.close()
+    # every forward pass but the prefills is a decoding step, filed under its rows (1 or 2 here)
+    assert sum(engine.decode_steps.values()) == engine.stats["steps"] - engine.stats["batches"]
+    assert set(engine.decode_steps) == {1, 2} and set(engine.decode_seconds) == {1, 2}
+    assert sum(engine.decode_seconds.values()) < engine.stats["step_seconds"]
 
 
 def test_a_non_streaming_client_that_disconnects_stops_its_generation(server):

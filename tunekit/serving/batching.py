@@ -14,7 +14,7 @@ import logging
 import random
 import threading
 import time
-from collections import deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,6 +141,10 @@ class BatchDecoder:
         # steps, step_seconds: forward passes and the time they took (bench/serve_soak.py watches both)
         self.stats = {"batches": 0, "joins": 0, "rows": 0, "rows_cancelled": 0, "rows_failed": 0, "tokens": 0,
                       "largest_batch": 0, "width": 0, "widest": 0, "steps": 0, "step_seconds": 0.0}
+        # decoding steps (one new token a row) by their number of rows: how many, and their seconds, so
+        # that step times can be compared at the same batch sizes (bench/serve_soak.py)
+        self.decode_steps: Counter[int] = Counter()
+        self.decode_seconds: defaultdict[int, float] = defaultdict(float)
         self._live: list[Job] = []  # the jobs with rows in the running batch, or being prefilled
         self._queue: deque[Job] = deque()
         self._ready = threading.Condition()
@@ -296,8 +300,12 @@ class BatchDecoder:
             logits, cache = forward_with_cache(self.model, cache, input_ids=ids, attention_mask=mask,
                                                position_ids=positions, use_cache=True, logits_to_keep=1)
             tokens = choose_tokens(logits[:, -1, :], rows)
+        elapsed = time.perf_counter() - started
         self.stats["steps"] += 1
-        self.stats["step_seconds"] += time.perf_counter() - started
+        self.stats["step_seconds"] += elapsed
+        if ids.shape[1] == 1:
+            self.decode_steps[len(rows)] += 1
+            self.decode_seconds[len(rows)] += elapsed
         keep = [i for i, (row, token) in enumerate(zip(rows, tokens)) if self._advance_or_fail(row, token)]
         if not keep:
             self.stats["width"] = 0
