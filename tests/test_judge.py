@@ -98,14 +98,14 @@ def bad_judges(reward_run, tiny_bert, tmp_path_factory):  # noqa: F811
 
     root = tmp_path_factory.mktemp("judges")
 
-    def run(name, method, architecture, vocab_size=None):
+    def run(name, method, architecture, vocab_size=None, status="done"):
         folder = root / name
         shutil.copytree(reward_run / "model", folder / "model")
         config = json.loads((folder / "model" / "config.json").read_text())
         config["architectures"] = [architecture]
         config["vocab_size"] = vocab_size or config["vocab_size"]
         write(folder / "model" / "config.json", json.dumps(config))
-        write(folder / "run.json", json.dumps({"method": method, "status": "done"}))
+        write(folder / "run.json", json.dumps({"method": method, "status": status}))
         return folder
 
     digits = run("digits", "reward", "BertForSequenceClassification")
@@ -118,10 +118,11 @@ def bad_judges(reward_run, tiny_bert, tmp_path_factory):  # noqa: F811
         "headless": (run("headless", "reward", "BertModel"), "without a sequence-classification head"),
         "digits": (digits, "as the unknown token [UNK]"),
         "vocab": (run("vocab", "reward", "BertForSequenceClassification", vocab_size=100), "tokens but its model 100"),
+        "running": (run("running", "reward", "BertForSequenceClassification", status="running"), "has not finished"),
     }
 
 
-@pytest.mark.parametrize("case", ["sft", "headless", "digits", "vocab"])
+@pytest.mark.parametrize("case", ["sft", "headless", "digits", "vocab", "running"])
 def test_a_judge_that_cannot_judge_is_exit_2_before_training(tmp_path, cli, tiny_gpt, reward_run, bad_judges, case):  # noqa: F811
     folder, expected = bad_judges[case]
     recipe = rlhf_recipe(tmp_path, tiny_gpt, reward_run, rlhf={"reward_model": reward_run, "judge": folder})

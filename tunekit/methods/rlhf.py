@@ -286,9 +286,9 @@ def setup(config: Config, data: Data, run: Any) -> Any:
     from tunekit.training import status_on_error
 
     positive = judge_class(config, data) if config.rlhf.judge else None  # before the policy loads
-    policy, tokenizer = load_policy(config)
     reward = build_rewards(config.rlhf.reward_model, config.rlhf.reward_model_weight, config.rlhf.reward_fn,
-                           config.rlhf.reward_batch_size)
+                           config.rlhf.reward_batch_size)  # the reward too: the smaller model, and the likelier to be wrong
+    policy, tokenizer = load_policy(config)
     device = this_process_device(config)  # the evaluation before training samples there too
     policy.to(device)
     reward.to(device)

@@ -51,11 +51,17 @@ def check_judge(run_dir: str, label: str | int | None, texts: list[str], where: 
     probability is the score (None: a reward model's one output)."""
     from tunekit.files import read_json
     from tunekit.runs.folder import run_method
+    from tunekit.runs.reading import check_finished
 
     run = Path(run_dir)
     key = f"{where}: rlhf.judge: {run_dir}"
     if not (run / "run.json").is_file():
         raise UserError(f"{key}: not a tunekit run folder; train a judge with `tunekit reward` or `tunekit classify`")
+    info = read_json(run / "run.json")
+    try:
+        check_finished(run, info.get("status"), info.get("reason"))
+    except UserError as error:
+        raise UserError(f"{where}: rlhf.judge: {error}") from None
     method = run_method(run)
     folder = model_folder(run)
     config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
