@@ -183,6 +183,8 @@ def serve(target: str, host: str = "127.0.0.1", port: int = 8000, api_key: str |
         server.run(sockets=[sock])
     finally:
         engine.close()
+    if server.should_exit:  # stopped by Ctrl-C or SIGTERM: uvicorn raises the signal again after its
+        raise KeyboardInterrupt  # shutdown, but asyncio's own SIGINT handler can let the run end normally
 
 
 @contextlib.contextmanager
