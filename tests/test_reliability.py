@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write
+from conftest import SHARED, write
 
 from tunekit.data import corpus
 
@@ -204,6 +204,7 @@ def test_trl_arguments_use_the_current_names_and_library_warnings_go_to_the_run_
     from tunekit.methods import rlhf
     from tunekit.rl.trl_algos import trl_arguments
     from tunekit.runs.folder import RunFolder
+    from tunekit.runs.library_warnings import hold_library_warnings
 
     config = load_config(rlhf.Config, "rlhf/tiny-gpt-arith-grpo", ["train.use_cpu=true"])
     with warnings.catch_warnings(record=True) as caught:
@@ -211,14 +212,35 @@ def test_trl_arguments_use_the_current_names_and_library_warnings_go_to_the_run_
         args = trl_arguments(config, SimpleNamespace(path=tmp_path / "args"))
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
     assert args.activation_checkpointing is False and args.gradient_checkpointing is False
+    model_code = "/venv/lib/python3.11/site-packages/transformers/modeling_utils.py"
     with warnings.catch_warnings(record=True) as shown:  # what reaches the terminal
         warnings.simplefilter("always")
+        hold_library_warnings()  # the method sets up: PEFT wraps the model before the run folder exists
+        warnings.warn_explicit("asked while PEFT wrapped the model", FutureWarning, model_code, 3313)
         RunFolder(tmp_path / "run").start("rlhf", "method: rlhf\n", False)
-        model_code = "/venv/lib/python3.11/site-packages/transformers/modeling_utils.py"
         warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarning, model_code, 3313)
         warnings.warn_explicit("your reward module says", FutureWarning, str(tmp_path / "reward.py"), 1)
     assert [str(w.message) for w in shown] == ["your reward module says"]
-    assert "is_gradient_checkpointing" in (tmp_path / "run" / "warnings.log").read_text()
+    log = (tmp_path / "run" / "warnings.log").read_text()
+    assert log.index("asked while PEFT wrapped") < log.index("is_gradient_checkpointing")
+
+
+def test_what_peft_says_while_tunekit_lora_loads_the_model_goes_to_the_run_log(tmp_path, cli, tiny_gpt):
+    import warnings
+
+    recipe = write(tmp_path / "lora.yaml", f"""\
+method: sft
+model: {{name: {tiny_gpt}}}
+data: {{train: {SHARED}/alpaca/alpaca_data_1k.json, train_limit: 8, max_length: 256}}
+train: {{max_steps: 1, per_device_train_batch_size: 4, save_strategy: "no"}}
+""")
+    with warnings.catch_warnings(record=True) as shown:  # what reaches the terminal
+        warnings.simplefilter("always")
+        result = cli("lora", recipe, "-o", str(tmp_path / "run"))
+    assert result.code == 0, result.err
+    assert [str(w.message) for w in shown if issubclass(w.category, FutureWarning)] == []  # (DeprecationWarning:
+    # hidden outside __main__ by Python's default filters, which "always" here overrides)
+    assert "is_gradient_checkpointing" in (tmp_path / "run" / "warnings.log").read_text()  # PEFT asked, before the run
 
 
 def test_a_resumed_stream_starts_where_the_run_stopped_even_after_going_round(tmp_path, tokenizer):

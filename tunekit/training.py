@@ -37,8 +37,10 @@ def execute(method: Method, config: Recipe, data: Any, run_dir: Path, overwrite:
     from tunekit.config import to_yaml
     from tunekit.launch import is_first_rank
     from tunekit.models import count_parameters
+    from tunekit.runs.library_warnings import hold_library_warnings
 
     run = RunFolder(run_dir, enabled=is_first_rank())
+    hold_library_warnings()  # what the libraries say while the model loads goes to the run's log
     setup = method.setup(config, data, run)
     trainable, total = count_parameters(setup.model)
     info = {"base_model": config.model.name, **setup.info}

@@ -1,5 +1,8 @@
-"""Where the libraries' deprecation warnings go once a run has started: to the run's
-`warnings.log`, not to the terminal between progress lines.
+"""Where the libraries' deprecation warnings go once a run is being set up: to the run's
+`warnings.log`, not to the terminal between progress lines. The model loads before the run folder
+exists (a recipe that cannot load leaves no folder behind), so what the libraries say while a
+method sets up (PEFT asks the model `is_gradient_checkpointing` when it wraps it) is held and
+written to the log when the run starts.
 
 During training, a FutureWarning or DeprecationWarning raised inside an installed library is about
 calls the libraries make to one another (TRL's GRPO asks a model `is_gradient_checkpointing` at
@@ -14,12 +17,30 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-_log: dict[str, Path | None] = {"path": None}  # the current run's log; None: a rank that keeps no log
+
+class _Route:
+    log: Path | None = None  # the current run's log; None: a rank that keeps no log
+    held: list[str] | None = None  # while a run is set up: the warnings its log will get
+
+
+def hold_library_warnings() -> None:
+    """From now on, library deprecation warnings are held for the run's log, which
+    `route_library_warnings` names once the run starts (a run that never starts drops them)."""
+    _Route.held = []
+    _install()
 
 
 def route_library_warnings(log: Path | None) -> None:
-    """From now on, library deprecation warnings are appended to `log` (dropped where it is None)."""
-    _log["path"] = log
+    """From now on, library deprecation warnings are appended to `log` (dropped where it is None),
+    after the ones held while the run was set up."""
+    held, _Route.held, _Route.log = _Route.held or [], None, log
+    if log is not None and held:
+        with log.open("a", encoding="utf-8") as out:
+            out.write("".join(held))
+    _install()
+
+
+def _install() -> None:
     if getattr(warnings.showwarning, "tunekit_routes", False):
         return
     original = warnings.showwarning  # installed again if someone (warnings.catch_warnings) put it back
@@ -29,10 +50,12 @@ def route_library_warnings(log: Path | None) -> None:
         if not (issubclass(category, (DeprecationWarning, FutureWarning)) and from_a_library(filename)):
             original(message, category, filename, lineno, file, line)
             return
-        path = _log["path"]
-        if path is not None:
-            with path.open("a", encoding="utf-8") as out:
-                out.write(warnings.formatwarning(message, category, filename, lineno, line))
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        if _Route.held is not None:
+            _Route.held.append(text)
+        elif _Route.log is not None:
+            with _Route.log.open("a", encoding="utf-8") as out:
+                out.write(text)
 
     show.tunekit_routes = True  # type: ignore[attr-defined]
     warnings.showwarning = show
