@@ -225,7 +225,7 @@ def soak(url: str, engine: object, args: argparse.Namespace, rate: float, bad_sh
     sampler.done.set()
     sampler.join()
     events, marks = json.loads(out.read_text()), sampler.marks
-    mix = decode_mix(marks[0], marks[-1])
+    mix = decode_mix(decode_delta(marks[0], marks[-1]))
     rows = []
     for number, (first, last) in enumerate(zip(marks, marks[1:]), start=1):
         here = [e for e in events if first["at"] <= e[0] < last["at"]]
@@ -233,13 +233,14 @@ def soak(url: str, engine: object, args: argparse.Namespace, rate: float, bad_sh
         bad = [(kind, status) for _, kind, status, _ in here if kind != "good"]
         latencies = [t for ok, t in good if ok]
         steps = last["steps"] - first["steps"]
+        decoding = decode_delta(first, last)
         rows.append({
             "minute": number if number <= args.minutes else "drain", "good": len(good), "good_errors": sum(not ok for ok, _ in good), "bad": len(bad),
             "bad_not_4xx": sum(kind != "disconnect" and not 400 <= status < 500 for kind, status in bad),
             "disconnects": sum(kind == "disconnect" for kind, _ in bad),
             "rows_cancelled": last["rows_cancelled"] - first["rows_cancelled"], "rss_mb": round(last["rss"], 1),
             "step_ms": round(1000 * (last["step_seconds"] - first["step_seconds"]) / max(steps, 1), 2),
-            "rows_per_step": round(rows_per_step(first, last), 2), "step_ms_mix": round(1000 * mixed_step(first, last, mix), 2),
+            "rows_per_step": round(rows_per_step(decoding), 2), "step_ms_mix": round(1000 * mixed_step(decoding, mix), 2),
             "widest": last["widest"], "p50_s": round(percentile(latencies, 0.5), 3),
             "p99_s": round(percentile(latencies, 0.99), 3),
         })
@@ -256,24 +257,22 @@ def decode_delta(first: dict, last: dict) -> dict[int, tuple[int, float]]:
     return delta
 
 
-def decode_mix(first: dict, last: dict) -> dict[int, float]:
-    """The whole soak's share of decoding steps with each number of rows."""
-    delta = decode_delta(first, last)
+def decode_mix(delta: dict[int, tuple[int, float]]) -> dict[int, float]:
+    """The share of decoding steps with each number of rows (of the whole soak's decode_delta)."""
     total = sum(steps for steps, _ in delta.values())
     return {rows: steps / total for rows, (steps, _) in delta.items()}
 
 
-def rows_per_step(first: dict, last: dict) -> float:
-    delta = decode_delta(first, last)
+def rows_per_step(delta: dict[int, tuple[int, float]]) -> float:
     return sum(rows * steps for rows, (steps, _) in delta.items()) / max(sum(s for s, _ in delta.values()), 1)
 
 
-def mixed_step(first: dict, last: dict, mix: dict[int, float]) -> float:
+def mixed_step(delta: dict[int, tuple[int, float]], mix: dict[int, float]) -> float:
     """Seconds of a decoding step at the whole soak's mix of batch sizes: each batch size's mean step
-    time in this minute, weighted by its share of the soak (sizes this minute did not run are left
-    out and the weights of the others renormalised). Unlike the plain mean it does not move with how
-    many rows the arrivals happened to put in each step, only with how fast a step of a given size is."""
-    delta = decode_delta(first, last)
+    time in this minute (its decode_delta), weighted by its share of the soak (sizes this minute did
+    not run are left out and the weights of the others renormalised). Unlike the plain mean it does
+    not move with how many rows the arrivals happened to put in each step, only with how fast a step
+    of a given size is."""
     weights = {rows: mix.get(rows, 0.0) for rows in delta}
     total = sum(weights.values())
     if not total:

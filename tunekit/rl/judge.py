@@ -50,7 +50,6 @@ def check_judge(run_dir: str, label: str | int | None, texts: list[str], where: 
     head, or whose tokenizer cannot read `texts` (the policy's prompts); the class index whose
     probability is the score (None: a reward model's one output)."""
     from tunekit.files import read_json
-    from tunekit.runs.folder import run_method
     from tunekit.runs.reading import check_finished
 
     run = Path(run_dir)
@@ -62,7 +61,7 @@ def check_judge(run_dir: str, label: str | int | None, texts: list[str], where: 
         check_finished(run, info.get("status"), info.get("reason"))
     except UserError as error:
         raise UserError(f"{where}: rlhf.judge: {error}") from None
-    method = run_method(run)
+    method = info["method"]
     folder = model_folder(run)
     config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     heads = [a for a in config.get("architectures") or [] if a.endswith("ForSequenceClassification")]
