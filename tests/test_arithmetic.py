@@ -73,3 +73,23 @@ def test_the_arithmetic_table_comes_from_the_files_the_chain_wrote(tmp_path):
     assert "0.610 +- 0.020" in row and "| 10.0 | 3.50 |" in row
     assert any("mean 0.630" in line and "0.610-0.650" in line for line in lines)
     assert "0.050 +- 0.020" in next(line for line in lines if line.startswith("| base |"))
+
+
+def test_worked_steps_gives_credit_for_each_reference_step_in_its_place():
+    row = {"prompt": "...", "completion": "818 - 34 = 784. 784 + 80 = 864. The answer is 864.", "answer": "864"}
+    responses = [
+        "818 - 34 = 784. 784 + 80 = 864. The answer is 864.",  # both steps
+        "818 - 34 = 784. 784 + 80 = 874. The answer is 874.",  # the first step only
+        "818 - 34 = 802. 802 + 80 = 882. The answer is 882.",  # a wrong first step: the second is off the reference
+        "1 + 1 = 2. 2 + 2 = 4. The answer is 864.",             # true equations that are not the problem's
+        "The answer is 864.",
+    ]
+    assert arithmetic.worked_steps(["..."] * 5, responses, [row] * 5) == [1.0, 0.5, 0.0, 0.0, 0.0]
+
+
+def test_worked_steps_is_a_reward_function_a_recipe_can_name(tmp_path):
+    from tunekit.rl.rewards import RewardFunction, RewardFunctionSection
+
+    reward = RewardFunction(RewardFunctionSection(name="tunekit.arithmetic:worked_steps", weight=0.5))
+    row = {"completion": "63 - 5 = 58. The answer is 58.", "answer": "58"}
+    assert reward(["q", "q"], ["63 - 5 = 58. The answer is 58.", "63 - 5 = 57."], [row, row]) == [1.0, 0.0]

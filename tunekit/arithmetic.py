@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,7 @@ HARD_TEMPLATES = (
     ("-", "A store had {a} {item} and sold {b}. How many {item} remain?"),
 )
 MARKER = "The answer is"
+EQUATION = re.compile(r"(\d+) ([+-]) (\d+) = (-?\d+)")
 DIFFICULTIES = ("easy", "hard")
 
 
@@ -119,6 +121,21 @@ def make(seed: int, train: int, heldout: int, pretrain: int, equations: int = 0,
             if problem.key not in held:
                 sets[name].append(problem)
     return sets
+
+
+def worked_steps(prompts: list[str], responses: list[str], rows: list[dict[str, str]]) -> list[float]:
+    """A reward function for `rlhf.reward_fn` (`name: tunekit.arithmetic:worked_steps`): the share of
+    the row's worked steps (the equations of its `completion`) that the response writes in the same
+    place, so a two-step answer with its first step right earns 0.5 where `exact_answer` gives 0.
+    Partial credit against the reference, not for any true equation: writing `1 + 1 = 2` earns
+    nothing. With few problems right, most GRPO groups are all 0 under `exact_answer` and teach
+    nothing; this one gives them a gradient towards the first step."""
+    scores = []
+    for response, row in zip(responses, rows):
+        wanted = EQUATION.findall(str(row.get("completion", "")))
+        written = EQUATION.findall(response)
+        scores.append(sum(w == g for w, g in zip(wanted, written)) / len(wanted) if wanted else 0.0)
+    return scores
 
 
 def write(folder: Path, seed: int = 0, train: int = 4000, heldout: int = 500, pretrain: int = 20000,
