@@ -2,7 +2,10 @@
 # GPT on worked problems, SFTs it on problem -> worked answer, then GRPO and PPO with the
 # exact_answer reward (no reward model). Each step's target is its run folder's README.md (the model
 # card, written last), so a failed step is redone on the next `make`. The RL steps run under
-# /usr/bin/time -v (its report, with user and system CPU seconds, lands in the run folder's time.txt).
+# /usr/bin/time -v (its report, with user and system CPU seconds, lands in the run folder's time.txt;
+# the SFT step's in $(RUNS)/tiny-time/sft.txt). `tunekit eval` then scores the SFT, GRPO and PPO
+# models on all 500 held-out problems, greedy and sampled ($(RUNS)/tiny-eval/*.json), and
+# `python -m tunekit.arith_table` prints the README's table from those files.
 #
 #   make -f examples/arith.mk TUNEKIT=".venv/bin/tunekit" PYTHON=".venv/bin/python"
 #   make -f examples/arith.mk summary      # held-out exact-answer accuracy before / after each RL run
@@ -17,8 +20,10 @@ SFT      := $(RUNS)/sft-tiny-gpt-arith
 GRPO     := $(RUNS)/rlhf-tiny-gpt-arith-grpo
 PPO      := $(RUNS)/rlhf-tiny-gpt-arith-ppo
 
+TASKS    := --task recipes/eval/arith-exact.yaml --task recipes/eval/arith-exact-sampled.yaml
+
 .PHONY: all summary
-all: $(GRPO)/README.md $(PPO)/README.md summary
+all: $(RUNS)/tiny-eval/grpo.json $(RUNS)/tiny-eval/ppo.json summary
 
 $(DATA)/train.jsonl: tunekit/arithmetic.py
 	$(PYTHON) -m tunekit.arithmetic $(DATA)
@@ -27,7 +32,8 @@ $(PRETRAIN)/README.md: recipes/pretrain/tiny-gpt-arith.yaml $(DATA)/train.jsonl
 	$(TUNEKIT) pretrain $< --output-dir $(PRETRAIN) --overwrite
 
 $(SFT)/README.md: recipes/sft/tiny-gpt-arith.yaml $(PRETRAIN)/README.md
-	$(TUNEKIT) sft $< --set model.name=$(PRETRAIN)/model --output-dir $(SFT) --overwrite
+	mkdir -p $(RUNS)/tiny-time
+	$(TIME) $(RUNS)/tiny-time/sft.txt $(TUNEKIT) sft $< --set model.name=$(PRETRAIN)/model --output-dir $(SFT) --overwrite
 
 $(GRPO)/README.md: recipes/rlhf/tiny-gpt-arith-grpo.yaml $(SFT)/README.md
 	$(TIME) $(RUNS)/time-grpo.txt $(TUNEKIT) rlhf $< --set model.name=$(SFT)/model --output-dir $(GRPO) --overwrite
@@ -37,5 +43,12 @@ $(PPO)/README.md: recipes/rlhf/tiny-gpt-arith-ppo.yaml $(SFT)/README.md
 	$(TIME) $(RUNS)/time-ppo.txt $(TUNEKIT) rlhf $< --set model.name=$(SFT)/model --output-dir $(PPO) --overwrite
 	mv $(RUNS)/time-ppo.txt $(PPO)/time.txt
 
+$(RUNS)/tiny-eval/sft.json: $(SFT)/README.md
+	mkdir -p $(RUNS)/tiny-eval
+	$(TUNEKIT) eval $(SFT) $(TASKS) --out $@
+
+$(RUNS)/tiny-eval/%.json: $(RUNS)/rlhf-tiny-gpt-arith-%/README.md $(RUNS)/tiny-eval/sft.json
+	$(TUNEKIT) eval $(RUNS)/rlhf-tiny-gpt-arith-$* $(TASKS) --out $@
+
 summary:
-	@$(PYTHON) -m tunekit.arithmetic $(DATA) --report $(GRPO) $(PPO)
+	@$(PYTHON) -m tunekit.arith_table $(RUNS)

@@ -75,6 +75,23 @@ def test_the_arithmetic_table_comes_from_the_files_the_chain_wrote(tmp_path):
     assert "0.050 +- 0.020" in next(line for line in lines if line.startswith("| base |"))
 
 
+def test_the_tiny_table_shows_each_model_evaluated_and_each_rl_run_before_and_after(tmp_path):
+    from tunekit import arith_table
+
+    (tmp_path / "tiny-eval").mkdir()
+    for name, greedy in (("sft", 0.974), ("ppo", 0.958)):
+        metrics = {"arith-exact": {"exact_answer": greedy, "exact_answer_se": 0.007, "examples": 500}}
+        (tmp_path / "tiny-eval" / f"{name}.json").write_text(json.dumps({f"runs/{name}": metrics}))
+    run = tmp_path / "rlhf-tiny-gpt-arith-ppo"
+    run.mkdir()
+    (run / "eval.json").write_text(json.dumps({"exact_answer_before": 0.96, "exact_answer_after": 0.93}))
+    (run / "run.json").write_text(json.dumps({"tunekit": "0.1.0 (abc1234)"}))
+    lines = arith_table.tiny_table(tmp_path)
+    assert lines[2] == "| model | arith-exact | step CPU min | step peak GB |"  # only the tasks the files hold
+    assert "0.958 +- 0.007" in next(line for line in lines if line.startswith("| ppo |"))
+    assert "| rlhf-tiny-gpt-arith-ppo | 0.960 -> 0.930 | - | 0.1.0 (abc1234) |" in lines
+
+
 def test_worked_steps_gives_credit_for_each_reference_step_in_its_place():
     row = {"prompt": "...", "completion": "818 - 34 = 784. 784 + 80 = 864. The answer is 864.", "answer": "864"}
     responses = [

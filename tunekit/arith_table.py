@@ -7,9 +7,10 @@ Real model (examples/smol.mk): every `tunekit eval --out` file in RUNS/smol-eval
 base, sft, grpo, grpo-seed1, ppo, ...), with each task's exact-answer accuracy +- its standard error,
 and the CPU minutes (user + system) and peak memory of the step that trained it, from the
 `/usr/bin/time -v` report of the same name in RUNS/smol-time/. Rows named grpo-seed* are also
-summarised as mean and spread. Tiny GPT (examples/arith.mk): each RL run's held-out accuracy before and
-after (its eval.json) and CPU minutes (its time.txt). Each table names the tunekit commit its runs
-recorded (run.json's `tunekit`).
+summarised as mean and spread. Tiny GPT (examples/arith.mk): the same for RUNS/tiny-eval/ and
+RUNS/tiny-time/ (sft, grpo, ppo), then each RL run's own held-out accuracy before and after (its
+eval.json) and CPU minutes (its time.txt). The tables name the tunekit commits their runs recorded
+(run.json's `tunekit`).
 """
 
 from __future__ import annotations
@@ -43,33 +44,46 @@ def accuracy(metrics: dict[str, float] | None) -> str:
     return f"{metrics['exact_answer']:.3f} +- {metrics.get('exact_answer_se', float('nan')):.3f}"
 
 
-def real_table(runs: Path) -> list[str]:
-    evals = sorted((runs / "smol-eval").glob("*.json"))
-    if not evals:
+def eval_table(evals: Path, times: Path) -> list[str]:
+    """One row per `tunekit eval --out` file in `evals` (named by its file), a column per task that any
+    of them holds (in TASKS order), and the CPU minutes and peak memory of the step of the same name
+    in `times` when its `/usr/bin/time -v` report is there. Rows named grpo or grpo-seed* are also
+    summarised as mean and spread."""
+    files = sorted(evals.glob("*.json"))
+    results = {path.stem: next(iter(json.loads(path.read_text()).values())) for path in files}
+    tasks = [t for t in TASKS if any(t in by_task for by_task in results.values())]
+    if not tasks:
         return []
-    lines = ["| model | " + " | ".join(TASKS) + " | step CPU min | step peak GB |", "|---" * (len(TASKS) + 3) + "|"]
+    lines = ["| model | " + " | ".join(tasks) + " | step CPU min | step peak GB |", "|---" * (len(tasks) + 3) + "|"]
     seeds: dict[str, list[float]] = {}
-    for path in evals:
-        name = path.stem
-        by_task = next(iter(json.loads(path.read_text()).values()))
-        timing = cpu_and_memory(runs / "smol-time" / f"{name}.txt")
+    for name, by_task in results.items():
+        timing = cpu_and_memory(times / f"{name}.txt")
         cost = f"{timing[0]:.1f} | {timing[1]:.2f}" if timing else "- | -"
-        lines.append(f"| {name} | " + " | ".join(accuracy(by_task.get(t)) for t in TASKS) + f" | {cost} |")
+        lines.append(f"| {name} | " + " | ".join(accuracy(by_task.get(t)) for t in tasks) + f" | {cost} |")
         if name.startswith("grpo-seed") or name == "grpo":
-            for task in TASKS:
+            for task in tasks:
                 if task in by_task:
                     seeds.setdefault(task, []).append(by_task[task]["exact_answer"])
     for task, values in seeds.items():
         if len(values) > 1:
             lines.append(f"\nGRPO over {len(values)} seeds, {task}: mean {statistics.mean(values):.3f}, "
                          f"spread (min-max) {min(values):.3f}-{max(values):.3f}")
+    return lines
+
+
+def real_table(runs: Path) -> list[str]:
+    lines = eval_table(runs / "smol-eval", runs / "smol-time")
+    if not lines:
+        return []
     commits = {recorded_version(runs / folder) for folder in TRAINED_BY.values() if (runs / folder).is_dir()}
     return [f"Real model (SmolLM2-135M-Instruct), runs on tunekit {', '.join(sorted(commits)) or '?'}:", "", *lines]
 
 
 def tiny_table(runs: Path) -> list[str]:
+    """`tunekit eval` of each model of examples/arith.mk (RUNS/tiny-eval/*.json: greedy and sampled on
+    all 500 held-out problems), then each RL run's own before -> after (its eval.json) and CPU minutes."""
     lines = []
-    for folder in TINY:
+    for folder in TINY[1:]:
         run = runs / folder
         path = run / "eval.json"
         if not path.is_file():
@@ -79,10 +93,13 @@ def tiny_table(runs: Path) -> list[str]:
         before, after = metrics.get("exact_answer_before"), metrics.get("exact_answer_after")
         shown = f"{before:.3f} -> {after:.3f}" if before is not None and after is not None else "-"
         lines.append(f"| {folder} | {shown} | {f'{timing[0]:.1f}' if timing else '-'} | {recorded_version(run)} |")
-    if not lines:
+    if lines:
+        lines = ["", "| RL run | its eval.json: exact answer before -> after (sampled) | CPU min | tunekit |",
+                 "|---|---|---|---|", *lines]
+    evals = eval_table(runs / "tiny-eval", runs / "tiny-time")
+    if not lines and not evals:
         return []
-    return ["Tiny GPT (examples/arith.mk):", "", "| run | held-out exact answer before -> after | CPU min | tunekit |",
-            "|---|---|---|---|", *lines]
+    return ["Tiny GPT (examples/arith.mk):", "", *evals, *lines]
 
 
 def main(argv: list[str] | None = None) -> None:

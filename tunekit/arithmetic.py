@@ -5,9 +5,9 @@ then GRPO / PPO with the `exact_answer` reward.
 Two levels of difficulty, each written to a folder of its own with the same files and columns:
 
 - easy (the default): a two-digit number plus or minus a one-digit number, in a handful of sentence
-  templates. The tiny GPT learns the format and many of the sums, not all of them, which leaves
-  room for RL (with two two-digit numbers, it learnt to copy the operands but no better than chance
-  at the digits); an SFT'd SmolLM2 solves ~95% of them, which leaves RL little to do.
+  templates. The tiny GPT of examples/arith.mk, pre-trained on them, then SFT'd, answers ~97% of the
+  held-out ones greedily (with two two-digit numbers it learnt to copy the operands but no better
+  than chance at the digits); a LoRA-SFT'd SmolLM2 80-88%. Either way RL has little to add here.
 - hard: two-step problems (`a + b - c`, `a - b + c`, `a + b + c`, `a - b - c`) of a three-digit
   number (200-999) and two two-digit ones, and one-step sums and differences of two three-digit
   numbers, worked one equation per step (`347 + 28 = 375. 375 - 56 = 319. The answer is 319.`);
