@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 
 from tunekit import arithmetic
@@ -22,6 +23,17 @@ STEP = re.compile(r"(\d+) ([+-]) (\d+) = (\d+)\.")
 def test_default_files_are_unchanged(tmp_path):
     arithmetic.main([str(tmp_path)])
     assert {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in tmp_path.iterdir()} == EASY_SHA256
+
+
+def test_writing_the_same_problems_again_leaves_the_files_untouched(tmp_path):
+    sizes = ["--train", "20", "--heldout", "10", "--pretrain", "5", "--equations", "5"]
+    arithmetic.main([str(tmp_path), *sizes])
+    for path in tmp_path.iterdir():
+        os.utime(path, (1_000_000, 1_000_000))
+    arithmetic.main([str(tmp_path), *sizes])
+    assert {path.stat().st_mtime for path in tmp_path.iterdir()} == {1_000_000}  # make sees nothing new
+    arithmetic.main([str(tmp_path), *sizes, "--seed", "1"])
+    assert all(path.stat().st_mtime > 1_000_000 for path in tmp_path.iterdir())
 
 
 def read(path):

@@ -142,7 +142,9 @@ def write(folder: Path, seed: int = 0, train: int = 4000, heldout: int = 500, pr
           equations: int = 100000, difficulty: str = "easy") -> list[Path]:
     """train.jsonl and heldout.jsonl (prompt, completion, answer) and pretrain.jsonl (text: worked
     problems, and bare equations `63 - 5 = 58.` that give the small model many more sums to learn
-    from per token, shuffled together), each written atomically (tunekit.files)."""
+    from per token, shuffled together), each written atomically (tunekit.files), and only when its
+    bytes change: the chains' makefiles rerun this after any edit of this module, and an unchanged
+    file must not look new to the steps trained on it."""
     folder.mkdir(parents=True, exist_ok=True)
     sets = make(seed, train, heldout, pretrain, equations, difficulty)
     texts = [f"{p.question} {p.worked}" for p in sets.pop("pretrain")]
@@ -152,7 +154,9 @@ def write(folder: Path, seed: int = 0, train: int = 4000, heldout: int = 500, pr
     for name, rows in (("heldout", [p.row() for p in sets["heldout"]]), ("train", [p.row() for p in sets["train"]]),
                        ("pretrain", [{"text": t} for t in texts])):
         path = folder / f"{name}.jsonl"
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if not (path.is_file() and path.read_text() == text):  # the same bytes keep their mtime: make retrains nothing
+            write_atomic(path, text)
         written.append(path)
     return written
 
