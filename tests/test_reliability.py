@@ -225,7 +225,7 @@ def test_trl_arguments_use_the_current_names_and_library_warnings_go_to_the_run_
     assert log.index("asked while PEFT wrapped") < log.index("is_gradient_checkpointing")
 
 
-def test_what_peft_says_while_tunekit_lora_loads_the_model_goes_to_the_run_log(tmp_path, cli, tiny_gpt):
+def test_what_peft_says_while_lora_and_merge_load_the_model_goes_to_the_run_log(tmp_path, cli, tiny_gpt):
     import warnings
 
     recipe = write(tmp_path / "lora.yaml", f"""\
@@ -240,7 +240,40 @@ train: {{max_steps: 1, per_device_train_batch_size: 4, save_strategy: "no"}}
     assert result.code == 0, result.err
     assert [str(w.message) for w in shown if issubclass(w.category, FutureWarning)] == []  # (DeprecationWarning:
     # hidden outside __main__ by Python's default filters, which "always" here overrides)
-    assert "is_gradient_checkpointing" in (tmp_path / "run" / "warnings.log").read_text()  # PEFT asked, before the run
+    log = tmp_path / "run" / "warnings.log"
+    assert "is_gradient_checkpointing" in log.read_text()  # PEFT asked, before the run
+    noted = log.read_text().count("is_gradient_checkpointing")
+
+    with warnings.catch_warnings(record=True) as shown:  # `tunekit merge` loads the adapter the same way
+        warnings.simplefilter("always")
+        result = cli("merge", str(tmp_path / "run"))
+    assert result.code == 0, result.err
+    assert [str(w.message) for w in shown if issubclass(w.category, FutureWarning)] == []
+    assert log.read_text().count("is_gradient_checkpointing") > noted
+
+
+def test_a_merge_that_fails_while_saving_leaves_no_half_folder(tmp_path, cli, tiny_gpt, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    recipe = write(tmp_path / "lora.yaml", f"""\
+method: sft
+model: {{name: {tiny_gpt}}}
+data: {{train: {SHARED}/alpaca/alpaca_data_1k.json, train_limit: 4, max_length: 256}}
+train: {{max_steps: 1, per_device_train_batch_size: 4, save_strategy: "no"}}
+""")
+    assert cli("lora", recipe, "-o", str(tmp_path / "run")).code == 0
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", disk_full)  # the weights are written by then
+    with pytest.raises(OSError, match="No space left"):
+        cli("merge", str(tmp_path / "run"))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before  # no merged/, no temporary folder
+    monkeypatch.undo()
+    assert cli("merge", str(tmp_path / "run")).code == 0  # and the next merge is not refused
+    assert (tmp_path / "run" / "merged" / "config.json").is_file()
 
 
 def test_a_resumed_stream_starts_where_the_run_stopped_even_after_going_round(tmp_path, tokenizer):

@@ -233,16 +233,23 @@ def load_finished_run(run_dir: Path, config_class: Any) -> tuple[Any, Any, Any]:
 def merge_run(run_dir: Path, out: Path) -> Path:
     """Fold a run's adapter into its base weights and save a plain transformers model.
 
-    A QLoRA run's base is loaded in full precision for this (merging into 4-bit weights would round
-    the update away); the merged model then differs from the quantised one by the quantisation error.
+    The folder is built beside `out` and moved into place when complete. A QLoRA run's base is
+    loaded in full precision for this (merging into 4-bit weights would round the update away); the
+    merged model then differs from the quantised one by the quantisation error.
     """
+    from tunekit.files import write_folder
+    from tunekit.runs.library_warnings import route_library_warnings
+
     open_run(run_dir, "merge", "adapter")
     auto_class = task_auto_class(run_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists; choose another --out or remove it")
+    route_library_warnings(run_dir / "warnings.log")  # PEFT's deprecation notes: the run's log, not the terminal
     model, tokenizer = load_run_model(run_dir, auto_class, quantized=False)
     merged = model.merge_and_unload()
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+
+    def save(folder: Path) -> None:
+        merged.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return write_folder(out, save)  # built beside `out` and moved in whole: a crash leaves no half model
