@@ -338,3 +338,28 @@ train:
     weights = [(tmp_path / run / "model" / "model.safetensors").read_bytes() for run in ("straight", "killed")]
     assert weights[0] == weights[1] and max(steps) == 12
     assert "resuming a streamed corpus after 9 steps" in resumed.err
+
+
+def test_a_finished_runs_library_notes_go_to_its_own_log_then_the_route_comes_back(tmp_path):
+    import warnings
+
+    from tunekit.runs import library_warnings as lw
+
+    def library_note(text):
+        warnings.warn_explicit(text, FutureWarning, "/env/lib/site-packages/somelib/mod.py", 1)
+
+    saved = lw._Route.log, lw._Route.held
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        try:
+            lw.route_library_warnings(tmp_path / "current.log")
+            with lw.library_warnings_to(tmp_path / "read.log"):
+                library_note("while the finished run loads")
+            library_note("after it")
+            with lw.library_warnings_to(tmp_path / "gone" / "warnings.log"):  # a folder that cannot take it
+                library_note("dropped, not raised")
+        finally:
+            lw._Route.log, lw._Route.held = saved
+    assert "while the finished run loads" in (tmp_path / "read.log").read_text()
+    assert "after it" in (tmp_path / "current.log").read_text()
+    assert "while the finished run loads" not in (tmp_path / "current.log").read_text()

@@ -183,6 +183,13 @@ def load_run_model(run_dir: Path, auto_class: Any, quantized: bool = True) -> tu
     """A finished run's model with its tokenizer: `model/` (full fine-tuning) or `adapter/` (PEFT),
     the adapter put on its base model as configured in training (labels and, unless `quantized` is
     False, quantisation included)."""
+    from tunekit.runs.library_warnings import library_warnings_to
+
+    with library_warnings_to(run_dir / "warnings.log"):  # PEFT's deprecation notes: the run's log, not the terminal
+        return _load_run_model(run_dir, auto_class, quantized)
+
+
+def _load_run_model(run_dir: Path, auto_class: Any, quantized: bool) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     if (run_dir / "model").is_dir():
@@ -238,13 +245,11 @@ def merge_run(run_dir: Path, out: Path) -> Path:
     merged model then differs from the quantised one by the quantisation error.
     """
     from tunekit.files import write_folder
-    from tunekit.runs.library_warnings import route_library_warnings
 
     open_run(run_dir, "merge", "adapter")
     auto_class = task_auto_class(run_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists; choose another --out or remove it")
-    route_library_warnings(run_dir / "warnings.log")  # PEFT's deprecation notes: the run's log, not the terminal
     model, tokenizer = load_run_model(run_dir, auto_class, quantized=False)
     merged = model.merge_and_unload()
 

@@ -9,11 +9,15 @@ calls the libraries make to one another (TRL's GRPO asks a model `is_gradient_ch
 every generation step, a name transformers 5.24 deprecates): nothing a user's recipe can change.
 The arguments tunekit itself passes use the current names, and what a user passes is checked
 before the run starts, where its warnings still show. A warning from the user's own code (a reward
-module) or from tunekit shows as usual."""
+module) or from tunekit shows as usual. A command that loads a finished run (merge, generate, eval,
+serve, export: models.load_run_model) sends what the libraries say while it loads to that run's
+log the same way."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +39,30 @@ def route_library_warnings(log: Path | None) -> None:
     after the ones held while the run was set up."""
     held, _Route.held, _Route.log = _Route.held or [], None, log
     if log is not None and held:
-        with log.open("a", encoding="utf-8") as out:
-            out.write("".join(held))
+        _append(log, "".join(held))
     _install()
+
+
+@contextlib.contextmanager
+def library_warnings_to(log: Path) -> Iterator[None]:
+    """While the block runs (a finished run's model loading, for merge, generate, eval, ...), library
+    deprecation warnings are appended to `log`, that run's warnings.log; then they go where they went
+    before (the current run's log, or nowhere)."""
+    saved = _Route.log, _Route.held
+    _Route.log, _Route.held = log, None
+    _install()
+    try:
+        yield
+    finally:
+        _Route.log, _Route.held = saved
+
+
+def _append(log: Path, text: str) -> None:
+    try:
+        with log.open("a", encoding="utf-8") as out:
+            out.write(text)
+    except OSError:  # a run folder that cannot be written (read-only, gone): the note is dropped
+        pass
 
 
 def _install() -> None:
@@ -54,8 +79,7 @@ def _install() -> None:
         if _Route.held is not None:
             _Route.held.append(text)
         elif _Route.log is not None:
-            with _Route.log.open("a", encoding="utf-8") as out:
-                out.write(text)
+            _append(_Route.log, text)
 
     show.tunekit_routes = True  # type: ignore[attr-defined]
     warnings.showwarning = show
