@@ -225,15 +225,21 @@ def test_trl_arguments_use_the_current_names_and_library_warnings_go_to_the_run_
     assert log.index("asked while PEFT wrapped") < log.index("is_gradient_checkpointing")
 
 
+def one_step_sft(tmp_path, tiny_gpt, rows):
+    """A recipe of one SFT step of the tiny GPT on the first `rows` Alpaca rows (`tunekit lora` it
+    for an adapter run)."""
+    return write(tmp_path / "lora.yaml", f"""\
+method: sft
+model: {{name: {tiny_gpt}}}
+data: {{train: {SHARED}/alpaca/alpaca_data_1k.json, train_limit: {rows}, max_length: 256}}
+train: {{max_steps: 1, per_device_train_batch_size: 4, save_strategy: "no"}}
+""")
+
+
 def test_what_peft_says_while_lora_and_merge_load_the_model_goes_to_the_run_log(tmp_path, cli, tiny_gpt):
     import warnings
 
-    recipe = write(tmp_path / "lora.yaml", f"""\
-method: sft
-model: {{name: {tiny_gpt}}}
-data: {{train: {SHARED}/alpaca/alpaca_data_1k.json, train_limit: 8, max_length: 256}}
-train: {{max_steps: 1, per_device_train_batch_size: 4, save_strategy: "no"}}
-""")
+    recipe = one_step_sft(tmp_path, tiny_gpt, rows=8)
     with warnings.catch_warnings(record=True) as shown:  # what reaches the terminal
         warnings.simplefilter("always")
         result = cli("lora", recipe, "-o", str(tmp_path / "run"))
@@ -255,12 +261,7 @@ train: {{max_steps: 1, per_device_train_batch_size: 4, save_strategy: "no"}}
 def test_a_merge_that_fails_while_saving_leaves_no_half_folder(tmp_path, cli, tiny_gpt, monkeypatch):
     from transformers import PreTrainedTokenizerBase
 
-    recipe = write(tmp_path / "lora.yaml", f"""\
-method: sft
-model: {{name: {tiny_gpt}}}
-data: {{train: {SHARED}/alpaca/alpaca_data_1k.json, train_limit: 4, max_length: 256}}
-train: {{max_steps: 1, per_device_train_batch_size: 4, save_strategy: "no"}}
-""")
+    recipe = one_step_sft(tmp_path, tiny_gpt, rows=4)
     assert cli("lora", recipe, "-o", str(tmp_path / "run")).code == 0
     before = sorted(p.name for p in (tmp_path / "run").iterdir())
 

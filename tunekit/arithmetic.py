@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunekit.files import write_atomic
+from tunekit.jsontypes import Row
 
 NAMES = ("Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jill", "Kai", "Lena")
 ITEMS = ("apples", "books", "coins", "stamps", "marbles", "pencils", "shells", "cards", "eggs", "nails")
@@ -123,7 +124,7 @@ def make(seed: int, train: int, heldout: int, pretrain: int, equations: int = 0,
     return sets
 
 
-def worked_steps(prompts: list[str], responses: list[str], rows: list[dict[str, str]]) -> list[float]:
+def worked_steps(prompts: list[str], responses: list[str], rows: list[Row]) -> list[float]:
     """A reward function for `rlhf.reward_fn` (`name: tunekit.arithmetic:worked_steps`): the share of
     the row's worked steps (the equations of its `completion`) that the response writes in the same
     place, so a two-step answer with its first step right earns 0.5 where `exact_answer` gives 0.
