@@ -11,7 +11,8 @@ dropout 0, every linear layer of the body) on the first batch x (warmup + steps)
 data/arith/train.jsonl (short responses) or data/alpaca/alpaca_small_2k.json (long ones), tokenised
 and masked by tunekit (loss on the response only), in file order, padded per batch. Matched for all
 three: the rows and their order, batch, max_length, AdamW (no weight decay), constant learning rate,
-gradient clipping at 1.0, float32, no gradient checkpointing, the adapter's initial weights:
+gradient clipping at 1.0, float32, gradient checkpointing (off unless --checkpointing on; `off on`
+measures each both ways), the adapter's initial weights:
   tunekit  what `tunekit sft` / `tunekit lora` train with (sft.build_trainer: LeanSFTTrainer);
   trl      TRL's SFTTrainer with its own compute_loss, on the same tokenised rows (+ PEFT: the model
            is wrapped with get_peft_model before it is handed over);
@@ -57,7 +58,8 @@ sys.path[0] = str(ROOT)  # not bench/: bench/peft.py would shadow the peft packa
 import torch  # noqa: E402
 
 MODEL = ROOT / "models" / "smollm2-135m-instruct"
-DATA = {"arith": ROOT / "data" / "arith" / "train.jsonl", "alpaca": ROOT / "data" / "alpaca" / "alpaca_small_2k.json"}
+DATA = {"arith": ROOT / "data" / "arith" / "train.jsonl", "arith-hard": ROOT / "data" / "arith-hard" / "train.jsonl",
+        "alpaca": ROOT / "data" / "alpaca" / "alpaca_small_2k.json"}
 VARIANTS = ("tunekit", "trl", "plain")
 # SmolLM2-135M-Instruct's config (models/smollm2-135m-instruct/config.json), for random weights
 SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
@@ -82,6 +84,7 @@ class Plan:
     steps: int
     lr: float
     threads: int
+    checkpointing: bool = False
 
     @property
     def rows(self) -> int:
@@ -123,7 +126,7 @@ def trainer_settings(plan: Plan) -> dict[str, Any]:
     """The Trainer settings all three share (the plain loop does the same by hand)."""
     return {"max_steps": plan.warmup + plan.steps, "per_device_train_batch_size": plan.batch,
             "learning_rate": plan.lr, "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0,
-            "optim": "adamw_torch", "max_grad_norm": 1.0, "bf16": False, "gradient_checkpointing": False,
+            "optim": "adamw_torch", "max_grad_norm": 1.0, "bf16": False, "gradient_checkpointing": plan.checkpointing,
             "packing": False, "train_sampling_strategy": "sequential", "save_strategy": "no", "eval_strategy": "no",
             "logging_steps": 1, "report_to": "none", "disable_tqdm": True}
 
@@ -187,6 +190,9 @@ def run_plain(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, float]:
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     model = seeded_model(plan).train()
+    if plan.checkpointing:  # as the Trainer does it: non-reentrant, inputs made to require grads for PEFT
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     collate = DataCollatorForLanguageModeling(pad_token_id=AutoTokenizer.from_pretrained(plan.base).pad_token_id)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=plan.lr, weight_decay=0.0)
@@ -283,12 +289,13 @@ def run_all(options: argparse.Namespace, work: Path) -> dict[str, Any]:
         for name, rate in matmul_rates(tokens, trained, config.hidden_size, config.intermediate_size,
                                        config.vocab_size).items():
             rates.setdefault(name, []).append(rate)
-        for method in options.methods:
-            plan.method = method
+        for method, checkpointing in [(m, c == "on") for m in options.methods for c in options.checkpointing]:
+            plan.method, plan.checkpointing = method, checkpointing
             flops = step_flops(config, rows, plan)
             for variant in options.variants:
                 figures = measure(plan, variant)
-                figures.update(data=data, method=method, variant=variant, tokens_per_s=tokens * plan.steps / figures["seconds"],
+                figures.update(data=data, method=method, variant=variant, checkpointing=checkpointing,
+                               tokens_per_s=tokens * plan.steps / figures["seconds"],
                                step_s=figures["seconds"] / plan.steps, flops_per_s=flops / figures["seconds"])
                 results["runs"].append(figures)
                 print(json.dumps(figures), flush=True)
@@ -308,17 +315,23 @@ def table(results: dict[str, Any], options: argparse.Namespace) -> str:
              f"{options.max_length}, {options.steps} steps after {options.warmup} warm-up",
              "float32 matmul GFLOP/s at the model's shapes: "
              + ", ".join(f"{k} {v:.0f}" for k, v in results["matmul_gflops"].items()) + f"; peak {peak:.0f}",
-             "| data | method | variant | tokens/s | s/step | peak RSS MB | loss after N steps | CPU MFU |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| data | method | checkpointing | variant | tokens/s | s/step | peak RSS MB | loss after N steps | CPU MFU |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
-        lines.append(f"| {r['data']} | {r['method']} | {r['variant']} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['loss']:.4f} | {100 * r['flops_per_s'] / 1e9 / peak:.1f}% |")
-    by = {(r["data"], r["method"], r["variant"]): r for r in results["runs"]}
-    for (data, method, variant), r in by.items():
-        if variant == "tunekit" and (data, method, "trl") in by:
-            trl = by[data, method, "trl"]
-            lines.append(f"{data} {method}: tunekit / TRL tokens/s {r['tokens_per_s'] / trl['tokens_per_s']:.2f}, "
+        lines.append(f"| {r['data']} | {r['method']} | {'on' if r['checkpointing'] else 'off'} | {r['variant']} | "
+                     f"{r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['loss']:.4f} | "
+                     f"{100 * r['flops_per_s'] / 1e9 / peak:.1f}% |")
+    by = {(r["data"], r["method"], r["checkpointing"], r["variant"]): r for r in results["runs"]}
+    for (data, method, checkpointing, variant), r in by.items():
+        shown = f"{data} {method}{' checkpointed' if checkpointing else ''}"
+        if variant == "tunekit" and (data, method, checkpointing, "trl") in by:
+            trl = by[data, method, checkpointing, "trl"]
+            lines.append(f"{shown}: tunekit / TRL tokens/s {r['tokens_per_s'] / trl['tokens_per_s']:.2f}, "
                          f"peak RSS {r['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
+        if checkpointing and (data, method, False, variant) in by:
+            off = by[data, method, False, variant]
+            lines.append(f"{data} {method} {variant}: checkpointing on / off tokens/s "
+                         f"{r['tokens_per_s'] / off['tokens_per_s']:.2f}, peak RSS {r['peak_rss_mb'] / off['peak_rss_mb']:.2f}")
     return "\n".join(lines)
 
 
@@ -332,6 +345,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off"],
+                        help="gradient checkpointing for every variant (both: each run twice, off and on)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads of every variant and of the matmul peak (default: torch's own)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
