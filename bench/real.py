@@ -230,11 +230,17 @@ def child(variant: str, plan_file: Path) -> None:
 
 def measure(plan: Plan, variant: str) -> dict[str, float]:
     plan_file = Path(plan.work) / f"plan-{plan.data}-{plan.method}.json"
+    return in_child(__file__, variant, plan, plan_file, f"{variant} {plan.data} {plan.method}")
+
+
+def in_child(script: str, variant: str, plan: Any, plan_file: Path, shown: str) -> dict[str, float]:
+    """Run `script --one VARIANT --plan FILE` (the plan written there) in a process of its own, so
+    that its peak RSS is its own; its figures are the last line it prints (JSON)."""
     plan_file.write_text(json.dumps(asdict(plan)))
-    done = subprocess.run([sys.executable, __file__, "--one", variant, "--plan", str(plan_file)],
+    done = subprocess.run([sys.executable, script, "--one", variant, "--plan", str(plan_file)],
                           capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
-        raise SystemExit(f"{variant} {plan.data} {plan.method} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{shown} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -236,13 +235,9 @@ def child(variant: str, plan: Plan) -> None:
 def measure(plan: Plan, variant: str) -> dict[str, float]:
     if variant == "sft":
         return run_sft(plan)
-    path = Path(plan.work) / "plan.json"
-    path.write_text(json.dumps(asdict(plan)))
-    done = subprocess.run([sys.executable, __file__, "--one", variant, "--plan", str(path)],
-                          capture_output=True, text=True, cwd=ROOT)
-    if done.returncode:
-        raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    from bench.real import in_child
+
+    return in_child(__file__, variant, plan, Path(plan.work) / "plan.json", variant)
 
 
 def table(plan: Plan, runs: dict[str, dict[str, float]]) -> str:
