@@ -93,14 +93,17 @@ def test_entropy_of_uniform_and_certain():
     assert close(entropy(torch.tensor([[100.0, 0.0, 0.0]])), [0.0], tol=1e-4)
 
 
-def test_lm_head_runs_on_the_response_positions_only():
-    """PPO's forward passes ask for the logits of the response positions only (logits_to_keep): the
-    LM head sees R + 1 positions, not the query's, and the log-probs equal a full forward pass's,
-    also for a model that ignores logits_to_keep."""
+def test_lm_head_runs_on_the_response_positions_only(monkeypatch):
+    """PPO's forward passes run the LM head on the positions that predict a response token only,
+    a chunk of rows at a time; the log-probs, entropies and values equal those of a full forward
+    pass, also for a model whose head is not plain (asked for logits_to_keep), and for one that
+    ignores logits_to_keep."""
+    import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tunekit.rl.ppo_model import PolicyWithValue, forward_responses
-    from tunekit.rl.rollout import Samples, lm_logprobs, position_ids, response_logprobs
+    from tunekit import lean_loss
+    from tunekit.rl.ppo_model import PolicyWithValue
+    from tunekit.rl.rollout import Samples, lm_logprobs, position_ids
 
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -109,23 +112,93 @@ def test_lm_head_runs_on_the_response_positions_only():
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # a left-padded query
     with torch.no_grad():
-        full = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-    expected = response_logprobs(full[:, context - 1 : -1] / 0.7, ids[:, context:], 1.0).tolist()
+        out = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=True)
+    tempered = out.logits[:, context - 1 : -1] / 0.7
+    expected = torch.gather(tempered.log_softmax(-1), 2, ids[:, context:, None]).squeeze(-1).tolist()
+    policy = PolicyWithValue(lm)
+    torch.nn.init.normal_(policy.value_head.weight)
+    expected_values = policy.value_head(out.hidden_states[-1][:, context - 1 : -1]).squeeze(-1).tolist()
     seen = []
-    lm.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: (w.shape[0] == 50 and seen.append(x.shape)) or linear(x, w, b))
+    monkeypatch.setattr(lean_loss, "CHUNK_ELEMENTS", 5 * 50)  # five rows of logits a chunk
     with torch.no_grad():
-        logits, values, logprobs = forward_responses(PolicyWithValue(lm), ids, mask, context, 0.7)
-    assert logits.shape == (3, 4, 50) and values.shape == (3, 4) and close(logprobs, expected)
+        logprobs, entropies, values = policy(ids, mask, context, 0.7, with_entropy=True)
+    assert close(logprobs, expected) and close(values, expected_values)
+    assert close(entropies, entropy(tempered).tolist())
+    assert [shape[0] for shape in seen] == [5, 5, 2]  # 3 rows x 4 response positions, not 3 x 9
     samples = Samples(ids, mask, ids[:, context:], torch.ones(3, 4, dtype=torch.long), torch.ones(3, dtype=torch.bool),
                       ["", "", ""])
     assert close(lm_logprobs(lm, samples, 0.7), expected)
-    assert seen == [5, 5]  # R + 1 positions in both passes, not all 9
 
-    class IgnoresLogitsToKeep(torch.nn.Module):
+    class IgnoresLogitsToKeep(torch.nn.Module):  # not a plain head: the logits_to_keep path
+        config = lm.config
+
         def forward(self, logits_to_keep: int = 0, **inputs):
             return lm(**inputs)
 
     assert close(lm_logprobs(IgnoresLogitsToKeep(), samples, 0.7), expected)
+    fallback = PolicyWithValue(IgnoresLogitsToKeep())
+    fallback.value_head = policy.value_head
+    with torch.no_grad():
+        logprobs, entropies, values = fallback(ids, mask, context, 0.7, with_entropy=True)
+    assert close(logprobs, expected) and close(values, expected_values) and close(entropies, entropy(tempered).tolist())
+
+
+def test_chunked_log_probs_have_the_gradients_of_one_pass(monkeypatch):
+    """With more rows than one chunk holds, each chunk's logits are made again in the backward pass:
+    the gradients of the rows and of the head equal those of the whole batch at once."""
+    from tunekit import lean_loss
+
+    torch.manual_seed(0)
+    rows, weight, bias = torch.randn(7, 6, requires_grad=True), torch.randn(11, 6, requires_grad=True), None
+    targets, upstream = torch.randint(0, 11, (7,)), torch.randn(7)
+
+    def grads():
+        rows.grad = weight.grad = None
+        picked, _ = lean_loss.token_logprobs(rows, weight, bias, targets, 0.7)
+        (picked * upstream).sum().backward()
+        return picked.detach(), rows.grad.clone(), weight.grad.clone()
+
+    whole = grads()
+    monkeypatch.setattr(lean_loss, "CHUNK_ELEMENTS", 2 * 11)
+    chunked = grads()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, chunked))
+
+
+def test_checkpointed_ppo_update_has_the_same_loss_and_gradients(tiny_gpt):
+    """train.activation_checkpointing for PPO: the policy stays in eval mode, its decoder layers are
+    recomputed in the backward pass (fewer tensors kept), and the loss and gradients are unchanged."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from tunekit.rl.ppo_model import Batch, PolicyWithValue, ppo_loss
+
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    context = 7
+    response_mask = torch.ones(2, 5)
+    settings = SimpleNamespace(clip_range=0.2, value_clip_range=0.2, vf_coef=0.1)
+
+    def update(checkpointing):
+        torch.manual_seed(0)
+        model = PolicyWithValue(AutoModelForCausalLM.from_pretrained(tiny_gpt), checkpointing).eval()
+        torch.nn.init.normal_(model.value_head.weight)
+        batch = Batch(ids, mask, ids[:, context:], response_mask, torch.full((2, 5), -4.0), torch.zeros(2, 5),
+                      torch.randn(2, 5), torch.randn(2, 5))
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            loss, _ = ppo_loss(model, batch, settings, 0.7)
+        loss.backward()
+        assert not any(m.training for m in model.modules())
+        return loss.item(), [p.grad for p in model.parameters()], sum(kept)
+
+    plain_loss, plain_grads, plain_kept = update(False)
+    loss, grads, kept = update(True)
+    assert loss == pytest.approx(plain_loss, abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_grads, grads))
+    assert kept < plain_kept / 2, (kept, plain_kept)
 
 
 # ---------------------------------------------------------------------------------------------

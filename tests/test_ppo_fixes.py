@@ -200,7 +200,6 @@ def test_train_keys_are_honoured_or_refused(tmp_path, cli, tiny_gpt, reward_run)
     recipe = rlhf_recipe(tmp_path, tiny_gpt, reward_run, rlhf={"reward_model": reward_run, "chat_template": "false"},
                          ppo={"steps": 3, "rollout_batch_size": 4, "minibatch_size": 2, "epochs": 1})
     for override, expected in {
-        "train.activation_checkpointing=true": "train.activation_checkpointing: not used by tunekit's PPO (PPO keeps",
         "train.gradient_accumulation_steps=2": "train.gradient_accumulation_steps: set by tunekit; use ppo.forward_batch_size",
         "train.label_smoothing_factor=0.1": "train.label_smoothing_factor: not used by tunekit's PPO",
     }.items():
@@ -230,13 +229,14 @@ def test_forward_batches_bound_memory_and_keep_the_update(tiny_gpt):
     torch.manual_seed(0)
     samples = sample(lm, tokenizer, PROMPTS[:4], SimpleNamespace(max_new_tokens=6, temperature=1.0, top_p=1.0, seed=0))
     rows = []
-    lm.register_forward_pre_hook(lambda module, args, kwargs: rows.append(len(kwargs["input_ids"])), with_kwargs=True)
+    # the decoder body: PPO's forward passes run the LM head themselves, on the response positions
+    lm.model.register_forward_pre_hook(lambda module, args, kwargs: rows.append(len(kwargs["input_ids"])), with_kwargs=True)
     assert torch.allclose(lm_logprobs(lm, samples, 1.0, 2), lm_logprobs(lm, samples, 1.0), atol=1e-5)
 
     def update(forward_batch_size):
         torch.manual_seed(1)
         fresh = tiny_lm(tiny_gpt)[0]
-        fresh.register_forward_pre_hook(lambda module, args, kwargs: rows.append(len(kwargs["input_ids"])),
+        fresh.model.register_forward_pre_hook(lambda module, args, kwargs: rows.append(len(kwargs["input_ids"])),
                                         with_kwargs=True)
         model = PolicyWithValue(fresh).eval()
         values, logprobs, _ = rollout_forward(model, samples, 1.0, forward_batch_size)

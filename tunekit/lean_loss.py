@@ -122,3 +122,35 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 grad = next(saved)
                 grads[-1] = grad * grad_total.to(grad.dtype)
         return (*grads, None)
+
+
+def token_logprobs(rows: Any, weight: Any, bias: Any, targets: Any, temperature: float, with_entropy: bool = False
+                   ) -> tuple[Any, Any]:
+    """log softmax((rows @ weight.T + bias) / temperature) at each row's target, in float32, and (with
+    `with_entropy`) the entropy of each row's distribution; (log-probs, entropies or None).
+
+    The head runs `chunk_rows` rows at a time, so no more than one chunk of logits is ever held
+    (RL scores whole rollout batches: 32 responses of 64 tokens at a 49,152-word vocabulary are 400 MB
+    of float32 logits, and each step of a log-softmax or an entropy another copy). With gradients and
+    more than one chunk, each chunk is checkpointed: its logits are made again in the backward pass
+    instead of kept, which costs one more head product per chunk; a batch that fits one chunk (PPO's
+    minibatches, as a rule) is computed once."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk(part: Any, target: Any) -> tuple[Any, Any]:
+        logits = F.linear(part, weight, bias).float() / max(temperature, 1e-6)
+        logprobs = logits.log_softmax(-1)
+        picked = logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        if not with_entropy:
+            return picked, None
+        return picked, -(logprobs.exp() * logprobs).sum(-1)
+
+    step = chunk_rows(weight.shape[0])
+    if rows.shape[0] <= step:
+        return chunk(rows, targets)
+    remake = torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad)
+    parts = [checkpoint(chunk, rows[start : start + step], targets[start : start + step], use_reentrant=False)
+             if remake else chunk(rows[start : start + step], targets[start : start + step])
+             for start in range(0, rows.shape[0], step)]
+    picked = torch.cat([p for p, _ in parts])
+    return picked, torch.cat([e for _, e in parts]) if with_entropy else None

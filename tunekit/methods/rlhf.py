@@ -34,10 +34,6 @@ from tunekit.rl.trl_algos import GrpoSection
 from tunekit.runs.plots import plot_rewards
 from tunekit.train_section import TrainSection
 
-NOT_FOR_PPO = {
-    "activation_checkpointing": "PPO keeps the policy in eval mode (no dropout), where transformers skips "
-                                "checkpointing; lower ppo.forward_batch_size to save memory",
-}
 # rlhf samples its own training data: the full distribution at temperature 1, short responses.
 GENERATION_DEFAULTS = {"max_new_tokens": 24, "temperature": 1.0, "top_p": 1.0}
 RESERVED = {
@@ -198,8 +194,8 @@ def check_ppo(config: Config) -> None:
     defaults = device_defaults(on_gpu=not config.args.use_cpu)
     for key, value in config.train.items():
         if key not in read and not (key in defaults and value == defaults[key]):
-            why = NOT_FOR_PPO.get(key, f"it reads {', '.join(read)}; the `ppo:` section holds the rest")
-            raise UserError(f"{config.source}: train.{key}: not used by tunekit's PPO ({why})")
+            raise UserError(f"{config.source}: train.{key}: not used by tunekit's PPO (it reads {', '.join(read)}; "
+                            "the `ppo:` section holds the rest)")
     if config.generation.top_p < 1:
         # PPO's ratio and KL measure the full tempered softmax (for the policy and the reference
         # alike); a nucleus would sample from another distribution than the one measured.

@@ -77,6 +77,8 @@ class PpoTraining(Section):
     adam_epsilon: float = 1e-8
     bf16: bool = False
     fp16: bool = False
+    # the policy's decoder layers recomputed in the update's backward pass instead of kept (PolicyWithValue)
+    activation_checkpointing: bool = False
     save_steps: int | None = None
     use_cpu: bool = False
     report_to: str | list[str] | None = None
@@ -127,7 +129,7 @@ class PPOTrainer:
         if log_with:
             self.accelerator.init_trackers("ppo")
         torch.manual_seed(train.seed + self.accelerator.process_index)  # each process samples differently
-        model = PolicyWithValue(policy)
+        model = PolicyWithValue(policy, train.activation_checkpointing)
         # Dropout off (eval mode) throughout: the rollout's log-probs and the update's must agree.
         model.eval()
         trainable = [p for p in model.parameters() if p.requires_grad]

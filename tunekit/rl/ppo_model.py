@@ -11,32 +11,50 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunekit.rl.ppo_math import entropy, policy_loss, value_loss
-from tunekit.rl.rollout import in_chunks, last_logits, position_ids, response_logprobs
+from tunekit.rl.ppo_math import policy_loss, value_loss
+from tunekit.rl.rollout import in_chunks, response_scores
 
 # ---------------------------------------------------------------------------------------------
 # The model: policy + value head
 
 
 class PolicyWithValue(nn.Module):
-    """A causal LM (or a PeftModel around one) and a linear value head on its last hidden state."""
+    """A causal LM (or a PeftModel around one) and a linear value head on its last hidden state.
 
-    def __init__(self, policy: nn.Module) -> None:
+    It stays in eval mode (no dropout: the rollout's log-probs and the update's must agree). With
+    `checkpointing`, its decoder layers are checkpointed in passes with gradients all the same:
+    transformers checkpoints a layer only in training mode, so for the length of such a pass the
+    layers alone (not the attention, MLP or dropout modules inside them) say they are training."""
+
+    def __init__(self, policy: nn.Module, checkpointing: bool = False) -> None:
         super().__init__()
         self.policy = policy
         hidden = policy.config.hidden_size
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)  # values start at 0: no made-up baseline at step 0
         nn.init.zeros_(self.value_head.bias)
+        self.layers: list[nn.Module] = []
+        if checkpointing:
+            from transformers.modeling_layers import GradientCheckpointingLayer
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, values); with `keep` > 0 the logits of the last `keep` positions only (see
-        last_logits), the values of every position."""
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                          output_hidden_states=True, use_cache=False, logits_to_keep=keep)
-        hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)
-        return out.logits, self.value_head(hidden).squeeze(-1)
+            base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            self.layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context: int, temperature: float,
+                with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(log-probs, entropies or None, values) of the response tokens after `context`
+        (tunekit.rl.rollout.response_scores)."""
+        checkpointed = self.layers if torch.is_grad_enabled() else []
+        for layer in checkpointed:
+            layer.training = True
+        try:
+            logprobs, entropies, values = response_scores(self.policy, input_ids, attention_mask, context, temperature,
+                                                          with_entropy, self.value_head)
+        finally:
+            for layer in checkpointed:
+                layer.training = False
+        return logprobs, entropies, values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,16 +95,6 @@ class Batch:
                      *(getattr(self, f)[:, :length] for f in list(self.__dataclass_fields__)[2:]))
 
 
-def forward_responses(model: Any, batch_ids: torch.Tensor, mask: torch.Tensor, context: int, temperature: float
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tempered logits and values at the positions that predict the response tokens, and the
-    response tokens' log-probs."""
-    responses = batch_ids.shape[1] - context
-    logits, values = model(batch_ids, mask, keep=responses + 1)
-    logits = last_logits(logits, responses).float() / max(temperature, 1e-6)
-    return logits, values[:, context - 1 : -1], response_logprobs(logits, batch_ids[:, context:], 1.0)
-
-
 def rollout_forward(model: Any, samples: Any, temperature: float, forward_batch_size: int | None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Values, log-probs and per-token entropies of the sampled responses under the policy with its
@@ -94,16 +102,16 @@ def rollout_forward(model: Any, samples: Any, temperature: float, forward_batch_
     parts = []
     with torch.no_grad():
         for rows in in_chunks(forward_batch_size, len(samples.responses)):
-            logits, values, logprobs = forward_responses(model, samples.query_responses[rows],
-                                                         samples.attention_mask[rows], samples.context, temperature)
-            parts.append((values, logprobs, entropy(logits)))
+            logprobs, entropies, values = model(samples.query_responses[rows], samples.attention_mask[rows],
+                                                samples.context, temperature, with_entropy=True)
+            parts.append((values, logprobs, entropies))
     values, logprobs, entropies = (torch.cat(part) for part in zip(*parts))
     return values, logprobs, entropies
 
 
 def ppo_loss(model: Any, mini: Batch, settings: Any, temperature: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy loss + vf_coef * clipped value loss of a minibatch (or a forward batch of one)."""
-    _, values, logprobs = forward_responses(model, mini.query_responses, mini.attention_mask, mini.context, temperature)
+    logprobs, _, values = model(mini.query_responses, mini.attention_mask, mini.context, temperature)
     pg, clip_fraction, approx_kl = policy_loss(logprobs, mini.logprobs, mini.advantages, mini.response_mask,
                                                settings.clip_range)
     vf, vf_clip = value_loss(values, mini.values, mini.returns, mini.response_mask, settings.value_clip_range)

@@ -14,6 +14,7 @@ import torch
 from tunekit.errors import UserError
 from tunekit.generation import GenerationSection, generate_ids
 from tunekit.jsontypes import Row
+from tunekit.rl.ppo_math import entropy
 from tunekit.rl.reward_scores import RunScorer
 
 
@@ -109,25 +110,47 @@ def scores_of(reward: RewardModel, prompts: list[Prompt], samples: Samples, miss
     return raw, raw - missing_eos_penalty * (~samples.ended).float()
 
 
-def last_logits(logits: torch.Tensor, responses: int) -> torch.Tensor:
-    """The logits that predict the `responses` last tokens, from a forward pass given
-    logits_to_keep=responses + 1. The LM head then runs on those positions only, not on the
-    (left-padded) query: with a large vocabulary it is a large part of a forward pass, and its
-    [batch, positions, vocabulary] output the largest tensor. Counted from the end, so a model that
-    ignores logits_to_keep (returns every position) gives the same result."""
-    return logits[:, -(responses + 1) : -1]
+def response_scores(lm: Any, ids: torch.Tensor, mask: torch.Tensor, context: int, temperature: float,
+                    with_entropy: bool = False, value_head: Any = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """What PPO measures of the response tokens (the columns after `context`) under a causal LM:
+    their log-probs under the tempered distribution they were sampled from, in float32; with
+    `with_entropy` that distribution's entropy at each of them; with `value_head` its values at the
+    positions that predict them. (log-probs, entropies or None, values or None).
+
+    The LM head runs on the positions that predict a response token only, never on the
+    (left-padded) query, and a chunk of rows at a time (tunekit.lean_loss.token_logprobs): at a large
+    vocabulary its [batch, positions, vocabulary] output is the largest tensor of a forward pass. A
+    model whose logits are not its head's plain output (tunekit.lean_loss.lean_parts) is asked for
+    the logits of those positions (logits_to_keep) instead; counted from the end, so a model that
+    ignores logits_to_keep gives the same result."""
+    from tunekit.lean_loss import lean_parts, token_logprobs
+
+    responses = ids[:, context:]
+    parts = lean_parts(lm)
+    if parts is not None:
+        body, head = parts
+        hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+                      ).last_hidden_state[:, context - 1 : -1]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        logprobs, entropies = token_logprobs(flat, head.weight, head.bias, responses.reshape(-1), temperature,
+                                             with_entropy)
+        logprobs = logprobs.view(responses.shape)
+        entropies = entropies.view(responses.shape) if with_entropy else None
+    else:
+        out = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
+                 output_hidden_states=value_head is not None, logits_to_keep=responses.shape[1] + 1)
+        logits = out.logits[:, -(responses.shape[1] + 1) : -1].float() / max(temperature, 1e-6)
+        logprobs = torch.gather(logits.log_softmax(-1), 2, responses.unsqueeze(-1)).squeeze(-1)
+        entropies = entropy(logits) if with_entropy else None
+        hidden = out.hidden_states[-1][:, context - 1 : -1] if value_head is not None else None
+    values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1) if value_head is not None else None
+    return logprobs, entropies, values
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as generate() uses them (so log-probs match the sampling)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log pi(y_t) of each response token under the tempered distribution it was sampled from;
-    `logits` are those of the positions that predict the response tokens."""
-    logits = logits / max(temperature, 1e-6)
-    return torch.gather(logits.log_softmax(-1), 2, responses.unsqueeze(-1)).squeeze(-1)
 
 
 def in_chunks(size: int | None, rows: int) -> list[slice]:
@@ -140,13 +163,10 @@ def lm_logprobs(lm: Any, samples: Samples, temperature: float, forward_batch_siz
     """Log-probs of the response tokens under a causal LM (no value head), `forward_batch_size`
     rows per forward pass."""
     parts = []
-    for rows in in_chunks(forward_batch_size, len(samples.responses)):
-        ids, mask, responses = samples.query_responses[rows], samples.attention_mask[rows], samples.responses[rows]
-        with torch.no_grad():
-            logits = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
-                        logits_to_keep=responses.shape[1] + 1).logits
-        # in float32, as the prepared policy's outputs: one precision for both log-probs
-        parts.append(response_logprobs(last_logits(logits, responses.shape[1]).float(), responses, temperature))
+    with torch.no_grad():
+        for rows in in_chunks(forward_batch_size, len(samples.responses)):
+            ids, mask = samples.query_responses[rows], samples.attention_mask[rows]
+            parts.append(response_scores(lm, ids, mask, samples.context, temperature)[0])
     return torch.cat(parts)
 
 
