@@ -74,7 +74,7 @@ SEED = 42
 class Plan:
     """One measurement: which rows, model, method and settings; written to JSON for the child."""
 
-    data: str
+    data: str  # a name in DATA, or a file of rows
     method: str
     base: str
     work: str
@@ -115,7 +115,7 @@ def tunekit_config(plan: Plan) -> Any:
     from tunekit.methods import sft
 
     raw = {"model": {"name": plan.base},
-           "data": {"train": str(DATA[plan.data]), "train_limit": plan.rows, "max_length": plan.max_length},
+           "data": {"train": str(DATA.get(plan.data, plan.data)), "train_limit": plan.rows, "max_length": plan.max_length},
            "peft": {"method": "lora" if plan.method == "lora" else "none", "r": LORA["r"],
                     "alpha": LORA["lora_alpha"], "dropout": LORA["lora_dropout"]},
            "train": {"seed": SEED, **trainer_settings(plan)}}
@@ -129,6 +129,11 @@ def trainer_settings(plan: Plan) -> dict[str, Any]:
             "optim": "adamw_torch", "max_grad_norm": 1.0, "bf16": False, "gradient_checkpointing": plan.checkpointing,
             "packing": False, "train_sampling_strategy": "sequential", "save_strategy": "no", "eval_strategy": "no",
             "logging_steps": 1, "report_to": "none", "disable_tqdm": True}
+
+
+def rows_file(plan: Plan) -> Path:
+    """Where the parent leaves the tokenised rows for the child."""
+    return Path(plan.work) / f"rows-{Path(plan.data).name}.json"
 
 
 def tokenized_rows(plan: Plan) -> list[dict[str, list[int]]]:
@@ -222,14 +227,14 @@ def child(variant: str, plan_file: Path) -> None:
     """`--one VARIANT`: train one variant and print its figures as the last line (JSON)."""
     plan = Plan(**json.loads(plan_file.read_text()))
     torch.set_num_threads(plan.threads)
-    rows = json.loads((Path(plan.work) / f"rows-{plan.data}.json").read_text())
+    rows = json.loads(rows_file(plan).read_text())
     runner = {"tunekit": run_tunekit, "trl": run_trl, "plain": run_plain}[variant]
     figures = runner(plan, rows)
     print(json.dumps({**figures, "peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
 def measure(plan: Plan, variant: str) -> dict[str, float]:
-    plan_file = Path(plan.work) / f"plan-{plan.data}-{plan.method}.json"
+    plan_file = Path(plan.work) / f"plan-{Path(plan.data).name}-{plan.method}.json"
     return in_child(__file__, variant, plan, plan_file, f"{variant} {plan.data} {plan.method}")
 
 
@@ -287,7 +292,7 @@ def run_all(options: argparse.Namespace, work: Path) -> dict[str, Any]:
         plan = Plan(data, "full", str(base), str(work), options.batch, options.max_length, options.warmup,
                     options.steps, options.lr, options.threads)
         rows = tokenized_rows(plan)
-        (work / f"rows-{data}.json").write_text(json.dumps(rows))
+        rows_file(plan).write_text(json.dumps(rows))
         measured = rows[plan.warmup * plan.batch :]
         tokens = sum(len(r["input_ids"]) for r in measured) // plan.steps
         trained = sum(sum(label != -100 for label in r["labels"][1:]) for r in measured) // plan.steps

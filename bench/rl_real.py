@@ -3,7 +3,7 @@ TRL's GRPOTrainer with its own defaults, and beside tunekit's SFT step.
 
     make bench-rl-real                     # = .venv/bin/python bench/rl_real.py; BENCH_RL_ARGS="..." adds options
     HF_HUB_OFFLINE=1 .venv/bin/python bench/rl_real.py [--model DIR] [--variants ...] [--rounds 2] [--warmup 1]
-        [--batch 16] [--generations 4] [--max-new-tokens 48] [--threads N] [--json F]
+        [--batch 16] [--generations 4] [--max-new-tokens 48] [--threads N] [--set KEY=VALUE] [--json F]
 
 SmolLM2-135M-Instruct (models/smollm2-135m-instruct, or --model: the arithmetic-SFT one,
 runs/lora-smollm2-arith/merged, answers in the worked format) with a LoRA adapter (r 16, every
@@ -20,8 +20,13 @@ pass over them in two minibatches. Each variant runs in a process of its own (pe
   trl        TRL's GRPOTrainer + PEFT with TRL 1.16's own defaults (bf16, gradient checkpointing),
              the same rows, reward, sampling, batch sizes, learning rate and beta 0
   trl-fp32   the same with bf16 off: what bf16 and checkpointing each cost, apart
-  sft        tunekit's LoRA SFT step (bench/real.py's `tunekit` variant) on the same problems with
-             their worked answers, at the minibatch size: the per-token rate PPO's update is held to
+  sft        tunekit's LoRA SFT step (bench/real.py's `tunekit` variant) at the minibatch size, the
+             per-token rate PPO's update is held to: on the problems with the responses the `ppo`
+             variant sampled when it ran first in the same command (the same sequences as PPO's
+             update, the response as the completion), else on the problems with their worked answers
+
+--set KEY=VALUE (repeatable) overrides the ppo and grpo recipes; --set
+train.activation_checkpointing=true applies to the sft variant too.
 
 Timed by wrapping, in the variant's process, the calls that make up a round: generation (tunekit's
 `rollout.sample`; TRL's `GRPOTrainer._generate`), the whole rollout (generation, reward, old /
@@ -56,6 +61,7 @@ MODEL = ROOT / "models" / "smollm2-135m-instruct"
 ROWS = ROOT / "data" / "arith-hard" / "train.jsonl"
 RECIPES = {"ppo": ROOT / "recipes" / "rlhf" / "smollm2-arith-ppo.yaml", "grpo": ROOT / "recipes" / "rlhf" / "smollm2-arith-grpo.yaml"}
 VARIANTS = ("ppo", "grpo", "trl", "trl-fp32", "sft")
+PPO_ROWS = "ppo-rows.jsonl"  # the ppo variant's problems and responses, for the sft variant
 TEMPERATURE, LEARNING_RATE, SEED = 0.7, 1e-4, 42
 
 
@@ -69,6 +75,7 @@ class Plan:
     generations: int
     max_new_tokens: int
     threads: int
+    sets: list[str] = field(default_factory=list)  # --set KEY=VALUE for tunekit's variants
 
 
 @dataclass
@@ -128,6 +135,7 @@ def tunekit_overrides(plan: Plan, variant: str) -> list[str]:
             f"train.save_steps={steps + 1}", "train.logging_steps=1", f"train.seed={SEED}"]
     if variant == "grpo":
         sets.append(f"rlhf.num_generations={plan.generations}")
+    sets += plan.sets
     return [item for s in sets for item in ("--set", s)]
 
 
@@ -139,6 +147,8 @@ def run_tunekit(plan: Plan, variant: str) -> None:
     timed(ppo.PPOTrainer, "rollout", "rollout", starts_round=True)
     timed(ppo, "minibatch_epochs", "update", lambda a, k, r: a[3].attention_mask.sum() * a[4].epochs)
     stop_after(ppo.PPOTrainer, "train")
+    if variant == "ppo":
+        keep_ppo_rows(Path(plan.work) / PPO_ROWS)
     patch_trl_grpo()
     try:
         cli.main(["lora", str(RECIPES[variant]), *tunekit_overrides(plan, variant),
@@ -146,6 +156,29 @@ def run_tunekit(plan: Plan, variant: str) -> None:
     except SystemExit as stop:
         if stop.code:
             raise
+
+
+def keep_ppo_rows(path: Path) -> None:
+    """Write each training round's problems with PPO's sampled responses to `path` (prompt /
+    completion rows), for the `sft` variant: the SFT step on the sequences PPO's update trained on."""
+    from tunekit.rl import ppo, rollout
+
+    sampled: list[str] = []
+    sample, trainer_rollout = rollout.sample, ppo.PPOTrainer.rollout
+
+    def sample_keeping(*args: Any, **kwargs: Any) -> Any:
+        result = sample(*args, **kwargs)
+        sampled[:] = result.texts
+        return result
+
+    def rollout_keeping(self: Any, prompts: list[Any]) -> Any:
+        result = trainer_rollout(self, prompts)
+        with path.open("a") as out:
+            for prompt, text in zip(prompts, sampled):
+                out.write(json.dumps({"prompt": prompt.shown, "completion": text}) + "\n")
+        return result
+
+    rollout.sample, ppo.PPOTrainer.rollout = sample_keeping, rollout_keeping
 
 
 def patch_trl_grpo() -> None:
@@ -197,14 +230,17 @@ def run_trl(plan: Plan, variant: str) -> None:
 
 
 def run_sft(plan: Plan) -> dict[str, float]:
-    """bench/real.py's tunekit LoRA step on the same problems with their worked answers, at the
-    minibatch size (in a process of its own, as there)."""
+    """bench/real.py's tunekit LoRA step at the minibatch size (in a process of its own, as there), on
+    the problems with PPO's sampled responses when the `ppo` variant ran first in this command (the
+    same sequences as PPO's update), else on the problems with their worked answers."""
     from bench import real
 
-    sft = real.Plan("arith-hard", "lora", plan.model, plan.work, plan.batch // 2, 256, 2, 2 * plan.rounds,
-                    LEARNING_RATE, plan.threads)
+    responses = Path(plan.work) / PPO_ROWS
+    sft = real.Plan(str(responses) if responses.is_file() else "arith-hard", "lora", plan.model, plan.work, plan.batch // 2,
+                    256, 2 * plan.warmup, 2 * plan.rounds, LEARNING_RATE, plan.threads,
+                    any(s.replace(" ", "") == "train.activation_checkpointing=true" for s in plan.sets))
     rows = real.tokenized_rows(sft)
-    (Path(plan.work) / "rows-arith-hard.json").write_text(json.dumps(rows))
+    real.rows_file(sft).write_text(json.dumps(rows))
     figures = real.measure(sft, "tunekit")
     tokens = sum(len(r["input_ids"]) for r in rows[sft.warmup * sft.batch : sft.rows])
     return {"update_s": figures["seconds"], "update_tokens": tokens, "peak_rss_mb": figures["peak_rss_mb"]}
@@ -277,6 +313,9 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=4, help="GRPO: samples per problem")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for tunekit's variants (train.activation_checkpointing=true: "
+                             "the sft variant too)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
@@ -290,7 +329,7 @@ def main() -> None:
         raise SystemExit(f"bench/rl_real.py: {ROWS}: missing; run `python -m tunekit.arithmetic data/arith-hard --difficulty hard`")
     with tempfile.TemporaryDirectory() as tmp:
         plan = Plan(options.model, tmp, options.rounds, options.warmup, options.batch, options.generations,
-                    options.max_new_tokens, options.threads)
+                    options.max_new_tokens, options.threads, options.sets)
         runs = {}
         for variant in options.variants:
             runs[variant] = measure(plan, variant)
