@@ -108,7 +108,7 @@ def test_models_that_change_their_logits_keep_their_own_loss():
     assert lean_loss.lean_parts(torch.nn.Linear(2, 2)) is None
 
 
-def trainer(folder, out, lean: bool, monkeypatch, lora: bool):
+def trainer(folder, out, lean: bool, monkeypatch, lora: bool, bf16: bool = False):
     """tunekit's SFT trainer on 8 rows, batch 2, 2 accumulation steps, 2 optimizer steps (SGD: AdamW's
     first step moves a weight by the learning rate times the sign of its gradient, so float32 noise on a
     near-zero gradient would be magnified to the learning rate); `lean` False takes
@@ -129,7 +129,7 @@ def trainer(folder, out, lean: bool, monkeypatch, lora: bool):
         rows.append({"input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2:]})
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=2,
                      max_steps=2, learning_rate=1e-2, optim="sgd", report_to="none", save_strategy="no", logging_steps=1,
-                     disable_tqdm=True, use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0)
+                     disable_tqdm=True, use_cpu=True, bf16=bf16, gradient_checkpointing=False, seed=0)
     model = AutoModelForCausalLM.from_pretrained(folder)
     if lora:  # as `tunekit lora` hands it over: a PeftModel
         from peft import LoraConfig, get_peft_model
@@ -160,3 +160,22 @@ def test_sft_trainer_steps_equal_the_models_own_loss(tiny_gpt, tmp_path, monkeyp
     assert lean_losses == pytest.approx(plain_losses, rel=1e-5)
     for (name, a), b in zip(lean.model.named_parameters(), plain.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sft_trainer_steps_keep_mixed_precision(tiny_gpt, tmp_path, monkeypatch):
+    """train.bf16: accelerate puts autocast on the prepared model's forward, which the lean step does
+    not call; the lean step enters it itself, so its matrix products run in bf16 as the model's own
+    forward's do, and its losses are the plain path's under the same autocast."""
+    def losses_and_dtypes(lean: bool):
+        model = trainer(tiny_gpt, tmp_path / str(lean), lean, monkeypatch, False, bf16=True)
+        dtypes = []
+        layer = model.model.model.layers[0].mlp.down_proj
+        layer.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype) if module.training else None)
+        model.train()
+        monkeypatch.undo()
+        return [r["loss"] for r in model.state.log_history if "loss" in r], set(dtypes)
+
+    lean_losses, lean_dtypes = losses_and_dtypes(True)
+    plain_losses, plain_dtypes = losses_and_dtypes(False)
+    assert lean_dtypes == plain_dtypes == {torch.bfloat16}
+    assert lean_losses == pytest.approx(plain_losses, rel=2e-2)

@@ -36,8 +36,11 @@ class LeanSFTTrainer(SFTTrainer):
                                         num_items_in_batch=num_items_in_batch)
         from tunekit.lean_loss import lean_causal_lm_loss
 
-        # The model divides by num_items_in_batch only when the Trainer passes it (model_accepts_loss_kwargs)
-        loss = lean_causal_lm_loss(parts, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
+        # The model divides by num_items_in_batch only when the Trainer passes it (model_accepts_loss_kwargs).
+        # Mixed precision: accelerate puts autocast on the prepared model's forward, which this step
+        # does not call (it runs the body and the head itself), so it enters autocast here.
+        with self.accelerator.autocast():
+            loss = lean_causal_lm_loss(parts, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss does
         return loss
