@@ -11,8 +11,9 @@ dropout 0, every linear layer of the body) on the first batch x (warmup + steps)
 data/arith/train.jsonl (short responses) or data/alpaca/alpaca_small_2k.json (long ones), tokenised
 and masked by tunekit (loss on the response only), in file order, padded per batch. Matched for all
 three: the rows and their order, batch, max_length, AdamW (no weight decay), constant learning rate,
-gradient clipping at 1.0, float32, gradient checkpointing (off unless --checkpointing on; `off on`
-measures each both ways), the adapter's initial weights:
+gradient clipping at 1.0, float32 (--bf16: bf16 autocast over float32 weights, for all three),
+gradient checkpointing (off unless --checkpointing on; `off on` measures each both ways), the
+adapter's initial weights:
   tunekit  what `tunekit sft` / `tunekit lora` train with (sft.build_trainer: LeanSFTTrainer);
   trl      TRL's SFTTrainer with its own compute_loss, on the same tokenised rows (+ PEFT: the model
            is wrapped with get_peft_model before it is handed over);
@@ -85,6 +86,7 @@ class Plan:
     lr: float
     threads: int
     checkpointing: bool = False
+    bf16: bool = False  # bf16 autocast (mixed precision) over float32 weights
 
     @property
     def rows(self) -> int:
@@ -126,7 +128,7 @@ def trainer_settings(plan: Plan) -> dict[str, Any]:
     """The Trainer settings all three share (the plain loop does the same by hand)."""
     return {"max_steps": plan.warmup + plan.steps, "per_device_train_batch_size": plan.batch,
             "learning_rate": plan.lr, "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0,
-            "optim": "adamw_torch", "max_grad_norm": 1.0, "bf16": False, "gradient_checkpointing": plan.checkpointing,
+            "optim": "adamw_torch", "max_grad_norm": 1.0, "bf16": plan.bf16, "gradient_checkpointing": plan.checkpointing,
             "packing": False, "train_sampling_strategy": "sequential", "save_strategy": "no", "eval_strategy": "no",
             "logging_steps": 1, "report_to": "none", "disable_tqdm": True}
 
@@ -206,7 +208,8 @@ def run_plain(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, float]:
         if step == plan.warmup:
             start = time.perf_counter()
         batch = collate(rows[step * plan.batch : (step + 1) * plan.batch])
-        loss = model(**batch, use_cache=False).loss
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=plan.bf16):
+            loss = model(**batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -290,7 +293,7 @@ def run_all(options: argparse.Namespace, work: Path) -> dict[str, Any]:
     rates: dict[str, list[float]] = {}
     for data in options.data:
         plan = Plan(data, "full", str(base), str(work), options.batch, options.max_length, options.warmup,
-                    options.steps, options.lr, options.threads)
+                    options.steps, options.lr, options.threads, bf16=options.bf16)
         rows = tokenized_rows(plan)
         rows_file(plan).write_text(json.dumps(rows))
         measured = rows[plan.warmup * plan.batch :]
@@ -323,7 +326,8 @@ def run_all(options: argparse.Namespace, work: Path) -> dict[str, Any]:
 def table(results: dict[str, Any], options: argparse.Namespace) -> str:
     peak = results["peak_gflops"]
     lines = [f"model {results['model']}, {results['threads']} threads, batch {options.batch}, max_length "
-             f"{options.max_length}, {options.steps} steps after {options.warmup} warm-up",
+             f"{options.max_length}, {options.steps} steps after {options.warmup} warm-up"
+             + (", bf16 autocast" if options.bf16 else ", float32"),
              "float32 matmul GFLOP/s at the model's shapes: "
              + ", ".join(f"{k} {v:.0f}" for k, v in results["matmul_gflops"].items()) + f"; peak {peak:.0f}",
              "| data | method | checkpointing | variant | tokens/s | s/step | peak RSS MB | loss after N steps | CPU MFU |",
@@ -356,6 +360,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast over float32 weights, for every variant")
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off"],
                         help="gradient checkpointing for every variant (both: each run twice, off and on)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
