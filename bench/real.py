@@ -93,8 +93,11 @@ class Plan:
         return self.batch * (self.warmup + self.steps)
 
 
-def base_model(work: Path) -> Path:
-    """The real SmolLM2 folder, or the same config with random weights and a tokenizer trained here."""
+def base_model(work: Path, model: Path | None = None) -> Path:
+    """`model` (--model: a folder with a chat tokenizer), else the real SmolLM2 folder, else the same
+    config with random weights and a tokenizer trained here."""
+    if model is not None:
+        return model
     if (MODEL / "model.safetensors").is_file():
         return MODEL
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -287,7 +290,7 @@ def run_all(options: argparse.Namespace, work: Path) -> dict[str, Any]:
     from transformers import AutoConfig
 
     torch.set_num_threads(options.threads)
-    base = base_model(work)
+    base = base_model(work, options.model)
     config = AutoConfig.from_pretrained(base)
     results: dict[str, Any] = {"model": str(base), "threads": torch.get_num_threads(), "rows": {}, "runs": []}
     rates: dict[str, list[float]] = {}
@@ -352,6 +355,8 @@ def table(results: dict[str, Any], options: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None,
+                        help="another causal LM folder with a chat tokenizer (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--data", nargs="+", choices=sorted(DATA), default=["arith"])
     parser.add_argument("--methods", nargs="+", choices=["full", "lora"], default=["full", "lora"])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
