@@ -73,10 +73,10 @@ def device_defaults(on_gpu: bool = True) -> dict[str, Any]:
     """Precision and memory settings that suit the device this process runs on (the CPU when
     there is no GPU or `on_gpu` is False, as with train.use_cpu).
 
-    Small models trained 5-8x slower on a CPU with bf16 autocast and gradient checkpointing (the TRL
-    defaults), so on CPU both are off; on a GPU with bf16, mixed precision is on. (At SmolLM2-135M's
-    shape on a CPU with AMX, bf16 autocast alone was 1.35-2x faster: bench/README.md; a recipe turns
-    it on with train.bf16.)
+    On a CPU, bf16 autocast and gradient checkpointing (the TRL defaults) together halved the tiny
+    GPT's training speed, so both are off; on a GPU with bf16, mixed precision is on. (At
+    SmolLM2-135M's shape on a CPU with AMX, bf16 autocast alone was 1.35-2x faster but cost the
+    arithmetic recipe accuracy: bench/README.md; a recipe turns it on with train.bf16.)
     """
     import torch
 
