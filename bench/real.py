@@ -3,6 +3,7 @@
     make bench-real
     HF_HUB_OFFLINE=1 .venv/bin/python bench/real.py [--data arith alpaca] [--methods full lora]
         [--batch 8] [--max-length 256] [--warmup 2] [--steps 6] [--lr 1e-4] [--threads N] [--json out.json]
+        [--checkpointing off on] [--bf16] [--model DIR]
 
 SmolLM2-135M-Instruct (models/smollm2-135m-instruct when `make models` has fetched it; else the same
 config with random weights and a BPE tokenizer trained on the rows): Llama, hidden 576, intermediate
