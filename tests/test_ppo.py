@@ -12,7 +12,6 @@ from conftest import SHARED, write
 
 from tunekit.rl.ppo_math import (
     AdaptiveKLController,
-    entropy,
     gae,
     kl_penalized_rewards,
     masked_mean,
@@ -88,6 +87,13 @@ def test_adaptive_kl_controller():
     assert fixed.value == 0.1
 
 
+def entropy(logits):
+    """The per-row entropy tunekit.lean_loss.tempered_logprobs reports (at temperature 1)."""
+    from tunekit.lean_loss import tempered_logprobs
+
+    return tempered_logprobs(logits, torch.zeros(logits.shape[:-1], dtype=torch.long), 1.0, with_entropy=True)[1]
+
+
 def test_entropy_of_uniform_and_certain():
     assert close(entropy(torch.zeros(1, 4)), [math.log(4)])
     assert close(entropy(torch.tensor([[100.0, 0.0, 0.0]])), [0.0], tol=1e-4)
@@ -125,7 +131,8 @@ def test_lm_head_runs_on_the_response_positions_only(monkeypatch):
     with torch.no_grad():
         logprobs, entropies, values = policy(ids, mask, context, 0.7, with_entropy=True)
     assert close(logprobs, expected) and close(values, expected_values)
-    assert close(entropies, entropy(tempered).tolist())
+    direct = -(tempered.softmax(-1) * tempered.log_softmax(-1)).sum(-1)  # the entropy, computed here
+    assert close(entropies, direct.tolist())
     assert [shape[0] for shape in seen] == [5, 5, 2]  # 3 rows x 4 response positions, not 3 x 9
     samples = Samples(ids, mask, ids[:, context:], torch.ones(3, 4, dtype=torch.long), torch.ones(3, dtype=torch.bool),
                       ["", "", ""])
@@ -142,7 +149,7 @@ def test_lm_head_runs_on_the_response_positions_only(monkeypatch):
     fallback.value_head = policy.value_head
     with torch.no_grad():
         logprobs, entropies, values = fallback(ids, mask, context, 0.7, with_entropy=True)
-    assert close(logprobs, expected) and close(values, expected_values) and close(entropies, entropy(tempered).tolist())
+    assert close(logprobs, expected) and close(values, expected_values) and close(entropies, direct.tolist())
 
 
 def test_chunked_log_probs_have_the_gradients_of_one_pass(monkeypatch):

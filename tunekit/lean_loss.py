@@ -138,12 +138,7 @@ def token_logprobs(rows: Any, weight: Any, bias: Any, targets: Any, temperature:
     from torch.utils.checkpoint import checkpoint
 
     def chunk(part: Any, target: Any) -> tuple[Any, Any]:
-        logits = F.linear(part, weight, bias).float() / max(temperature, 1e-6)
-        logprobs = logits.log_softmax(-1)
-        picked = logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        if not with_entropy:
-            return picked, None
-        return picked, -(logprobs.exp() * logprobs).sum(-1)
+        return tempered_logprobs(F.linear(part, weight, bias), target, temperature, with_entropy)
 
     step = chunk_rows(weight.shape[0])
     if rows.shape[0] <= step:
@@ -154,3 +149,11 @@ def token_logprobs(rows: Any, weight: Any, bias: Any, targets: Any, temperature:
              for start in range(0, rows.shape[0], step)]
     picked = torch.cat([p for p, _ in parts])
     return picked, torch.cat([e for _, e in parts]) if with_entropy else None
+
+
+def tempered_logprobs(logits: Any, targets: Any, temperature: float, with_entropy: bool = False) -> tuple[Any, Any]:
+    """log softmax(logits / temperature) at `targets` (one per row of the last dimension), in float32,
+    and (with `with_entropy`) the entropy of each row's distribution; (log-probs, entropies or None)."""
+    logprobs = (logits.float() / max(temperature, 1e-6)).log_softmax(-1)
+    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked, -(logprobs.exp() * logprobs).sum(-1) if with_entropy else None

@@ -1,6 +1,6 @@
 """PPO's math as small pure functions on tensors (pinned against hand-computed values in
 tests/test_ppo.py): masked statistics, the KL-penalised per-token rewards, GAE, the clipped policy
-and value losses, the adaptive KL coefficient and the entropy."""
+and value losses and the adaptive KL coefficient."""
 
 from __future__ import annotations
 
@@ -92,9 +92,3 @@ class AdaptiveKLController:
             return
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_samples / self.horizon
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy of the softmax over `logits`."""
-    probs = logits.softmax(-1)
-    return torch.logsumexp(logits, -1) - (probs * logits).sum(-1)

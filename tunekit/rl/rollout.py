@@ -14,7 +14,6 @@ import torch
 from tunekit.errors import UserError
 from tunekit.generation import GenerationSection, generate_ids
 from tunekit.jsontypes import Row
-from tunekit.rl.ppo_math import entropy
 from tunekit.rl.reward_scores import RunScorer
 
 
@@ -124,7 +123,7 @@ def response_scores(lm: Any, ids: torch.Tensor, mask: torch.Tensor, context: int
     model whose logits are not its head's plain output (tunekit.lean_loss.lean_parts) is asked for
     the logits of those positions (logits_to_keep) instead; counted from the end, so a model that
     ignores logits_to_keep gives the same result."""
-    from tunekit.lean_loss import lean_parts, token_logprobs
+    from tunekit.lean_loss import lean_parts, tempered_logprobs, token_logprobs
 
     responses = ids[:, context:]
     parts = lean_parts(lm)
@@ -140,9 +139,8 @@ def response_scores(lm: Any, ids: torch.Tensor, mask: torch.Tensor, context: int
     else:
         out = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
                  output_hidden_states=value_head is not None, logits_to_keep=responses.shape[1] + 1)
-        logits = out.logits[:, -(responses.shape[1] + 1) : -1].float() / max(temperature, 1e-6)
-        logprobs = torch.gather(logits.log_softmax(-1), 2, responses.unsqueeze(-1)).squeeze(-1)
-        entropies = entropy(logits) if with_entropy else None
+        logprobs, entropies = tempered_logprobs(out.logits[:, -(responses.shape[1] + 1) : -1], responses, temperature,
+                                                with_entropy)
         hidden = out.hidden_states[-1][:, context - 1 : -1] if value_head is not None else None
     values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1) if value_head is not None else None
     return logprobs, entropies, values
