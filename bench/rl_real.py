@@ -234,11 +234,15 @@ def run_sft(plan: Plan) -> dict[str, float]:
     the problems with PPO's sampled responses when the `ppo` variant ran first in this command (the
     same sequences as PPO's update), else on the problems with their worked answers."""
     from bench import real
+    from tunekit.config import apply_override
 
+    overrides: dict[str, Any] = {}
+    for item in plan.sets:  # read as the recipes read them
+        apply_override(overrides, item)
+    checkpointing = bool(overrides.get("train", {}).get("activation_checkpointing", False))
     responses = Path(plan.work) / PPO_ROWS
     sft = real.Plan(str(responses) if responses.is_file() else "arith-hard", "lora", plan.model, plan.work, plan.batch // 2,
-                    256, 2 * plan.warmup, 2 * plan.rounds, LEARNING_RATE, plan.threads,
-                    any(s.replace(" ", "") == "train.activation_checkpointing=true" for s in plan.sets))
+                    256, 2 * plan.warmup, 2 * plan.rounds, LEARNING_RATE, plan.threads, checkpointing)
     rows = real.tokenized_rows(sft)
     real.rows_file(sft).write_text(json.dumps(rows))
     figures = real.measure(sft, "tunekit")
