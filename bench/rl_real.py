@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -49,15 +48,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[0] = str(ROOT)  # not bench/: bench/peft.py would shadow the peft package
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # not bench/: bench/peft.py would shadow the peft package
 
 import torch  # noqa: E402
 
-MODEL = ROOT / "models" / "smollm2-135m-instruct"
+# bench/real.py's first lines set the offline environment (before transformers or the hub load)
+from bench import real  # noqa: E402
+from bench.real import MODEL, ROOT  # noqa: E402
+
 ROWS = ROOT / "data" / "arith-hard" / "train.jsonl"
 RECIPES = {"ppo": ROOT / "recipes" / "rlhf" / "smollm2-arith-ppo.yaml", "grpo": ROOT / "recipes" / "rlhf" / "smollm2-arith-grpo.yaml"}
 VARIANTS = ("ppo", "grpo", "trl", "trl-fp32", "sft")
@@ -233,7 +231,6 @@ def run_sft(plan: Plan) -> dict[str, float]:
     """bench/real.py's tunekit LoRA step at the minibatch size (in a process of its own, as there), on
     the problems with PPO's sampled responses when the `ppo` variant ran first in this command (the
     same sequences as PPO's update), else on the problems with their worked answers."""
-    from bench import real
     from tunekit.config import apply_override
 
     overrides: dict[str, Any] = {}
@@ -252,8 +249,6 @@ def run_sft(plan: Plan) -> dict[str, float]:
 
 def child(variant: str, plan: Plan) -> None:
     """`--one VARIANT`: run it and print its figures as the last line (JSON)."""
-    from bench.real import peak_rss_mb
-
     torch.set_num_threads(plan.threads)
     started = time.perf_counter()
     if variant in RECIPES:
@@ -269,15 +264,13 @@ def child(variant: str, plan: Plan) -> None:
         update_s, update_tokens = steps_s - rollout_s, CLOCK.measured("trained", plan.warmup)[1]
     print(json.dumps({"generate_s": generate_s, "generated_tokens": generated, "rollout_s": rollout_s,
                       "update_s": update_s, "update_tokens": update_tokens, "rounds_seen": CLOCK.round,
-                      "process_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(), **SETTINGS}), flush=True)
+                      "process_s": time.perf_counter() - started, "peak_rss_mb": real.peak_rss_mb(), **SETTINGS}), flush=True)
 
 
 def measure(plan: Plan, variant: str) -> dict[str, float]:
     if variant == "sft":
         return run_sft(plan)
-    from bench.real import in_child
-
-    return in_child(__file__, variant, plan, Path(plan.work) / "plan.json", variant)
+    return real.in_child(__file__, variant, plan, Path(plan.work) / "plan.json", variant)
 
 
 def table(plan: Plan, runs: dict[str, dict[str, float]]) -> str:
