@@ -103,7 +103,7 @@ class Plan:
 
 FULL = Plan(QWEN_05B, LLAMA_1B, seq=2048, batch=8, warmup=4, steps=16, rows=1600, words=(40, 900), vocab=8000,
             ppo_batch=32, ppo_minibatch=8, ppo_epochs=4, new_tokens=128,
-            budgets={"sft": 130, "loss": 45, "peft": 110, "ppo": 90, "attn": 30})
+            budgets={"sft": 130, "loss": 45, "peft": 110, "ppo": 150, "attn": 30})
 TINY = Plan(TINY_QWEN, TINY_LLAMA, seq=128, batch=2, warmup=1, steps=2, rows=48, words=(4, 60), vocab=600,
             ppo_batch=4, ppo_minibatch=2, ppo_epochs=1, new_tokens=6,
             budgets={"sft": 120, "loss": 60, "peft": 120, "ppo": 120, "attn": 60})
@@ -303,7 +303,11 @@ class Bench:
         fields = {**TINY_QWEN, "pad_token_id": 0, "attn_implementation": "sdpa"}
         rows = [{"input_ids": [5] * 100, "labels": [5] * 100, "seq_lengths": [40, 60]},
                 {"input_ids": [6] * 128, "labels": [6] * 128, "seq_lengths": [128]}]
-        seen = sdpa_inputs(build_model(fields), PackedRows(0)(rows))
+        # On the GPU when there is one: the loss section's Liger patches stay on the model classes,
+        # and their Triton kernels refuse CPU tensors.
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        batch = {k: v.to(device) for k, v in PackedRows(0)(rows).items()}
+        seen = sdpa_inputs(build_model(fields).to(device), batch)
         mask = f"a {seen['mask_dims']:.0f}-d mask" if seen["mask_dims"] else "no mask"
         return {**seen, "note": f"packed rows: SDPA got {mask}, is_causal={bool(seen['is_causal'])}"}
 

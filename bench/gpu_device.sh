@@ -6,6 +6,8 @@
 #   bash bench/gpu_device.sh bench   # bench/gpu.py only
 #   bash bench/gpu_device.sh test    # CUDA-marked tests and tests/test_gpu_bench.py
 #   bash bench/gpu_device.sh suite   # `make test`: the whole suite (what could not be carried fails)
+#   bash bench/gpu_device.sh profile # bench/gpu_profile.py: tunekit's SFT step against the plain loop
+#   SECTIONS=peft,ppo bash bench/gpu_device.sh all   # bench/gpu.py's --sections (default: all of them)
 #
 # Everything it writes lands in $OUT (env.txt, bench.log, gpu.json, test-*.log), which the device
 # tool brings back. The machine's own python3 (torch 2.11 + CUDA 13) runs it; the wheels in .gpu/whl
@@ -54,7 +56,7 @@ gpu_tests() {
 bench() {
     # Sections are budgeted inside (about 7 min in all; gpu.json is rewritten after each section);
     # the outer timeout only guards a hang, and keeps `all` inside one 10-minute call.
-    timeout 480 python3 bench/gpu.py --out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log" \
+    timeout 480 python3 bench/gpu.py --sections "${SECTIONS:-sft,loss,peft,ppo,attn}" --out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log" \
         | grep -v -e "Loading weights" -e "it/s]" -e "examples/s]"
 }
 
@@ -69,5 +71,8 @@ case "$mode" in
         timeout 560 python3 -m pytest -q -p no:cacheprovider --timeout 300 tests 2>&1 \
             | tee "$OUT/test-suite.log" | tail -80
         ;;
-    *) echo "usage: bash bench/gpu_device.sh all|bench|test|suite" >&2; exit 2 ;;
+    profile)
+        timeout 240 python3 bench/gpu_profile.py 2>&1 | tee "$OUT/profile.log" | grep -v -e "Loading weights" -e "it/s]"
+        ;;
+    *) echo "usage: bash bench/gpu_device.sh all|bench|test|suite|profile" >&2; exit 2 ;;
 esac

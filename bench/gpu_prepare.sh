@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run HERE (a machine with PyPI), before a GPU session: fills .gpu/ (git-ignored) with what
 # bench/gpu_device.sh needs on the GPU machine, which reaches no registry and has its own image
-# (torch 2.11 + CUDA 13, transformers 5.17, no trl / datasets / pydantic / bitsandbytes / liger):
+# (torch 2.11 + CUDA 13, transformers 5.17, huggingface-hub 1.x, no trl / datasets / pydantic /
+# bitsandbytes / liger; transformers >= 5.25 needs huggingface-hub 2.x and its httpx2):
 #   .gpu/whl/          wheels of the versions tested here (read from this venv), for Python 3.12 x86-64;
 #                      bitsandbytes slimmed to its CUDA 13 and CPU libraries (the full wheel is 43 MB)
 #   .gpu/site/         the MiniLM package without its weights (the tests' tiny BERT needs its tokenizer)
@@ -19,7 +20,9 @@ mkdir -p "$DEST/whl" "$DEST/site" "$DEST/shared-data"
 version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 pins=()
 for package in transformers trl peft datasets dill multiprocess pydantic pydantic_core annotated-types \
-               typing-inspection typing_extensions regex bitsandbytes; do
+               typing-inspection typing_extensions regex bitsandbytes huggingface_hub httpx2 httpcore2 \
+               truststore hf-xet safetensors tokenizers; do
+    # not `kernels`: installed, it makes transformers fetch Hub kernels for Llama layers, offline there
     pins+=("$package==$(version "$package")")
 done
 pins+=("liger-kernel==${LIGER_VERSION:-0.8.5}")  # not installed here (it needs triton): the version to carry
