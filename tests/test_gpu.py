@@ -154,9 +154,10 @@ def test_packed_rows_run_on_the_memory_efficient_kernel(synthetic):
     from transformers import AutoModelForCausalLM
 
     from tunekit.methods.sft import PackedRows
+    from tunekit.models import SAVED_MODEL
 
     gpt, _, _ = synthetic
-    model = AutoModelForCausalLM.from_pretrained(gpt, attn_implementation="sdpa").cuda()
+    model = AutoModelForCausalLM.from_pretrained(gpt, attn_implementation="sdpa", **SAVED_MODEL).cuda()
     rows = [{"input_ids": [5] * 100, "labels": [5] * 100, "seq_lengths": [40, 60]},
             {"input_ids": [6] * 128, "labels": [6] * 128, "seq_lengths": [128]}]
     batch = {k: v.cuda() for k, v in PackedRows(0)(rows).items()}

@@ -68,6 +68,9 @@ class ModelSection(Section):
         "base on GPUs that support it")
     trust_remote_code: bool = Field(False, description="run code shipped with the model (off: it is code from the Hub)")
     revision: str | None = Field(None, description="branch, tag or commit of a Hub model")
+    hub_kernels: bool = Field(
+        False, description="let transformers swap layers for kernels it downloads from the Hub (its `use_kernels`, on "
+        "by default since 5.25: on a GPU offline the model then fails to load); off: the model's own layers")
 
     @field_validator("name")
     @classmethod

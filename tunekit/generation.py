@@ -21,7 +21,7 @@ def load_chat_model(target: str, command: str) -> tuple[Any, Any, JsonObject]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunekit.data.chat import ensure_chat_template
-    from tunekit.models import load_run_model, resolve_model_path
+    from tunekit.models import SAVED_MODEL, load_run_model, resolve_model_path
     from tunekit.runs.folder import read_run_config
 
     path = Path(target)
@@ -33,7 +33,7 @@ def load_chat_model(target: str, command: str) -> tuple[Any, Any, JsonObject]:
     else:
         name = resolve_model_path(target)
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(name, **SAVED_MODEL)
             tokenizer = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as err:
             raise UserError(f"{target}: not a tunekit run and not a loadable model ({str(err).splitlines()[0]})") from None

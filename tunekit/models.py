@@ -52,12 +52,18 @@ def torch_dtype(section: ModelSection, frozen: bool = False) -> Any:
     return getattr(torch, section.dtype)
 
 
+# What every from_pretrained of a saved folder gets: safetensors only (no pickle), and the model's own
+# layers (transformers >= 5.25 would otherwise fetch Hub kernels for them on a GPU, and fail offline).
+SAVED_MODEL = {"use_safetensors": True, "use_kernels": False}
+
+
 def load_kwargs(section: ModelSection) -> dict[str, Any]:
-    """Arguments every from_pretrained call gets: safetensors only (no pickle), remote code only on request."""
+    """Arguments a recipe's from_pretrained gets: SAVED_MODEL's, remote code and Hub kernels only on request."""
     return {
+        **SAVED_MODEL,
         "trust_remote_code": section.trust_remote_code,
         "revision": section.revision,
-        "use_safetensors": True,
+        "use_kernels": section.hub_kernels,
     }
 
 
@@ -97,6 +103,8 @@ def load_pretrained(auto_class: Any, section: ModelSection, quantization: Any = 
     except OSError as err:
         raise UserError(f"model.name: cannot load {name!r}: {str(err).splitlines()[0]}") from None
     except (ValueError, TypeError, KeyError) as err:
+        if section.config is None:
+            raise UserError(f"model.name: cannot load {name!r}: {str(err).splitlines()[0]}") from None
         raise UserError(f"model.config: cannot build a model from it: {str(err).splitlines()[0]}") from None
 
 
@@ -194,7 +202,7 @@ def _load_run_model(run_dir: Path, auto_class: Any, quantized: bool) -> tuple[An
 
     if (run_dir / "model").is_dir():
         folder = run_dir / "model"
-        model = auto_class.from_pretrained(folder, use_safetensors=True)
+        model = auto_class.from_pretrained(folder, **SAVED_MODEL)
     elif (run_dir / "adapter").is_dir():
         from peft import PeftConfig, PeftModel
 
@@ -205,7 +213,7 @@ def _load_run_model(run_dir: Path, auto_class: Any, quantized: bool) -> tuple[An
             del config.quantization_config
         from tunekit.upstream import allow_cpu_4bit_shapes
 
-        base = allow_cpu_4bit_shapes(auto_class.from_pretrained(base_path, config=config, use_safetensors=True))
+        base = allow_cpu_4bit_shapes(auto_class.from_pretrained(base_path, config=config, **SAVED_MODEL))
         model = PeftModel.from_pretrained(base, folder)
     else:
         raise UserError(f"{run_dir}: no model/ or adapter/ folder; is it a finished tunekit run?")
