@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, write
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tunekit.config import validate_config
@@ -238,6 +238,8 @@ recipes = st.dictionaries(keys, st.one_of(values, st.dictionaries(keys, values, 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(raw=recipes, method=st.sampled_from([classify.Config, sft.Config]))
+@example(raw={"model": {"\n": None}}, method=classify.Config)  # found by this test: a key that breaks the line
+@example(raw={"train": {"a\nb": 1}}, method=sft.Config)
 def test_fuzz_recipes_never_escape(raw, method):
     try:
         validate_config(method, raw, "fuzz.yaml")

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from tunekit.errors import UserError
+from tunekit.errors import UserError, shown_key
 from tunekit.train_section import TrainSection, resolve_train
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -299,7 +299,7 @@ def format_validation_error(cls: type[BaseModel], err: ValidationError, source: 
     # A misspelled key also makes the real one "missing": name the misspelling, it is the cause.
     first = min(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
     loc = [str(p) for p in first["loc"]]
-    key = ".".join(loc) or "(top level)"
+    key = ".".join(shown_key(p) for p in loc) or "(top level)"
     kind = first["type"]
     if kind == "extra_forbidden":
         known = fields_at(cls, loc[:-1])

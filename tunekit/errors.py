@@ -13,3 +13,10 @@ class TrainingFailure(RuntimeError):
 
 class Interrupted(Exception):
     """Training stopped on Ctrl-C (or SIGTERM) after saving a checkpoint; the message says where."""
+
+
+def shown_key(key: object) -> str:
+    """A recipe key as an error line shows it: as written, or quoted when it is empty or holds a
+    line break or other unprintable or surrounding space (a line break would split the one line)."""
+    text = str(key)
+    return text if text and text.isprintable() and text.strip() == text else repr(text)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunekit.annotations import type_hints, type_name, value_fits
-from tunekit.errors import UserError
+from tunekit.errors import UserError, shown_key
 
 # Keys of `train:` that tunekit owns: the run folder decides where things are written.
 RESERVED_TRAIN_KEYS = {"output_dir": "use --output-dir or the top-level `output_dir:` key"}
@@ -55,7 +55,7 @@ def resolve_train(section: TrainSection, arguments: type, train: dict[str, Any],
         if key not in fields:
             hint = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
             suggestion = f"did you mean {hint[0]}?" if hint else "see `transformers.TrainingArguments` for the options"
-            raise UserError(f"{source}: train.{key}: unknown key; {suggestion}")
+            raise UserError(f"{source}: train.{shown_key(key)}: unknown key; {suggestion}")
         expected = hints.get(key, Any)
         if not value_fits(value, expected):
             raise UserError(f"{source}: train.{key}: expected {type_name(expected)}, got {value!r}")
