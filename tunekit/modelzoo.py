@@ -198,7 +198,9 @@ def write_folder(model: PretrainedModel, gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # use_kernels off, as for every load (tunekit.models.SAVED_MODEL): the weights are copied, not run
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                  use_kernels=False)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers treats a GGUF-loaded model as quantised and refuses to save it; the same weights
     # in a model built from the config (without the GGUF quantizer entry) save as a normal folder.
