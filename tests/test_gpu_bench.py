@@ -50,3 +50,14 @@ def test_tiny_gpu_bench_fills_every_row(tmp_path):
     assert result["env"]["tiny"] is True and result["env"]["versions"]["torch"]
     assert "sft tunekit / trl-defaults tok/s" in result["ratios"]
     assert "| sft/tunekit |" in done.stdout  # the printed table
+
+
+def test_tiny_gpu_profile_lists_both_rows():
+    """bench/gpu_profile.py --tiny: both SFT rows run under the profiler and each prints its op table."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_profile.py"), "--tiny", "--steps", "1",
+                           "--rows", "5"], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for row in ("sft/tunekit", "sft/plain-loop"):
+        assert f"## {row}: {{'tokens_per_s'" in done.stdout, done.stdout[-2000:]
+    assert done.stdout.count("Self CPU time total") >= 2
