@@ -100,12 +100,11 @@ def load_pretrained(auto_class: Any, section: ModelSection, quantization: Any = 
         else:
             config = AutoConfig.for_model(fields.pop("model_type"), **fields, **config_kwargs)
         return auto_class.from_config(config, dtype=torch_dtype(section, frozen), trust_remote_code=section.trust_remote_code)
-    except OSError as err:
-        raise UserError(f"model.name: cannot load {name!r}: {str(err).splitlines()[0]}") from None
-    except (ValueError, TypeError, KeyError) as err:
-        if section.config is None:
-            raise UserError(f"model.name: cannot load {name!r}: {str(err).splitlines()[0]}") from None
-        raise UserError(f"model.config: cannot build a model from it: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        reason = str(err).splitlines()[0]
+        if isinstance(err, OSError) or section.config is None:  # the named model's files or its loading
+            raise UserError(f"model.name: cannot load {name!r}: {reason}") from None
+        raise UserError(f"model.config: cannot build a model from it: {reason}") from None
 
 
 def quantization_config(peft: PeftSection, skip_modules: list[str]) -> Any:
