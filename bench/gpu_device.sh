@@ -56,7 +56,7 @@ gpu_tests() {
 bench() {
     # Sections are budgeted inside (about 7 min in all; gpu.json is rewritten after each section);
     # the outer timeout only guards a hang, and keeps `all` inside one 10-minute call.
-    timeout 480 python3 bench/gpu.py --sections "${SECTIONS:-sft,loss,peft,ppo,attn}" --out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log" \
+    timeout 480 python3 bench/gpu.py ${SECTIONS:+--sections "$SECTIONS"} --out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log" \
         | grep -v -e "Loading weights" -e "it/s]" -e "examples/s]"
 }
 

@@ -44,12 +44,11 @@ def profiled(name: str, run, rows: int) -> None:  # noqa: ANN001 (a Bench method
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4, help="timed steps after 2 warm-up steps")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps after 2 warm-up steps (1 with --tiny)")
     parser.add_argument("--rows", type=int, default=18, help="ops listed per table")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (a check that it runs)")
     options = parser.parse_args(argv)
-    plan = dataclasses.replace(TINY if options.tiny else FULL, warmup=2 if not options.tiny else 1,
-                               steps=options.steps)
+    plan = dataclasses.replace(TINY if options.tiny else FULL, warmup=1 if options.tiny else 2, steps=options.steps)
     peak, _ = peak_tflops(None)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
