@@ -3,18 +3,19 @@
     make bench-real
     HF_HUB_OFFLINE=1 .venv/bin/python bench/real.py [--data arith alpaca] [--methods full lora]
         [--batch 8] [--max-length 256] [--warmup 2] [--steps 6] [--lr 1e-4] [--threads N] [--json out.json]
-        [--checkpointing off on] [--bf16] [--model DIR]
+        [--checkpointing off on] [--bf16] [--lora-dropout 0.0] [--model DIR]
 
 SmolLM2-135M-Instruct (models/smollm2-135m-instruct when `make models` has fetched it; else the same
 config with random weights and a BPE tokenizer trained on the rows): Llama, hidden 576, intermediate
 1,536, 30 layers, vocabulary 49,152, tied embeddings. Full fine-tuning and LoRA (r 16, alpha 32,
-dropout 0, every linear layer of the body) on the first batch x (warmup + steps) rows of
+dropout 0 unless --lora-dropout, every linear layer of the body) on the first batch x (warmup + steps) rows of
 data/arith/train.jsonl (short responses) or data/alpaca/alpaca_small_2k.json (long ones), tokenised
 and masked by tunekit (loss on the response only), in file order, padded per batch. Matched for all
 three: the rows and their order, batch, max_length, AdamW (no weight decay), constant learning rate,
 gradient clipping at 1.0, float32 (--bf16: bf16 autocast over float32 weights, for all three),
-gradient checkpointing (off unless --checkpointing on; `off on` measures each both ways), the
-adapter's initial weights:
+gradient checkpointing (off unless --checkpointing on; `off on` measures each both ways), LoRA
+dropout (--lora-dropout: tunekit's default `peft.dropout` is 0.05; each variant draws its own masks),
+the adapter's initial weights:
   tunekit  what `tunekit sft` / `tunekit lora` train with (sft.build_trainer: LeanSFTTrainer);
   trl      TRL's SFTTrainer with its own compute_loss, on the same tokenised rows (+ PEFT: the model
            is wrapped with get_peft_model before it is handed over);
@@ -68,7 +69,7 @@ SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
            "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
            "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
            "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
-LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}  # lora_dropout: Plan.lora_dropout
 SEED = 42
 
 
@@ -88,6 +89,7 @@ class Plan:
     threads: int
     checkpointing: bool = False
     bf16: bool = False  # bf16 autocast (mixed precision) over float32 weights
+    lora_dropout: float = 0.0
 
     @property
     def rows(self) -> int:
@@ -123,7 +125,7 @@ def tunekit_config(plan: Plan) -> Any:
     raw = {"model": {"name": plan.base},
            "data": {"train": str(DATA.get(plan.data, plan.data)), "train_limit": plan.rows, "max_length": plan.max_length},
            "peft": {"method": "lora" if plan.method == "lora" else "none", "r": LORA["r"],
-                    "alpha": LORA["lora_alpha"], "dropout": LORA["lora_dropout"]},
+                    "alpha": LORA["lora_alpha"], "dropout": plan.lora_dropout},
            "train": {"seed": SEED, **trainer_settings(plan)}}
     return validate_config(sft.Config, raw, "bench/real.py")
 
@@ -180,7 +182,8 @@ def seeded_model(plan: Plan) -> Any:
 
     set_seed(SEED)
     model = AutoModelForCausalLM.from_pretrained(plan.base, dtype=torch.float32)
-    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA)) if plan.method == "lora" else model
+    lora = LoraConfig(task_type="CAUSAL_LM", lora_dropout=plan.lora_dropout, **LORA)
+    return get_peft_model(model, lora) if plan.method == "lora" else model
 
 
 def run_trl(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -297,7 +300,7 @@ def run_all(options: argparse.Namespace, work: Path) -> dict[str, Any]:
     rates: dict[str, list[float]] = {}
     for data in options.data:
         plan = Plan(data, "full", str(base), str(work), options.batch, options.max_length, options.warmup,
-                    options.steps, options.lr, options.threads, bf16=options.bf16)
+                    options.steps, options.lr, options.threads, bf16=options.bf16, lora_dropout=options.lora_dropout)
         rows = tokenized_rows(plan)
         rows_file(plan).write_text(json.dumps(rows))
         measured = rows[plan.warmup * plan.batch :]
@@ -331,7 +334,7 @@ def table(results: dict[str, Any], options: argparse.Namespace) -> str:
     peak = results["peak_gflops"]
     lines = [f"model {results['model']}, {results['threads']} threads, batch {options.batch}, max_length "
              f"{options.max_length}, {options.steps} steps after {options.warmup} warm-up"
-             + (", bf16 autocast" if options.bf16 else ", float32"),
+             + (", bf16 autocast" if options.bf16 else ", float32") + f", LoRA dropout {options.lora_dropout}",
              "float32 matmul GFLOP/s at the model's shapes: "
              + ", ".join(f"{k} {v:.0f}" for k, v in results["matmul_gflops"].items()) + f"; peak {peak:.0f}",
              "| data | method | checkpointing | variant | tokens/s | s/step | peak RSS MB | loss after N steps | CPU MFU |",
@@ -367,6 +370,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast over float32 weights, for every variant")
+    parser.add_argument("--lora-dropout", type=float, default=0.0,
+                        help="LoRA dropout for every variant (tunekit's default peft.dropout is 0.05)")
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off"],
                         help="gradient checkpointing for every variant (both: each run twice, off and on)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
