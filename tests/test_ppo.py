@@ -152,6 +152,44 @@ def test_lm_head_runs_on_the_response_positions_only(monkeypatch):
     assert close(logprobs, expected) and close(values, expected_values) and close(entropies, direct.tolist())
 
 
+def test_the_padding_after_a_response_is_not_scored(monkeypatch):
+    """A response that ended early is followed by padding (attention mask 0) up to the batch's longest
+    one: the LM head skips those positions, their log-probs and entropies are 0, and the response's
+    own log-probs and their gradients equal a full forward pass's."""
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunekit.rl.ppo_model import PolicyWithValue
+    from tunekit.rl.rollout import position_ids
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)).eval()
+    ids, context = torch.randint(0, 50, (3, 9)), 5
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded query
+    mask[1, 7:] = 0  # a response of 2 tokens, then padding
+    scored = mask[:, context:].bool()
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+    tempered = (out.logits[:, context - 1 : -1] / 0.7).log_softmax(-1)
+    expected = torch.gather(tempered, 2, ids[:, context:, None]).squeeze(-1)
+    upstream = torch.randn(3, 4)
+    (expected * upstream)[scored].sum().backward()
+    wanted = [p.grad.clone() for p in lm.parameters()]
+    lm.zero_grad()
+    seen = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: (w.shape[0] == 50 and seen.append(x.shape)) or linear(x, w, b))
+    logprobs, _, _ = PolicyWithValue(lm)(ids, mask, context, 0.7)
+    (logprobs * upstream).sum().backward()
+    assert [shape[0] for shape in seen] == [10]  # 3 x 4 response positions less the 2 of padding
+    assert close(logprobs[scored], expected[scored].tolist()) and logprobs[~scored].eq(0).all()
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(lm.parameters(), wanted))
+    with torch.no_grad():
+        _, entropies, _ = PolicyWithValue(lm)(ids, mask, context, 0.7, with_entropy=True)
+    assert entropies[~scored].eq(0).all() and entropies[scored].gt(0).all()
+
+
 def test_chunked_log_probs_have_the_gradients_of_one_pass(monkeypatch):
     """With more rows than one chunk holds, each chunk's logits are made again in the backward pass:
     the gradients of the rows and of the head equal those of the whole batch at once."""

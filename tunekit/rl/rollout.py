@@ -117,33 +117,44 @@ def response_scores(lm: Any, ids: torch.Tensor, mask: torch.Tensor, context: int
     `with_entropy` that distribution's entropy at each of them; with `value_head` its values at the
     positions that predict them. (log-probs, entropies or None, values or None).
 
-    The LM head runs on the positions that predict a response token only, never on the
-    (left-padded) query, and a chunk of rows at a time (tunekit.lean_loss.token_logprobs): at a large
-    vocabulary its [batch, positions, vocabulary] output is the largest tensor of a forward pass. A
-    model whose logits are not its head's plain output (tunekit.lean_loss.lean_parts) is asked for
-    the logits of those positions (logits_to_keep) instead; counted from the end, so a model that
-    ignores logits_to_keep gives the same result."""
+    Only a response's own tokens are scored, up to and including its end (the columns where `mask` is
+    1): the padding after a response that ended early gets log-prob and entropy 0, and every use of
+    them is masked. The LM head runs on those positions only, never on the (left-padded) query or the
+    padding after a response, and a chunk of rows at a time (tunekit.lean_loss.token_logprobs): at a
+    large vocabulary its output is the largest tensor of a forward pass, and its product a quarter of
+    the work per response token. A model whose logits are not its head's plain output
+    (tunekit.lean_loss.lean_parts) is asked for the logits of the response positions
+    (logits_to_keep) instead; counted from the end, so a model that ignores logits_to_keep gives the
+    same result."""
     from tunekit.lean_loss import lean_parts, tempered_logprobs, token_logprobs
 
     responses = ids[:, context:]
+    scored = mask[:, context:].bool()
     parts = lean_parts(lm)
     if parts is not None:
         body, head = parts
         hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
                       ).last_hidden_state[:, context - 1 : -1]
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        logprobs, entropies = token_logprobs(flat, head.weight, head.bias, responses.reshape(-1), temperature,
-                                             with_entropy)
-        logprobs = logprobs.view(responses.shape)
-        entropies = entropies.view(responses.shape) if with_entropy else None
+        picked, entropy = token_logprobs(hidden[scored], head.weight, head.bias, responses[scored], temperature,
+                                         with_entropy)
+        logprobs = in_place_of(scored, picked)
+        entropies = in_place_of(scored, entropy) if with_entropy else None
     else:
         out = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
                  output_hidden_states=value_head is not None, logits_to_keep=responses.shape[1] + 1)
         logprobs, entropies = tempered_logprobs(out.logits[:, -(responses.shape[1] + 1) : -1], responses, temperature,
                                                 with_entropy)
+        logprobs = logprobs.masked_fill(~scored, 0.0)
+        entropies = entropies.masked_fill(~scored, 0.0) if with_entropy else None
         hidden = out.hidden_states[-1][:, context - 1 : -1] if value_head is not None else None
     values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1) if value_head is not None else None
     return logprobs, entropies, values
+
+
+def in_place_of(where: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A tensor of `where`'s shape holding `values` (one per True, in order) and 0 elsewhere; gradients
+    flow back to `values`."""
+    return torch.zeros(where.shape, dtype=values.dtype, device=values.device).masked_scatter(where, values)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
