@@ -235,11 +235,14 @@ def peak_rss_mb() -> float:
 
 def child(variant: str, plan_file: Path) -> None:
     """`--one VARIANT`: train one variant and print its figures as the last line (JSON)."""
+    from tunekit.memory import trim_interval, trimming
+
     plan = Plan(**json.loads(plan_file.read_text()))
     torch.set_num_threads(plan.threads)
     rows = json.loads(rows_file(plan).read_text())
     runner = {"tunekit": run_tunekit, "trl": run_trl, "plain": run_plain}[variant]
-    figures = runner(plan, rows)
+    with trimming(trim_interval()):  # TUNEKIT_TRIM_MEMORY_S, for every variant alike
+        figures = runner(plan, rows)
     print(json.dumps({**figures, "peak_rss_mb": peak_rss_mb()}), flush=True)
 
 

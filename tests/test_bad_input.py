@@ -101,6 +101,15 @@ def test_bad_input_corpus(name, tmp_path, cli):
     assert files_under(tmp_path) == before
 
 
+def test_a_bad_memory_trim_setting_stops_before_anything_is_written(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEKIT_TRIM_MEMORY_S", "often")
+    recipe = setup_case(tmp_path, None, None, None)
+    before = files_under(tmp_path)
+    result = cli("classify", recipe, "-o", tmp_path / "out")
+    assert_one_clean_line(result, "TUNEKIT_TRIM_MEMORY_S='often': expected the seconds between trims")
+    assert files_under(tmp_path) == before
+
+
 CLI_CASES = [
     (["classify", "{tmp}/nope.yaml"], "no such recipe file"),
     (["classify", "{tmp}"], "is a directory"),

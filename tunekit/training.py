@@ -36,22 +36,25 @@ def execute(method: Method, config: Recipe, data: Any, run_dir: Path, overwrite:
     """Run a method: its parts, in the one sequence every run follows. Only the first process writes."""
     from tunekit.config import to_yaml
     from tunekit.launch import is_first_rank
+    from tunekit.memory import trim_interval, trimming
     from tunekit.models import count_parameters
     from tunekit.runs.library_warnings import hold_library_warnings
 
+    trim = trim_interval()  # TUNEKIT_TRIM_MEMORY_S: a bad value stops here, before anything is written
     run = RunFolder(run_dir, enabled=is_first_rank())
     hold_library_warnings()  # what the libraries say while the model loads goes to the run's log
-    setup = method.setup(config, data, run)
-    trainable, total = count_parameters(setup.model)
-    info = {"base_model": config.model.name, **setup.info}
-    run.start(method.name, to_yaml(config), overwrite, task=method.task(config), peft=config.peft.method,
-              loss_units=method.loss_units, step_unit=method.step_unit, trainable_params=trainable,
-              total_params=total, **info)
-    trained = setup.train(run, resume)
-    metrics = setup.evaluate(trained)
-    run.write_eval(metrics)
-    run.save_model(setup.trained_model(trained), setup.tokenizer)
-    run.finish(metrics)
+    with trimming(trim):
+        setup = method.setup(config, data, run)
+        trainable, total = count_parameters(setup.model)
+        info = {"base_model": config.model.name, **setup.info}
+        run.start(method.name, to_yaml(config), overwrite, task=method.task(config), peft=config.peft.method,
+                  loss_units=method.loss_units, step_unit=method.step_unit, trainable_params=trainable,
+                  total_params=total, **info)
+        trained = setup.train(run, resume)
+        metrics = setup.evaluate(trained)
+        run.write_eval(metrics)
+        run.save_model(setup.trained_model(trained), setup.tokenizer)
+        run.finish(metrics)
     return metrics
 
 

