@@ -162,6 +162,31 @@ def test_sft_trainer_steps_equal_the_models_own_loss(tiny_gpt, tmp_path, monkeyp
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_held_out_loss_equals_the_models_own_without_whole_batch_logits(tiny_gpt, tmp_path, monkeypatch, lora):
+    """An evaluation that wants the loss alone takes it from the lean path: the LM head sees the
+    trained positions only (a chunk at a time), nothing is computed for a gradient, and eval_loss is
+    Trainer's own to float32 tolerance."""
+    import torch.nn.functional as F
+
+    from tunekit import lean_loss
+
+    plain = trainer(tiny_gpt, tmp_path / "plain", False, monkeypatch, lora)
+    expected = plain.evaluate(plain.train_dataset)["eval_loss"]
+    monkeypatch.undo()
+    lean = trainer(tiny_gpt, tmp_path / "lean", True, monkeypatch, lora)
+    vocabulary = lean.model.get_output_embeddings().weight.shape[0]
+    head_rows, functions = [], []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: (w.shape[0] == vocabulary and head_rows.append(x.shape[0]))
+                        or linear(x, w, b))
+    monkeypatch.setattr(lean_loss.ChunkedCrossEntropy, "apply", lambda *a: functions.append(a))
+    measured = lean.evaluate(lean.train_dataset)["eval_loss"]
+    trained = sum(sum(label != -100 for label in row["labels"][1:]) for row in lean.train_dataset)
+    assert measured == pytest.approx(expected, rel=1e-5)
+    assert sum(head_rows) == trained and not functions  # 8 rows' trained positions, no gradient Function
+
+
 def test_sft_trainer_steps_keep_mixed_precision(tiny_gpt, tmp_path, monkeypatch):
     """train.bf16: accelerate puts autocast on the prepared model's forward, which the lean step does
     not call; the lean step enters it itself, so its matrix products run in bf16 as the model's own

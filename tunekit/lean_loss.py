@@ -65,7 +65,10 @@ def lean_causal_lm_loss(parts: tuple[Any, Any], inputs: dict[str, Any], num_item
     targets = inputs["labels"][:, 1:].to(hidden.device)
     trained = targets != -100
     rows = hidden[:, :-1][trained]  # row i predicts the label one position on
-    total = ChunkedCrossEntropy.apply(rows, head.weight, head.bias, targets[trained])
+    if torch.is_grad_enabled():
+        total = ChunkedCrossEntropy.apply(rows, head.weight, head.bias, targets[trained])
+    else:  # an evaluation: the loss alone (the Function would compute gradients for a trainable head)
+        total = -token_logprobs(rows, head.weight, head.bias, targets[trained], 1.0)[0].sum()
     if num_items_in_batch is None:
         return total / trained.sum()  # the mean over trained tokens (0/0 when there is none, as before)
     if torch.is_tensor(num_items_in_batch):

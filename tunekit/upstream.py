@@ -19,10 +19,12 @@ class LeanSFTTrainer(SFTTrainer):
     model's own loss is the SFT loss, averaged over the trained tokens of the whole batch.
 
     A training step takes that same loss from `tunekit.lean_loss` (the LM head only on trained
-    positions, in chunks: no [batch, length, vocabulary] logits) whenever `lean_step` allows it;
-    evaluation, which returns logits, and every other case take transformers 5.24's
-    `Trainer.compute_loss`, whose reduction (num_items_in_batch, the scaling across processes) the
-    lean step repeats.
+    positions, in chunks: no [batch, length, vocabulary] logits) whenever `lean_step` allows it, and
+    so does an evaluation that wants the loss alone (`prediction_loss_only`: tunekit's held-out loss;
+    its float32 logits of a batch of 8 rows of 256 tokens are 400 MB, and as much again for their
+    log-softmax: the peak of a LoRA run of SmolLM2 on Alpaca rows). An evaluation that returns
+    logits, and every other case, take transformers 5.24's `Trainer.compute_loss`, whose reduction
+    (num_items_in_batch, the scaling across processes) the lean step repeats.
     """
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
@@ -45,17 +47,32 @@ class LeanSFTTrainer(SFTTrainer):
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss does
         return loss
 
-    def lean_step(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
-        """(body, head) for tunekit.lean_loss when this step can take its loss from there: a training
-        step on plain labels, no loss option of the Trainer's (label smoothing, compute_loss_func,
-        sequence parallelism), the model not wrapped (DDP, FSDP, DeepSpeed: their hooks live in the
-        wrapper's forward) and its forward a plain body -> head -> cross-entropy (lean_parts)."""
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[Any, Any, Any]:
+        """An evaluation batch's (loss, None, None) through compute_loss without outputs, so that the
+        lean step can take it, when only the loss is wanted and no parallelism config splits the
+        inputs; else Trainer's own prediction_step. The loss is the one Trainer's would be: the same
+        num_items_in_batch, under the same loss context."""
         import torch
 
+        if not prediction_loss_only or "labels" not in inputs or getattr(self.accelerator, "parallelism_config", None):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        num_items_in_batch = self._get_num_items_in_batch([inputs], self.args.device)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        return loss.detach().mean(), None, None
+
+    def lean_step(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        """(body, head) for tunekit.lean_loss when this step can take its loss from there: the loss
+        alone (no outputs) on plain labels, no loss option of the Trainer's (label smoothing,
+        compute_loss_func, sequence parallelism), the model not wrapped (DDP, FSDP, DeepSpeed: their
+        hooks live in the wrapper's forward) and its forward a plain body -> head -> cross-entropy
+        (lean_parts)."""
         from tunekit.lean_loss import lean_parts
 
         parallel = getattr(self.accelerator, "parallelism_config", None)
-        if (return_outputs or not model.training or not torch.is_grad_enabled() or "labels" not in inputs
+        if (return_outputs or "labels" not in inputs
                 or "shift_labels" in inputs or self.label_smoother is not None or self.compute_loss_func is not None
                 or (parallel is not None and parallel.sp_enabled) or self.accelerator.unwrap_model(model) is not model):
             return None
