@@ -1,13 +1,13 @@
 """Handing freed memory back to the system while a run trains on a CPU: TUNEKIT_TRIM_MEMORY_S.
 
 glibc keeps the memory a process frees for its own later use, and a training step frees and
-allocates hundreds of megabytes of activations and gradients in pieces of many sizes: the heap
-grows past what is alive at any moment. At SmolLM2-135M's shape (LoRA, Alpaca rows, batch 4, length
-256, checkpointing on) a step held about 1.4 GB alive and the process peaked at 2.3-2.4 GB. glibc's
-own switches trade much speed for it (every large tensor its own mapping: 1.66 GB at 0.66x the
-tokens/s). Calling `malloc_trim(0)` every few tenths of a second to seconds, from a thread beside
-the training, returns the free pages in between: 1.75 GB at 0.87x with 1 s, 1.42 GB at 0.78x with
-0.2 s (bench/README.md, "Handing freed memory back"). Off unless asked: speed comes first.
+allocates hundreds of megabytes of activations and gradients in pieces of many sizes, so the heap
+holds much more than is alive at any moment. At SmolLM2-135M's shape (LoRA, Alpaca rows, batch 4,
+length 256, checkpointing on) the process peaked at 2.39-2.40 GB; glibc's own switches give memory
+back only at a large cost in speed, since they act on every allocation (each large tensor a mapping
+of its own: 1.66 GB at 0.66x the tokens/s). Calling `malloc_trim(0)` from a thread beside the
+training, every second, returns the free pages in between: 1.76-1.81 GB at 0.91x; every 0.2 s,
+1.42-1.45 GB at 0.78x (bench/README.md, "Handing freed memory back"). Off unless asked: speed first.
 
     TUNEKIT_TRIM_MEMORY_S=1 tunekit lora RECIPE      # seconds between trims, for the whole run
 """
