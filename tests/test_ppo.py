@@ -99,17 +99,10 @@ def test_entropy_of_uniform_and_certain():
     assert close(entropy(torch.tensor([[100.0, 0.0, 0.0]])), [0.0], tol=1e-4)
 
 
-def test_lm_head_runs_on_the_response_positions_only(monkeypatch):
-    """PPO's forward passes run the LM head on the positions that predict a response token only,
-    a chunk of rows at a time; the log-probs, entropies and values equal those of a full forward
-    pass, also for a model whose head is not plain (asked for logits_to_keep), and for one that
-    ignores logits_to_keep."""
-    import torch.nn.functional as F
+def tiny_llama_and_batch():
+    """A one-layer Llama (vocabulary 50) in eval mode and 3 rows of 9 tokens, responses after column
+    5, the first row's query left-padded: (model, ids, attention mask, context)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tunekit import lean_loss
-    from tunekit.rl.ppo_model import PolicyWithValue
-    from tunekit.rl.rollout import Samples, lm_logprobs, position_ids
 
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -117,6 +110,21 @@ def test_lm_head_runs_on_the_response_positions_only(monkeypatch):
     ids, context = torch.randint(0, 50, (3, 9)), 5
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # a left-padded query
+    return lm, ids, mask, context
+
+
+def test_lm_head_runs_on_the_response_positions_only(monkeypatch):
+    """PPO's forward passes run the LM head on the positions that predict a response token only,
+    a chunk of rows at a time; the log-probs, entropies and values equal those of a full forward
+    pass, also for a model whose head is not plain (asked for logits_to_keep), and for one that
+    ignores logits_to_keep."""
+    import torch.nn.functional as F
+
+    from tunekit import lean_loss
+    from tunekit.rl.ppo_model import PolicyWithValue
+    from tunekit.rl.rollout import Samples, lm_logprobs, position_ids
+
+    lm, ids, mask, context = tiny_llama_and_batch()
     with torch.no_grad():
         out = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=True)
     tempered = out.logits[:, context - 1 : -1] / 0.7
@@ -157,17 +165,11 @@ def test_the_padding_after_a_response_is_not_scored(monkeypatch):
     one: the LM head skips those positions, their log-probs and entropies are 0, and the response's
     own log-probs and their gradients equal a full forward pass's."""
     import torch.nn.functional as F
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from tunekit.rl.ppo_model import PolicyWithValue
     from tunekit.rl.rollout import position_ids
 
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2)).eval()
-    ids, context = torch.randint(0, 50, (3, 9)), 5
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # a left-padded query
+    lm, ids, mask, context = tiny_llama_and_batch()
     mask[1, 7:] = 0  # a response of 2 tokens, then padding
     scored = mask[:, context:].bool()
     out = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
