@@ -50,12 +50,14 @@ class LeanSFTTrainer(SFTTrainer):
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple[Any, Any, Any]:
         """An evaluation batch's (loss, None, None) through compute_loss without outputs, so that the
-        lean step can take it, when only the loss is wanted and no parallelism config splits the
-        inputs; else Trainer's own prediction_step. The loss is the one Trainer's would be: the same
-        num_items_in_batch, under the same loss context."""
+        lean step can take it, when only the loss is wanted, the model is not sharded (FSDP, DeepSpeed:
+        an evaluation gets the bare model, whose shards only the model's own forward gathers) and no
+        parallelism config splits the inputs; else Trainer's own prediction_step. The loss is the one
+        Trainer's would be: the same num_items_in_batch, under the same loss context."""
         import torch
 
-        if not prediction_loss_only or "labels" not in inputs or getattr(self.accelerator, "parallelism_config", None):
+        if (not prediction_loss_only or "labels" not in inputs or self.is_fsdp_enabled or self.is_deepspeed_enabled
+                or getattr(self.accelerator, "parallelism_config", None)):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         inputs = self._prepare_inputs(inputs)
         num_items_in_batch = self._get_num_items_in_batch([inputs], self.args.device)
