@@ -67,7 +67,8 @@ def lean_causal_lm_loss(parts: tuple[Any, Any], inputs: dict[str, Any], num_item
     rows = hidden[:, :-1][trained]  # row i predicts the label one position on
     if torch.is_grad_enabled():
         total = ChunkedCrossEntropy.apply(rows, head.weight, head.bias, targets[trained])
-    else:  # an evaluation: the loss alone (the Function would compute gradients for a trainable head)
+    else:  # an evaluation: the loss alone (the Function would compute gradients for a trainable head,
+        # and with the head detached its logsumexp moves the loss by ~3e-6; this is the model's own, bit for bit)
         total = -token_logprobs(rows, head.weight, head.bias, targets[trained], 1.0)[0].sum()
     if num_items_in_batch is None:
         return total / trained.sum()  # the mean over trained tokens (0/0 when there is none, as before)
