@@ -235,13 +235,16 @@ def peak_rss_mb() -> float:
 
 def child(variant: str, plan_file: Path) -> None:
     """`--one VARIANT`: train one variant and print its figures as the last line (JSON)."""
-    from tunekit.memory import trim_interval, trimming
+    from tunekit.memory import keep_wanted, keeping, trim_interval, trimming
 
     plan = Plan(**json.loads(plan_file.read_text()))
     torch.set_num_threads(plan.threads)
     rows = json.loads(rows_file(plan).read_text())
     runner = {"tunekit": run_tunekit, "trl": run_trl, "plain": run_plain}[variant]
-    with trimming(trim_interval()):  # TUNEKIT_TRIM_MEMORY_S, for every variant alike
+    trim = trim_interval()
+    # TUNEKIT_TRIM_MEMORY_S for every variant alike; freed memory kept for reuse (TUNEKIT_KEEP_MEMORY) is
+    # tunekit's own process policy, so tunekit's variant alone has it, as `tunekit sft` runs
+    with keeping(variant == "tunekit" and keep_wanted(trim)), trimming(trim):
         figures = runner(plan, rows)
     print(json.dumps({**figures, "peak_rss_mb": peak_rss_mb()}), flush=True)
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -82,15 +83,22 @@ class Clock:
 
     round: int = 0
     parts: dict[str, list[tuple[int, float, int]]] = field(default_factory=dict)
+    kernel: dict[str, list[tuple[int, float, int]]] = field(default_factory=dict)  # system CPU s, minor page faults
     training: bool = True  # False once training returns: the evaluation after it is not a round
 
-    def add(self, part: str, seconds: float, tokens: int = 0) -> None:
+    def add(self, part: str, seconds: float, tokens: int = 0, system_s: float = 0.0, faults: int = 0) -> None:
         if self.training:
             self.parts.setdefault(part, []).append((self.round, seconds, tokens))
+            self.kernel.setdefault(part, []).append((self.round, system_s, faults))
 
     def measured(self, part: str, warmup: int) -> tuple[float, int]:
         kept = [(s, t) for r, s, t in self.parts.get(part, []) if r > warmup]
         return sum(s for s, _ in kept), sum(t for _, t in kept)
+
+    def in_kernel(self, part: str, warmup: int) -> tuple[float, int]:
+        """System CPU seconds and minor page faults of a part's measured rounds (the whole process's)."""
+        kept = [(s, f) for r, s, f in self.kernel.get(part, []) if r > warmup]
+        return sum(s for s, _ in kept), sum(f for _, f in kept)
 
 
 CLOCK = Clock()
@@ -104,9 +112,11 @@ def timed(owner: Any, name: str, part: str, tokens: Any = None, starts_round: bo
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if starts_round:
             CLOCK.round += 1
-        start = time.perf_counter()
+        start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         result = original(*args, **kwargs)
-        CLOCK.add(part, time.perf_counter() - start, int(tokens(args, kwargs, result)) if tokens else 0)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        CLOCK.add(part, time.perf_counter() - start, int(tokens(args, kwargs, result)) if tokens else 0,
+                  after.ru_stime - usage.ru_stime, after.ru_minflt - usage.ru_minflt)
         return result
 
     setattr(owner, name, wrapper)
@@ -257,13 +267,19 @@ def child(variant: str, plan: Plan) -> None:
         run_trl(plan, variant)
     generate_s, generated = CLOCK.measured("generate", plan.warmup)
     rollout_s, _ = CLOCK.measured("rollout", plan.warmup)
+    kernel = {part: CLOCK.in_kernel(part, plan.warmup) for part in ("generate", "rollout", "update", "steps")}
     if "update" in CLOCK.parts:  # tunekit's PPO: the update is timed on its own
         update_s, update_tokens = CLOCK.measured("update", plan.warmup)
+        update_kernel = kernel["update"]
     else:  # TRL: training steps, less the rollouts they started
         steps_s, _ = CLOCK.measured("steps", plan.warmup)
         update_s, update_tokens = steps_s - rollout_s, CLOCK.measured("trained", plan.warmup)[1]
+        update_kernel = (kernel["steps"][0] - kernel["rollout"][0], kernel["steps"][1] - kernel["rollout"][1])
     print(json.dumps({"generate_s": generate_s, "generated_tokens": generated, "rollout_s": rollout_s,
                       "update_s": update_s, "update_tokens": update_tokens, "rounds_seen": CLOCK.round,
+                      "generate_system_s": kernel["generate"][0], "generate_faults": kernel["generate"][1],
+                      "rollout_system_s": kernel["rollout"][0], "rollout_faults": kernel["rollout"][1],
+                      "update_system_s": update_kernel[0], "update_faults": update_kernel[1],
                       "process_s": time.perf_counter() - started, "peak_rss_mb": real.peak_rss_mb(), **SETTINGS}), flush=True)
 
 

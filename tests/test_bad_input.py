@@ -101,12 +101,19 @@ def test_bad_input_corpus(name, tmp_path, cli):
     assert files_under(tmp_path) == before
 
 
-def test_a_bad_memory_trim_setting_stops_before_anything_is_written(cli, tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNEKIT_TRIM_MEMORY_S", "often")
+@pytest.mark.parametrize("settings, expected", [
+    ({"TUNEKIT_TRIM_MEMORY_S": "often"}, "TUNEKIT_TRIM_MEMORY_S='often': expected the seconds between trims"),
+    ({"TUNEKIT_KEEP_MEMORY": "yes"}, "TUNEKIT_KEEP_MEMORY='yes': expected 1 (keep freed memory for reuse"),
+    ({"TUNEKIT_KEEP_MEMORY": "1", "TUNEKIT_TRIM_MEMORY_S": "1"},
+     "TUNEKIT_KEEP_MEMORY=1 and TUNEKIT_TRIM_MEMORY_S='1': one keeps freed memory, the other hands it back"),
+])
+def test_a_bad_memory_setting_stops_before_anything_is_written(cli, tmp_path, monkeypatch, settings, expected):
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
     recipe = setup_case(tmp_path, None, None, None)
     before = files_under(tmp_path)
     result = cli("classify", recipe, "-o", tmp_path / "out")
-    assert_one_clean_line(result, "TUNEKIT_TRIM_MEMORY_S='often': expected the seconds between trims")
+    assert_one_clean_line(result, expected)
     assert files_under(tmp_path) == before
 
 

@@ -1,7 +1,11 @@
-"""TUNEKIT_TRIM_MEMORY_S: freed memory handed back to the system while a run trains (tunekit.memory)."""
+"""What a run does with the memory it frees (tunekit.memory): kept for reuse (TUNEKIT_KEEP_MEMORY, the
+default), or handed back to the system while it trains (TUNEKIT_TRIM_MEMORY_S)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -65,3 +69,42 @@ def test_a_run_trims_while_it_trains(cli, tmp_path, monkeypatch):
     result = cli("classify", recipe, "-o", tmp_path / "run")
     assert result.code == 0, result.err
     assert (tmp_path / "run" / "eval.json").is_file() and calls and trim_threads() == []
+
+
+@pytest.mark.parametrize("keep, trim, expected", [("", None, True), ("", 1.0, False), ("0", None, False),
+                                                  (" 1 ", None, True), ("0", 1.0, False)])
+def test_freed_memory_is_kept_unless_asked_otherwise(monkeypatch, keep, trim, expected):
+    monkeypatch.setenv(memory.KEEP_ENV, keep)
+    assert memory.keep_wanted(trim) is expected
+
+
+# Three rounds of a 64 MB allocation, each filled and freed; the page faults of the last two rounds, with
+# freed memory kept (inside `keeping`), then after it (glibc's own policy again: a mapping per allocation).
+FAULTS = textwrap.dedent("""
+    import resource, sys
+    from tunekit.memory import keeping
+
+    SIZE = 64 << 20
+    def rounds():
+        faults = []
+        for _ in range(3):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            block = bytearray(SIZE)
+            block[::4096] = b"x" * (SIZE // 4096)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+            del block
+        return sum(faults[1:])
+    with keeping(True):
+        kept = rounds()
+    print(kept, rounds())
+""")
+
+
+def test_keeping_reuses_freed_pages_and_gives_glibc_its_policy_back():
+    if memory.mallopt() is None:
+        pytest.skip("the C library has no mallopt (not glibc)")
+    done = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, check=True)
+    kept, released = map(int, done.stdout.split())
+    pages = 2 * (64 << 20) // 4096
+    assert released >= 0.9 * pages  # each round's block is a fresh mapping: every page faults in again
+    assert kept < 0.1 * pages  # the first round's pages are reused

@@ -36,14 +36,15 @@ def execute(method: Method, config: Recipe, data: Any, run_dir: Path, overwrite:
     """Run a method: its parts, in the one sequence every run follows. Only the first process writes."""
     from tunekit.config import to_yaml
     from tunekit.launch import is_first_rank
-    from tunekit.memory import trim_interval, trimming
+    from tunekit.memory import keep_wanted, keeping, trim_interval, trimming
     from tunekit.models import count_parameters
     from tunekit.runs.library_warnings import hold_library_warnings
 
-    trim = trim_interval()  # TUNEKIT_TRIM_MEMORY_S: a bad value stops here, before anything is written
+    trim = trim_interval()  # TUNEKIT_TRIM_MEMORY_S and _KEEP_MEMORY: a bad value stops here, before anything is written
+    keep = keep_wanted(trim)
     run = RunFolder(run_dir, enabled=is_first_rank())
     hold_library_warnings()  # what the libraries say while the model loads goes to the run's log
-    with trimming(trim):
+    with keeping(keep), trimming(trim):
         setup = method.setup(config, data, run)
         trainable, total = count_parameters(setup.model)
         info = {"base_model": config.model.name, **setup.info}
