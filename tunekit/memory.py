@@ -17,12 +17,13 @@ or a trim is asked for). glibc serves every allocation above 32 MB (a batch's lo
 largest activations and gradients) from a mapping of its own, unmapped when freed, and shrinks its
 heap once more than 128 kB is free at its top; the next step's tensors then come from fresh pages,
 each of which the kernel must find and zero on first touch (a page fault). On a virtual machine
-that hands free pages back to its host, as the one these figures come from does, a fault costs
-10-40 microseconds: tunekit's GRPO on SmolLM2-135M spent 24 of an update's 28 seconds in the kernel.
+that hands free pages back to its host, as the one these figures come from does, a fault cost 2-33
+microseconds: tunekit's GRPO on SmolLM2-135M spent 26 of an update's 29 seconds in the kernel.
 `keeping()` tells glibc (mallopt) to serve large allocations from the heap and never to shrink it
-while the run lasts, so a freed tensor's pages are reused: the same update took 15 s and 92,000
-page faults instead of 2.4 million, and full SFT's tokens/s rose 1.2x; peak RSS moved by -5% to
-+8% (bench/README.md, "Keeping freed memory").
+while the run lasts, so a freed tensor's pages are reused: the same update took 11 s and 10 page
+faults instead of 2.6-3.0 million, and full SFT ran at 53-55% CPU MFU, steadily (43-52% without).
+The price is memory: the process peaks at the largest its heap ever was, 0-23% above glibc's
+policy in those runs (bench/README.md, "Keeping freed memory").
 
     TUNEKIT_KEEP_MEMORY=0 tunekit sft RECIPE         # glibc's own policy instead
 """
