@@ -34,7 +34,10 @@ reference log-probs and values: `PPOTrainer.rollout`; `_generate_and_score_compl
 update (`minibatch_epochs`; for TRL the training steps less the rollout they start). The first
 --warmup rounds are left out. Rollout tokens/s = generated tokens / generation seconds; update
 tokens/s = the real (non-padding) prompt + response tokens a pass trains on / update seconds; the
-generating share = generation seconds / round seconds.
+generating share = generation seconds / round seconds. Each part's system (kernel) CPU seconds and
+minor page faults, the whole process's over the same calls (getrusage), are in the JSON lines
+(`generate_system_s`, `update_faults`, ...): page faults found the cost that keeping freed memory
+takes out (tunekit.memory).
 """
 
 from __future__ import annotations
