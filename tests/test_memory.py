@@ -124,3 +124,12 @@ def test_a_run_keeps_freed_memory_and_gives_the_policy_back(cli, tmp_path, monke
     monkeypatch.setenv(memory.KEEP_ENV, "0")
     assert cli("classify", recipe, "-o", tmp_path / "run2").code == 0
     assert calls == []
+
+
+def test_without_mallopt_keeping_is_off_and_asking_for_it_is_refused(monkeypatch):
+    monkeypatch.setattr(memory, "mallopt", lambda: None)
+    monkeypatch.setenv(memory.KEEP_ENV, "")
+    assert memory.keep_wanted(None) is False
+    monkeypatch.setenv(memory.KEEP_ENV, "1")
+    with pytest.raises(UserError, match=f"^{memory.KEEP_ENV}=1: this system's C library has no mallopt"):
+        memory.keep_wanted(None)

@@ -65,7 +65,8 @@ def trim_interval() -> float | None:
 
 def keep_wanted(trim: float | None) -> bool:
     """Whether freed memory is kept for reuse: TUNEKIT_KEEP_MEMORY=1 or 0; unset or empty, yes unless
-    `trim` (TUNEKIT_TRIM_MEMORY_S) asks for memory to be handed back."""
+    `trim` (TUNEKIT_TRIM_MEMORY_S) asks for memory to be handed back. Where the C library has no
+    mallopt, an unset variable means no, and =1 is refused."""
     raw = os.environ.get(KEEP_ENV, "").strip()
     if raw not in ("", "0", "1"):
         raise UserError(f"{KEEP_ENV}={raw!r}: expected 1 (keep freed memory for reuse, the default) or 0 "
@@ -73,7 +74,13 @@ def keep_wanted(trim: float | None) -> bool:
     if raw == "1" and trim is not None:
         raise UserError(f"{KEEP_ENV}=1 and {ENV}={os.environ[ENV]!r}: one keeps freed memory, the other hands "
                         "it back; unset one of them")
-    return raw == "1" or (raw == "" and trim is None)
+    if raw == "0" or (raw == "" and trim is not None):
+        return False
+    if mallopt() is None:
+        if raw == "1":
+            raise UserError(f"{KEEP_ENV}=1: this system's C library has no mallopt (glibc only); unset it")
+        return False
+    return True
 
 
 def libc_function(name: str, argtypes: list[type]) -> Callable[..., int] | None:
@@ -99,13 +106,10 @@ def mallopt() -> Callable[[int, int], int] | None:
 
 @contextlib.contextmanager
 def keeping(wanted: bool) -> Iterator[None]:
-    """While inside (and `wanted`), glibc serves large allocations from its heap and never shrinks it,
-    so freed memory is reused instead of handed back and faulted in again; glibc's values come back
-    on the way out. Where the C library has no mallopt, nothing changes unless TUNEKIT_KEEP_MEMORY=1
-    asked for it, which is refused."""
+    """While inside (and `wanted`, which `keep_wanted` says), glibc serves large allocations from its
+    heap and never shrinks it, so freed memory is reused instead of handed back and faulted in again;
+    glibc's values come back on the way out. Nothing changes where the C library has no mallopt."""
     option = mallopt() if wanted else None
-    if wanted and option is None and os.environ.get(KEEP_ENV, "").strip() == "1":
-        raise UserError(f"{KEEP_ENV}=1: this system's C library has no mallopt (glibc only); unset it")
     if option is None:
         yield
         return
