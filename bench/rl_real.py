@@ -85,23 +85,25 @@ class Clock:
     """Seconds and tokens of each timed part, per round (round 0 = before the first rollout)."""
 
     round: int = 0
-    parts: dict[str, list[tuple[int, float, int]]] = field(default_factory=dict)
-    kernel: dict[str, list[tuple[int, float, int]]] = field(default_factory=dict)  # system CPU s, minor page faults
+    # per call: (round, seconds, tokens, system CPU seconds, minor page faults)
+    parts: dict[str, list[tuple[int, float, int, float, int]]] = field(default_factory=dict)
     training: bool = True  # False once training returns: the evaluation after it is not a round
 
     def add(self, part: str, seconds: float, tokens: int = 0, system_s: float = 0.0, faults: int = 0) -> None:
         if self.training:
-            self.parts.setdefault(part, []).append((self.round, seconds, tokens))
-            self.kernel.setdefault(part, []).append((self.round, system_s, faults))
+            self.parts.setdefault(part, []).append((self.round, seconds, tokens, system_s, faults))
+
+    def totals(self, part: str, warmup: int) -> tuple[float, int, float, int]:
+        """Seconds, tokens, system CPU seconds and minor page faults (the whole process's) of a part's
+        measured rounds."""
+        kept = [call[1:] for call in self.parts.get(part, []) if call[0] > warmup]
+        return (sum(c[0] for c in kept), sum(c[1] for c in kept), sum(c[2] for c in kept), sum(c[3] for c in kept))
 
     def measured(self, part: str, warmup: int) -> tuple[float, int]:
-        kept = [(s, t) for r, s, t in self.parts.get(part, []) if r > warmup]
-        return sum(s for s, _ in kept), sum(t for _, t in kept)
+        return self.totals(part, warmup)[:2]
 
     def in_kernel(self, part: str, warmup: int) -> tuple[float, int]:
-        """System CPU seconds and minor page faults of a part's measured rounds (the whole process's)."""
-        kept = [(s, f) for r, s, f in self.kernel.get(part, []) if r > warmup]
-        return sum(s for s, _ in kept), sum(f for _, f in kept)
+        return self.totals(part, warmup)[2:]
 
 
 CLOCK = Clock()
