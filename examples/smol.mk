@@ -7,6 +7,7 @@
 # system CPU seconds and peak memory land in $(RUNS)/smol-time/STEP.txt).
 #
 #   make smol                                        # the whole chain (see the README's table)
+#   make -f examples/smol.mk runs/smol-eval/grpo-seed1.json   # GRPO again with train.seed=1 (the recipe's is 42)
 #   make -f examples/smol.mk summary                 # the table, from the files the chain wrote
 TUNEKIT ?= tunekit
 PYTHON  ?= python3
@@ -61,6 +62,13 @@ $(EVAL)/grpo.json: $(GRPO)/merged/config.json $(EVAL)/base.json $(EVAL)/sft.json
 $(EVAL)/ppo.json: $(PPO)/README.md
 	$(TUNEKIT) merge $(PPO)
 	$(call TIMED,eval-ppo) $(TUNEKIT) eval $(PPO)/merged $(foreach t,$(HARD),--task $(t)) --out $@
+
+# The same GRPO step with another seed, merged and evaluated like grpo.json: the table adds a row per
+# seed and their mean and spread.
+$(EVAL)/grpo-seed%.json: recipes/rlhf/smollm2-arith-grpo.yaml $(SFT)/merged/config.json data/arith-hard/train.jsonl
+	$(call TIMED,grpo-seed$*) $(TUNEKIT) lora $< --set model.name=$(SFT)/merged --set train.seed=$* --output-dir $(GRPO)-seed$* --overwrite
+	$(TUNEKIT) merge $(GRPO)-seed$*
+	$(call TIMED,eval-grpo-seed$*) $(TUNEKIT) eval $(GRPO)-seed$*/merged $(foreach t,$(HARD),--task $(t)) --out $@
 
 serve-check: $(GRPO)/merged/config.json
 	$(PYTHON) examples/ask_openai.py $(GRPO)/merged "A farmer has 48 apples and sells 19. How many are left?"

@@ -80,7 +80,11 @@ def test_the_arithmetic_table_comes_from_the_files_the_chain_wrote(tmp_path):
         (tmp_path / "smol-eval" / f"{name}.json").write_text(json.dumps({"some/model": metrics}))
     (tmp_path / "smol-time" / "grpo-seed1.txt").write_text(
         "\tUser time (seconds): 500.0\n\tSystem time (seconds): 100.0\n\tMaximum resident set size (kbytes): 3500000\n")
+    for folder, version in (("lora-smollm2-arith", "0.1.0 (abc1234)"), ("lora-smollm2-arith-grpo-seed1", "0.1.0 (def5678)")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "run.json").write_text(json.dumps({"tunekit": version}))
     lines = arith_table.real_table(tmp_path)
+    assert lines[0].endswith("runs on tunekit 0.1.0 (abc1234), 0.1.0 (def5678):")  # the seed runs' commit too
     row = next(line for line in lines if line.startswith("| grpo-seed1 |"))
     assert "0.610 +- 0.020" in row and "| 10.0 | 3.50 |" in row
     assert any("mean 0.630" in line and "0.610-0.650" in line for line in lines)

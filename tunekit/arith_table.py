@@ -75,7 +75,8 @@ def real_table(runs: Path) -> list[str]:
     lines = eval_table(runs / "smol-eval", runs / "smol-time")
     if not lines:
         return []
-    commits = {recorded_version(runs / folder) for folder in TRAINED_BY.values() if (runs / folder).is_dir()}
+    folders = [runs / folder for folder in TRAINED_BY.values()] + sorted(runs.glob(f"{TRAINED_BY['grpo']}-seed*"))
+    commits = {recorded_version(folder) for folder in folders if folder.is_dir()}
     return [f"Real model (SmolLM2-135M-Instruct), runs on tunekit {', '.join(sorted(commits)) or '?'}:", "", *lines]
 
 
