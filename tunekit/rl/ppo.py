@@ -17,7 +17,7 @@ extra vector-sized layer instead of a second network, and with LoRA the referenc
 network with its adapter switched off, so PPO holds one language model in memory, plus the reward model.
 
 The math is in small pure functions in tunekit.rl.ppo_math (pinned against hand-computed values in
-tests/test_ppo.py).
+tests/test_ppo_math.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """PPO's math as small pure functions on tensors (pinned against hand-computed values in
-tests/test_ppo.py): masked statistics, the KL-penalised per-token rewards, GAE, the clipped policy
+tests/test_ppo_math.py): masked statistics, the KL-penalised per-token rewards, GAE, the clipped policy
 and value losses and the adaptive KL coefficient."""
 
 from __future__ import annotations
