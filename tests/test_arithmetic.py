@@ -75,18 +75,22 @@ def test_the_arithmetic_table_comes_from_the_files_the_chain_wrote(tmp_path):
 
     (tmp_path / "smol-eval").mkdir()
     (tmp_path / "smol-time").mkdir()
-    for name, value in (("base", 0.05), ("grpo-seed1", 0.61), ("grpo-seed2", 0.65)):
+    for name, value in (("base", 0.05), ("grpo-seed1", 0.61), ("grpo-seed2", 0.65), ("sft", 0.3)):
         metrics = {"arith-hard-exact-sampled": {"exact_answer": value, "exact_answer_se": 0.02, "examples": 500}}
         (tmp_path / "smol-eval" / f"{name}.json").write_text(json.dumps({"some/model": metrics}))
-    (tmp_path / "smol-time" / "grpo-seed1.txt").write_text(
-        "\tUser time (seconds): 500.0\n\tSystem time (seconds): 100.0\n\tMaximum resident set size (kbytes): 3500000\n")
+    for report, (cpu_s, kb) in {"grpo-seed1.txt": (500.0, 3500000), "eval-base.txt": (60.0, 1900000)}.items():
+        (tmp_path / "smol-time" / report).write_text(f"\tUser time (seconds): {cpu_s - 10}\n\tSystem time (seconds): 10.0\n"
+                                                     f"\tMaximum resident set size (kbytes): {kb}\n")
     for folder, version in (("lora-smollm2-arith", "0.1.0 (abc1234)"), ("lora-smollm2-arith-grpo-seed1", "0.1.0 (def5678)")):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "run.json").write_text(json.dumps({"tunekit": version}))
     lines = arith_table.real_table(tmp_path)
     assert lines[0].endswith("runs on tunekit 0.1.0 (abc1234), 0.1.0 (def5678):")  # the seed runs' commit too
     row = next(line for line in lines if line.startswith("| grpo-seed1 |"))
-    assert "0.610 +- 0.020" in row and "| 10.0 | 3.50 |" in row
+    assert "0.610 +- 0.020" in row and row.endswith("| 8.3 | 3.50 | - | - |")  # trained, not evaluated, here
+    assert next(line for line in lines if line.startswith("| base |")).endswith("| - | - | 1.0 | 1.90 |")
+    rows = [line.split(" |")[0] for line in lines if line.startswith("| ")][1:]
+    assert rows == ["| base", "| sft", "| grpo-seed1", "| grpo-seed2"]  # the chain's order, not the names'
     assert any("mean 0.630" in line and "0.610-0.650" in line for line in lines)
     assert "0.050 +- 0.020" in next(line for line in lines if line.startswith("| base |"))
 
@@ -103,7 +107,7 @@ def test_the_tiny_table_shows_each_model_evaluated_and_each_rl_run_before_and_af
     (run / "eval.json").write_text(json.dumps({"exact_answer_before": 0.96, "exact_answer_after": 0.93}))
     (run / "run.json").write_text(json.dumps({"tunekit": "0.1.0 (abc1234)"}))
     lines = arith_table.tiny_table(tmp_path)
-    assert lines[2] == "| model | arith-exact | step CPU min | step peak GB |"  # only the tasks the files hold
+    assert lines[2] == "| model | arith-exact | step CPU min | step peak GB | eval CPU min | eval peak GB |"  # only the tasks the files hold
     assert "0.958 +- 0.007" in next(line for line in lines if line.startswith("| ppo |"))
     assert "| rlhf-tiny-gpt-arith-ppo | 0.960 -> 0.930 | - | 0.1.0 (abc1234) |" in lines
 

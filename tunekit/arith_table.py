@@ -5,8 +5,9 @@ typed by hand.
 
 Real model (examples/smol.mk): every `tunekit eval --out` file in RUNS/smol-eval/ is a row (its name:
 base, sft, grpo, grpo-seed1, ppo, ...), with each task's exact-answer accuracy +- its standard error,
-and the CPU minutes (user + system) and peak memory of the step that trained it, from the
-`/usr/bin/time -v` report of the same name in RUNS/smol-time/. Rows named grpo-seed* are also
+and the CPU minutes (user + system) and peak memory of the step that trained it and of its
+evaluation, from the `/usr/bin/time -v` reports NAME.txt and eval-NAME.txt in RUNS/smol-time/, in
+the chain's order. Rows named grpo-seed* are also
 summarised as mean and spread. Tiny GPT (examples/arith.mk): the same for RUNS/tiny-eval/ and
 RUNS/tiny-time/ (sft, grpo, ppo), then each RL run's own held-out accuracy before and after (its
 eval.json) and CPU minutes (its time.txt). The tables name the tunekit commits their runs recorded
@@ -25,6 +26,7 @@ from tunekit.runs.folder import recorded_version
 
 TASKS = ("arith-exact", "arith-exact-sampled", "arith-hard-exact", "arith-hard-exact-sampled")
 TRAINED_BY = {"sft": "lora-smollm2-arith", "grpo": "lora-smollm2-arith-grpo", "ppo": "lora-smollm2-arith-ppo"}
+CHAIN = ("base", "sft", "grpo", "ppo")  # the rows' order: the chain's, each step's seeds after it
 TINY = ("sft-tiny-gpt-arith", "rlhf-tiny-gpt-arith-grpo", "rlhf-tiny-gpt-arith-ppo")
 
 
@@ -44,31 +46,43 @@ def accuracy(metrics: dict[str, float] | None) -> str:
     return f"{metrics['exact_answer']:.3f} +- {metrics.get('exact_answer_se', float('nan')):.3f}"
 
 
+def chain_order(path: Path) -> tuple[int, str]:
+    """Sort key of an eval file: its step's place in CHAIN (a seed's file, grpo-seed1, after its
+    step's), then its name; names of no step last."""
+    step = next((i for i, name in enumerate(CHAIN) if path.stem == name or path.stem.startswith(f"{name}-")), len(CHAIN))
+    return step, path.stem
+
+
+def cost(report: Path) -> str:
+    """"CPU min | peak GB" of a step's `/usr/bin/time -v` report, or "- | -" without one."""
+    timing = cpu_and_memory(report)
+    return f"{timing[0]:.1f} | {timing[1]:.2f}" if timing else "- | -"
+
+
 def eval_table(evals: Path, times: Path) -> list[str]:
     """One row per `tunekit eval --out` file in `evals` (named by its file), a column per task that any
-    of them holds (in TASKS order), and the CPU minutes and peak memory of the step of the same name
-    in `times` when its `/usr/bin/time -v` report is there. Rows named grpo or grpo-seed* are also
-    summarised as mean and spread."""
-    files = sorted(evals.glob("*.json"))
+    of them holds (in TASKS order), and the CPU minutes and peak memory of the step that trained it
+    (`times`/NAME.txt, a `/usr/bin/time -v` report) and of its evaluation (`times`/eval-NAME.txt), in
+    the chain's order (CHAIN). Rows named
+    grpo or grpo-seed* are also summarised as mean and spread."""
+    files = sorted(evals.glob("*.json"), key=chain_order)
     results = {path.stem: next(iter(json.loads(path.read_text()).values())) for path in files}
     tasks = [t for t in TASKS if any(t in by_task for by_task in results.values())]
     if not tasks:
         return []
-    lines = ["| model | " + " | ".join(tasks) + " | step CPU min | step peak GB |", "|---" * (len(tasks) + 3) + "|"]
+    lines = ["| model | " + " | ".join(tasks) + " | step CPU min | step peak GB | eval CPU min | eval peak GB |",
+             "|---" * (len(tasks) + 5) + "|"]
     seeds: dict[str, list[float]] = {}
     for name, by_task in results.items():
-        timing = cpu_and_memory(times / f"{name}.txt")
-        cost = f"{timing[0]:.1f} | {timing[1]:.2f}" if timing else "- | -"
-        lines.append(f"| {name} | " + " | ".join(accuracy(by_task.get(t)) for t in tasks) + f" | {cost} |")
+        lines.append(f"| {name} | " + " | ".join(accuracy(by_task.get(t)) for t in tasks)
+                     + f" | {cost(times / f'{name}.txt')} | {cost(times / f'eval-{name}.txt')} |")
         if name.startswith("grpo-seed") or name == "grpo":
             for task in tasks:
                 if task in by_task:
                     seeds.setdefault(task, []).append(by_task[task]["exact_answer"])
-    for task, values in seeds.items():
-        if len(values) > 1:
-            lines.append(f"\nGRPO over {len(values)} seeds, {task}: mean {statistics.mean(values):.3f}, "
-                         f"spread (min-max) {min(values):.3f}-{max(values):.3f}")
-    return lines
+    summary = [f"GRPO over {len(values)} seeds, {task}: mean {statistics.mean(values):.3f}, "
+               f"spread (min-max) {min(values):.3f}-{max(values):.3f}" for task, values in seeds.items() if len(values) > 1]
+    return lines + ([""] + summary if summary else [])
 
 
 def real_table(runs: Path) -> list[str]:
