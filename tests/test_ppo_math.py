@@ -191,6 +191,38 @@ def test_the_padding_after_a_response_is_not_scored(monkeypatch):
     assert entropies[~scored].eq(0).all() and entropies[scored].gt(0).all()
 
 
+def test_rows_are_packed_so_a_forward_pass_is_as_wide_as_its_longest_row():
+    """A rollout batch is padded to its longest query and its longest response; when those are
+    different rows, the forward pass runs on the rows moved left over their query's padding, as
+    wide as the longest row (7 columns here, not 9), with the log-probs, values and gradients of the
+    full pass over the padded batch."""
+    from tunekit.rl.ppo_model import PolicyWithValue
+    from tunekit.rl.rollout import position_ids
+
+    lm, ids, mask, context = tiny_llama_and_batch()  # row 0: a query of 2 tokens after 3 of padding
+    mask[1, 7:] = 0  # row 1: a query of 5, a response of 2
+    mask[2, 6:] = 0  # row 2: a query of 5, a response of 1
+    scored = mask[:, context:].bool()
+    policy = PolicyWithValue(lm)
+    torch.nn.init.normal_(policy.value_head.weight)
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=True)
+    tempered = (out.logits[:, context - 1 : -1] / 0.7).log_softmax(-1)
+    expected = torch.gather(tempered, 2, ids[:, context:, None]).squeeze(-1)
+    expected_values = policy.value_head(out.hidden_states[-1][:, context - 1 : -1]).squeeze(-1)
+    upstream = torch.randn(3, 4)
+    ((expected * upstream)[scored].sum() + expected_values[scored].sum()).backward()
+    wanted = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+    widths = []
+    lm.model.embed_tokens.register_forward_hook(lambda module, args, output: widths.append(args[0].shape[1]))
+    logprobs, _, values = policy(ids, mask, context, 0.7)
+    ((logprobs * upstream).sum() + values[scored].sum()).backward()
+    assert widths == [7]  # the longest row (row 1: 5 + 2), not the longest query + the longest response
+    assert close(logprobs[scored], expected[scored].tolist()) and logprobs[~scored].eq(0).all()
+    assert close(values[scored], expected_values[scored].tolist())
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(policy.parameters(), wanted))
+
+
 def test_chunked_log_probs_have_the_gradients_of_one_pass(monkeypatch):
     """With more rows than one chunk holds, each chunk's logits are made again in the backward pass:
     the gradients of the rows and of the head equal those of the whole batch at once."""

@@ -119,13 +119,14 @@ def response_scores(lm: Any, ids: torch.Tensor, mask: torch.Tensor, context: int
 
     Only a response's own tokens are scored, up to and including its end (the columns where `mask` is
     1): the padding after a response that ended early gets log-prob and entropy 0, and every use of
-    them is masked. The LM head runs on those positions only, never on the (left-padded) query or the
-    padding after a response, and a chunk of rows at a time (tunekit.lean_loss.token_logprobs): at a
-    large vocabulary its output is the largest tensor of a forward pass, and its product a quarter of
-    the work per response token. A model whose logits are not its head's plain output
-    (tunekit.lean_loss.lean_parts) is asked for the logits of the response positions
-    (logits_to_keep) instead; counted from the end, so a model that ignores logits_to_keep gives the
-    same result."""
+    them is masked. The decoder runs on the rows packed (`packed`: as wide as the longest row, not
+    the longest query plus the longest response), the LM head on the scored positions only, never on
+    the query or the padding after a response, and a chunk of rows at a time
+    (tunekit.lean_loss.token_logprobs): at a large vocabulary its output is the largest tensor of a
+    forward pass, and its product a quarter of the work per response token. A model whose logits
+    are not its head's plain output (tunekit.lean_loss.lean_parts) runs on the padded rows and is
+    asked for the logits of the response positions (logits_to_keep) instead; counted from the end,
+    so a model that ignores logits_to_keep gives the same result."""
     from tunekit.lean_loss import lean_parts, tempered_logprobs, token_logprobs
 
     responses = ids[:, context:]
@@ -133,8 +134,12 @@ def response_scores(lm: Any, ids: torch.Tensor, mask: torch.Tensor, context: int
     parts = lean_parts(lm)
     if parts is not None:
         body, head = parts
+        ids, mask, starts = packed(ids, mask, context)
         hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
-                      ).last_hidden_state[:, context - 1 : -1]
+                      ).last_hidden_state
+        # response token j of row i is predicted at the position before it: starts[i] - 1 + j
+        at = starts[:, None] - 1 + torch.arange(responses.shape[1], device=ids.device)[None, :]
+        hidden = hidden.gather(1, at.clamp(max=hidden.shape[1] - 1)[..., None].expand(-1, -1, hidden.shape[-1]))
         picked, entropy = token_logprobs(hidden[scored], head.weight, head.bias, responses[scored], temperature,
                                          with_entropy)
         logprobs = in_place_of(scored, picked)
@@ -149,6 +154,21 @@ def response_scores(lm: Any, ids: torch.Tensor, mask: torch.Tensor, context: int
         hidden = out.hidden_states[-1][:, context - 1 : -1] if value_head is not None else None
     values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1) if value_head is not None else None
     return logprobs, entropies, values
+
+
+def packed(ids: torch.Tensor, mask: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows of a rollout batch (query left-padded to `context` columns, response right-padded)
+    moved left over their query's padding, so that each row's tokens start at column 0, and cut to
+    the longest row: (ids, attention mask, the column where each row's response starts). A batch
+    padded to its longest query and its longest response is wider than its longest row when the two
+    are different rows; packed, a forward pass costs what the rows hold. A row's positions (from the
+    attention mask) and what each of its tokens attends to stay the same."""
+    pad = context - mask[:, :context].sum(1)  # each row's left padding
+    lengths = mask.sum(1)
+    width = int(lengths.max())
+    columns = torch.arange(width, device=ids.device)[None, :]
+    moved = ids.gather(1, (columns + pad[:, None]).clamp(max=ids.shape[1] - 1))
+    return moved, (columns < lengths[:, None]).to(mask.dtype), context - pad
 
 
 def in_place_of(where: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
