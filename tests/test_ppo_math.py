@@ -277,4 +277,3 @@ def test_checkpointed_ppo_update_has_the_same_loss_and_gradients(tiny_gpt):
     assert loss == pytest.approx(plain_loss, abs=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_grads, grads))
     assert kept < plain_kept / 2, (kept, plain_kept)
-

@@ -7,11 +7,10 @@ Real model (examples/smol.mk): every `tunekit eval --out` file in RUNS/smol-eval
 base, sft, grpo, grpo-seed1, ppo, ...), with each task's exact-answer accuracy +- its standard error,
 and the CPU minutes (user + system) and peak memory of the step that trained it and of its
 evaluation, from the `/usr/bin/time -v` reports NAME.txt and eval-NAME.txt in RUNS/smol-time/, in
-the chain's order. Rows named grpo-seed* are also
-summarised as mean and spread. Tiny GPT (examples/arith.mk): the same for RUNS/tiny-eval/ and
-RUNS/tiny-time/ (sft, grpo, ppo), then each RL run's own held-out accuracy before and after (its
-eval.json) and CPU minutes (its time.txt). The tables name the tunekit commits their runs recorded
-(run.json's `tunekit`).
+the chain's order. Rows named grpo-seed* are also summarised as mean and spread. Tiny GPT
+(examples/arith.mk): the same for RUNS/tiny-eval/ and RUNS/tiny-time/ (sft, grpo, ppo), then each
+RL run's own held-out accuracy before and after (its eval.json) and CPU minutes (its time.txt). The
+tables name the tunekit commits their runs recorded (run.json's `tunekit`).
 """
 
 from __future__ import annotations
@@ -63,8 +62,7 @@ def eval_table(evals: Path, times: Path) -> list[str]:
     """One row per `tunekit eval --out` file in `evals` (named by its file), a column per task that any
     of them holds (in TASKS order), and the CPU minutes and peak memory of the step that trained it
     (`times`/NAME.txt, a `/usr/bin/time -v` report) and of its evaluation (`times`/eval-NAME.txt), in
-    the chain's order (CHAIN). Rows named
-    grpo or grpo-seed* are also summarised as mean and spread."""
+    the chain's order (CHAIN). Rows named grpo or grpo-seed* are also summarised as mean and spread."""
     files = sorted(evals.glob("*.json"), key=chain_order)
     results = {path.stem: next(iter(json.loads(path.read_text()).values())) for path in files}
     tasks = [t for t in TASKS if any(t in by_task for by_task in results.values())]
