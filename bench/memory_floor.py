@@ -21,8 +21,8 @@ floor = imports + weights + optimizer + max(activations, gradients): at the end 
 the activations are alive and no gradient yet, at the end of the backward pass the reverse. The LM
 head, its loss, the backward pass's own temporaries and the allocator's free pages come on top, so
 a trainer's peak can only be higher. With `--against` (bench/real.py's --json output) each row also
-shows TRL's measured peak at the same setting and the floor over it: above 0.5, no trainer can peak
-at half of TRL's memory there.
+shows tunekit's and TRL's measured peaks at the same setting and the floor over TRL's: above 0.5, no
+trainer can peak at half of TRL's memory there.
 """
 
 from __future__ import annotations
@@ -121,12 +121,14 @@ def child(plan_file: Path) -> None:
           flush=True)
 
 
-def trl_peaks(path: Path | None) -> dict[tuple[str, str, bool], float]:
-    """TRL's measured peak RSS per (data, method, checkpointing) in a bench/real.py --json file."""
+def measured_peaks(path: Path | None, variant: str, lora_dropout: float) -> dict[tuple[str, str, bool], float]:
+    """A variant's measured peak RSS per (data, method, checkpointing) in a bench/real.py --json file, of its
+    LoRA runs only those with `lora_dropout` (a file older than that field: dropout 0, real.py's default)."""
     if path is None:
         return {}
     runs = json.loads(path.read_text())["runs"]
-    return {(r["data"], r["method"], r["checkpointing"]): r["peak_rss_mb"] for r in runs if r["variant"] == "trl"}
+    return {(r["data"], r["method"], r["checkpointing"]): r["peak_rss_mb"] for r in runs
+            if r["variant"] == variant and (r["method"] == "full" or r.get("lora_dropout", 0.0) == lora_dropout)}
 
 
 def main() -> None:
@@ -141,17 +143,17 @@ def main() -> None:
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--against", type=Path, default=None, help="bench/real.py's --json output: TRL's peaks")
+    parser.add_argument("--against", type=Path, default=None, help="bench/real.py's --json output: tunekit's and TRL's peaks")
     parser.add_argument("--one", choices=["floor"], help=argparse.SUPPRESS)
     parser.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.one:
         child(options.plan)
         return
-    trl = trl_peaks(options.against)
+    tunekit, trl = (measured_peaks(options.against, v, options.lora_dropout) for v in ("tunekit", "trl"))
     print("| data | method | LoRA dropout | checkpointing | widest batch | imports | weights | optimizer | gradients "
-          "| activations | floor MB | TRL's peak MB | floor / TRL |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| activations | floor MB | tunekit's peak MB | TRL's peak MB | floor / TRL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         base = str(base_model(Path(tmp), options.model))
         for data in options.data:
@@ -163,8 +165,9 @@ def main() -> None:
                     plan.method, plan.checkpointing = method, checkpointing
                     plan_file = Path(tmp) / "plan.json"
                     f = in_child(__file__, "floor", plan, plan_file, f"floor {data} {method}")
-                    against = trl.get((data, method, checkpointing))
-                    shown = (f"{against:.0f} | {f['floor'] / against:.2f}" if against else "- | -")
+                    ours, against = tunekit.get((data, method, checkpointing)), trl.get((data, method, checkpointing))
+                    shown = (f"{ours:.0f}" if ours else "-") + " | "
+                    shown += f"{against:.0f} | {f['floor'] / against:.2f}" if against else "- | -"
                     print(f"| {data} | {method} | {plan.lora_dropout if method == 'lora' else '-'} | "
                           f"{'on' if checkpointing else 'off'} | {f['rows']} x {f['positions'] // f['rows']} | "
                           + " | ".join(f"{f[k]:.0f}" for k in ("imports", "weights", "optimizer", "gradients",

@@ -323,7 +323,7 @@ def run_all(options: argparse.Namespace, work: Path) -> dict[str, Any]:
             for variant in options.variants:
                 figures = measure(plan, variant)
                 figures.update(data=data, method=method, variant=variant, checkpointing=checkpointing,
-                               tokens_per_s=tokens * plan.steps / figures["seconds"],
+                               lora_dropout=plan.lora_dropout, tokens_per_s=tokens * plan.steps / figures["seconds"],
                                step_s=figures["seconds"] / plan.steps, flops_per_s=flops / figures["seconds"])
                 results["runs"].append(figures)
                 print(json.dumps(figures), flush=True)
