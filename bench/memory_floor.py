@@ -45,6 +45,7 @@ MB = 2**20
 
 
 def rss_mb() -> float:
+    """This process's resident memory now (VmRSS), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
@@ -104,6 +105,7 @@ def child(plan_file: Path) -> None:
                 for t in [*model.parameters(), *model.buffers()]}
     trained = sum(p.nbytes for p in model.parameters() if p.requires_grad)
     batch = widest_batch(rows, plan)
+
     def forward() -> Any:
         return body(**batch, use_cache=False)
 
