@@ -72,13 +72,23 @@ def reset_peak() -> None:
             pass
 
 
+def status_mb(field: str) -> float | None:
+    """One memory figure of this process from /proc/self/status (VmRSS: resident now, VmHWM: its
+    peak), in MiB; None where there is no such file or field (not Linux)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) / 1024 for line in lines if line.startswith(f"{field}:")), None)
+
+
 def peak_gib() -> float:
     """Peak GPU memory allocated since reset_peak (CPU: peak resident set size of the process)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
+    peak = status_mb("VmHWM")
+    if peak is not None:
+        return peak / 1024
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

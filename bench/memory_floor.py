@@ -46,10 +46,12 @@ MB = 2**20
 
 def rss_mb() -> float:
     """This process's resident memory now (VmRSS), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise OSError("no VmRSS in /proc/self/status: the floor needs Linux")
+    from bench.gpu_tools import status_mb
+
+    now = status_mb("VmRSS")
+    if now is None:
+        raise OSError("no VmRSS in /proc/self/status: the floor needs Linux")
+    return now
 
 
 def widest_batch(rows: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:

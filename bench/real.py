@@ -226,9 +226,11 @@ def run_plain(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+    from bench.gpu_tools import status_mb
+
+    peak = status_mb("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

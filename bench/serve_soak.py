@@ -49,6 +49,7 @@ sys.path[0] = str(ROOT)  # not bench/: bench/peft.py would shadow the peft packa
 
 import torch  # noqa: E402
 
+from bench.gpu_tools import status_mb  # noqa: E402
 from tunekit.serving.server import background  # noqa: E402
 
 DATA = ROOT / "data" / "alpaca" / "alpaca_data_1k.json"
@@ -125,10 +126,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    now = status_mb("VmRSS")
+    return float("nan") if now is None else now
 
 
 def prompts() -> list[str]:
